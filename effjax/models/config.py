@@ -1,0 +1,164 @@
+"""Typed configuration of the decoder family, with presets per architecture.
+
+One `ModelConfig` describes every supported family (Llama, Qwen2, Qwen3, Gemma 2, Gemma 3); the
+differences between families are switches on it, so the model code has a single implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+Family = Literal["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
+LayerKind = Literal["global", "sliding"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling. `llama3` is Llama 3.1's piecewise scaling; `linear` divides all
+  frequencies by `factor` (Gemma 3 global layers of the larger models)."""
+
+  kind: Literal["llama3", "linear"]
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  family: Family
+  vocab_size: int
+  dim: int
+  mlp_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10_000.0
+  rope_local_theta: float | None = None  # Gemma 3 sliding layers use their own base
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-5
+  norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w)
+  qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False  # Qwen3, Gemma 3
+  post_norms: bool = False  # Gemma 2/3: norms after attention and after the MLP too
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(dim)
+  activation: Literal["silu", "gelu_tanh"] = "silu"
+  attn_softcap: float | None = None  # Gemma 2
+  final_softcap: float | None = None  # Gemma 2
+  query_scale: float | None = None  # attention scale; None -> head_dim ** -0.5
+  sliding_window: int | None = None
+  layer_kinds: tuple[LayerKind, ...] = ()  # empty -> every layer global
+  tie_embeddings: bool = True
+  max_position: int = 8192
+  bos_id: int | None = None
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  dtype: str = "float32"  # activations and parameters; "bfloat16" on TPU/GPU
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.layer_kinds and len(self.layer_kinds) != self.num_layers:
+      raise ValueError(f"layer_kinds has {len(self.layer_kinds)} entries for {self.num_layers} layers")
+    if "sliding" in self.layer_kinds and not self.sliding_window:
+      raise ValueError("sliding layers need sliding_window")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      raise ValueError(f"unsupported dtype {self.dtype!r}")
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def layer_kind(self, i: int) -> LayerKind:
+    return self.layer_kinds[i] if self.layer_kinds else "global"
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    attn = self.dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.dim * self.mlp_dim
+    embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+    return self.num_layers * (attn + mlp) + embed
+
+
+def _alternating(num_layers: int, global_every: int) -> tuple[LayerKind, ...]:
+  return tuple("global" if (i + 1) % global_every == 0 else "sliding" for i in range(num_layers))
+
+
+def family_defaults(family: Family) -> dict:
+  """The switches that make a family what it is (sizes come from the checkpoint or a preset)."""
+  if family == "llama":
+    return {}
+  if family == "qwen2":
+    return dict(qkv_bias=True, norm_eps=1e-6, rope_theta=1_000_000.0)
+  if family == "qwen3":
+    return dict(qk_norm=True, norm_eps=1e-6, rope_theta=1_000_000.0)
+  if family == "gemma2":
+    return dict(norm_plus_one=True, post_norms=True, embed_scale=True, activation="gelu_tanh",
+                attn_softcap=50.0, final_softcap=30.0, norm_eps=1e-6, sliding_window=4096)
+  if family == "gemma3":
+    return dict(norm_plus_one=True, post_norms=True, embed_scale=True, activation="gelu_tanh",
+                qk_norm=True, norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
+                sliding_window=512)
+  raise ValueError(f"unknown model family {family!r}; known: llama, qwen2, qwen3, gemma2, gemma3")
+
+
+def make_config(family: Family, **sizes) -> ModelConfig:
+  """A config of `family` with the family's switches, overridden by `sizes`."""
+  kw = family_defaults(family)
+  kw.update(sizes)
+  if "layer_kinds" not in sizes and family in ("gemma2", "gemma3"):
+    kw["layer_kinds"] = _alternating(kw["num_layers"], 2 if family == "gemma2" else 6)
+  if "query_scale" not in sizes and family in ("gemma2", "gemma3"):
+    kw["query_scale"] = kw["head_dim"] ** -0.5
+  return ModelConfig(family=family, **kw)
+
+
+# Full-size presets: what the named checkpoints are. Loaders build configs from the checkpoint's
+# own metadata and tests check that these presets agree with it.
+PRESETS: dict[str, ModelConfig] = {
+    "smollm2-135m": make_config(
+        "llama", vocab_size=49152, dim=576, mlp_dim=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100_000.0, norm_eps=1e-5, max_position=8192,
+        tie_embeddings=True),
+    "gemma3-270m": make_config(
+        "gemma3", vocab_size=262144, dim=640, mlp_dim=2048, num_layers=18, num_heads=4,
+        num_kv_heads=1, head_dim=256, query_scale=256 ** -0.5, max_position=32768, sliding_window=512,
+        tie_embeddings=True),
+    "llama3.2-1b": make_config(
+        "llama", vocab_size=128256, dim=2048, mlp_dim=8192, num_layers=16, num_heads=32,
+        num_kv_heads=8, head_dim=64, rope_theta=500_000.0, max_position=131072,
+        rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192), tie_embeddings=True),
+    "qwen2.5-0.5b": make_config(
+        "qwen2", vocab_size=151936, dim=896, mlp_dim=4864, num_layers=24, num_heads=14,
+        num_kv_heads=2, head_dim=64, max_position=32768, tie_embeddings=True),
+    "deepseek-r1-distill-qwen-1.5b": make_config(
+        "qwen2", vocab_size=151936, dim=1536, mlp_dim=8960, num_layers=28, num_heads=12,
+        num_kv_heads=2, head_dim=128, rope_theta=10_000.0, max_position=131072,
+        tie_embeddings=False),
+    "qwen3-0.6b": make_config(
+        "qwen3", vocab_size=151936, dim=1024, mlp_dim=3072, num_layers=28, num_heads=16,
+        num_kv_heads=8, head_dim=128, max_position=40960, tie_embeddings=True),
+    "gemma2-2b": make_config(
+        "gemma2", vocab_size=256000, dim=2304, mlp_dim=9216, num_layers=26, num_heads=8,
+        num_kv_heads=4, head_dim=256, query_scale=256 ** -0.5, max_position=8192,
+        tie_embeddings=True),
+}
+
+
+def tiny_config(family: Family, **overrides) -> ModelConfig:
+  """A small random-init config of `family` for tests (two layer kinds where the family has them)."""
+  sizes = dict(vocab_size=128, dim=64, mlp_dim=128, num_layers=4, num_heads=4, num_kv_heads=2,
+               head_dim=16, max_position=512)
+  if family in ("gemma2", "gemma3"):
+    sizes["sliding_window"] = 8
+    sizes["layer_kinds"] = ("sliding", "global") * 2
+  if family == "llama":
+    sizes["rope_scaling"] = RopeScaling("llama3", 8.0, 1.0, 4.0, 64)
+  sizes.update(overrides)
+  return make_config(family, **sizes)

@@ -1,0 +1,314 @@
+"""The decoder family as one Flax NNX implementation.
+
+Weights are stored [out, in] (the Hugging Face layout), so projections contract the last dim of
+both operands: on CPU this makes a k-token forward much cheaper relative to one token than the
+[in, out] layout (ARCHITECTURE.md, platform facts), and checkpoints load without transposes.
+
+What the techniques need is an explicit input of `Transformer.__call__`, never a hook:
+token ids or input embeddings, position ids, a mask over the new block (tree attention), a KV cache
+with a rollback-able write index, a steering term added to the residual stream entering one layer,
+hidden states of chosen layers, and skipping the LM head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from effjax.models.cache import KV_AXES, KVCache, write_rows
+from effjax.models.config import ModelConfig
+from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain
+
+ACT_AXES = ("batch", "seq", "embed")
+NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
+
+
+@struct.dataclass
+class Steering:
+  """alpha * vector added to the residual stream entering decoder layer `layer`.
+
+  vector: [D] (or [B, D]); coef: [B, T] per-position coefficient (0 = untouched).
+  """
+
+  vector: jax.Array
+  coef: jax.Array
+  layer: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class ModelOutput:
+  logits: jax.Array | None  # [B, T, V] float32, or None when compute_logits=False
+  hidden: jax.Array  # [B, T, D] final hidden state after the final norm
+  layer_hidden: tuple[jax.Array, ...]  # residual stream entering each requested layer
+  cache: KVCache | None
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None):
+  scale = (1.0 / math.sqrt(shape[-1])) if scale is None else scale
+  return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * scale, axes=axes)
+
+
+class Linear(nnx.Module):
+  """y = x @ W.T (+ b), W stored [out, in]."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype,
+               rngs: nnx.Rngs):
+    self.weight = _param(rngs, (d_out, d_in), axes, dtype)
+    self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[:1]) if bias else None
+
+  def __call__(self, x):
+    y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+    return y if self.bias is None else y + self.bias[...]
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, axis_name: str, *, eps: float, plus_one: bool, dtype):
+    # (1 + w) norms start at w = 0, plain ones at w = 1: both are the identity scale.
+    self.scale = nnx.Param(jnp.full((dim,), 0.0 if plus_one else 1.0, dtype), axes=(axis_name,))
+    self.eps = eps
+    self.plus_one = plus_one
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    w = self.scale[...].astype(jnp.float32)
+    return (y * (1.0 + w if self.plus_one else w)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, theta: float, scaled: bool) -> jax.Array:
+  d = cfg.head_dim
+  inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  rs = cfg.rope_scaling if scaled else None
+  if rs is None:
+    return inv
+  if rs.kind == "linear":
+    return inv / rs.factor
+  # Llama 3.1: keep high frequencies, divide low ones by factor, interpolate in between.
+  low_wavelen = rs.original_max_position / rs.low_freq_factor
+  high_wavelen = rs.original_max_position / rs.high_freq_factor
+  wavelen = 2 * math.pi / inv
+  smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (
+      rs.high_freq_factor - rs.low_freq_factor)
+  mid = (1 - smooth) * inv / rs.factor + smooth * inv
+  out = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+  return jnp.where((wavelen <= low_wavelen) & (wavelen >= high_wavelen), mid, out)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE. x [B, T, H, Dh], positions [B, T]."""
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    dt = cfg.jnp_dtype
+    self.cfg = cfg
+    self.kind = cfg.layer_kind(layer)
+    h, kh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q = Linear(cfg.dim, h * dh, ("heads", "embed"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
+    self.k = Linear(cfg.dim, kh * dh, ("kv_heads", "embed"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
+    self.v = Linear(cfg.dim, kh * dh, ("kv_heads", "embed"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
+    self.o = Linear(h * dh, cfg.dim, ("embed", "heads"), bias=False, dtype=dt, rngs=rngs)
+    if cfg.qk_norm:
+      kw = dict(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, dtype=dt)
+      self.q_norm = RMSNorm(dh, "head_dim", **kw)
+      self.k_norm = RMSNorm(dh, "head_dim", **kw)
+    else:
+      self.q_norm = self.k_norm = None
+    # Gemma 3 sliding layers use their own RoPE base and no scaling.
+    self.local_rope = self.kind == "sliding" and cfg.rope_local_theta is not None
+
+  def __call__(self, x, positions, mask, layer_cache, mesh, rules):
+    """x [B, T, D]; mask [B, T, S] over the keys (cache slots, or the block itself)."""
+    cfg = self.cfg
+    b, t, _ = x.shape
+    q = self.q(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    theta = cfg.rope_local_theta if self.local_rope else cfg.rope_theta
+    inv_freq = rope_inv_freq(cfg, theta, scaled=not self.local_rope)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    if layer_cache is not None:
+      ck, cv, start = layer_cache
+      k = constrain(write_rows(ck, k, start), KV_AXES, mesh, rules)
+      v = constrain(write_rows(cv, v, start), KV_AXES, mesh, rules)
+    new_kv = (k, v)
+    g = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+    scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if cfg.attn_softcap is not None:
+      scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    return self.o(out), new_kv
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = cfg.jnp_dtype
+    self.gate = Linear(cfg.dim, cfg.mlp_dim, ("mlp", "embed"), bias=False, dtype=dt, rngs=rngs)
+    self.up = Linear(cfg.dim, cfg.mlp_dim, ("mlp", "embed"), bias=False, dtype=dt, rngs=rngs)
+    self.down = Linear(cfg.mlp_dim, cfg.dim, ("embed", "mlp"), bias=False, dtype=dt, rngs=rngs)
+    self.activation = cfg.activation
+
+  def __call__(self, x):
+    g = self.gate(x)
+    g = jax.nn.silu(g) if self.activation == "silu" else jax.nn.gelu(g, approximate=True)
+    return self.down(g * self.up(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    dt = cfg.jnp_dtype
+    kw = dict(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, dtype=dt)
+    self.attn_norm = RMSNorm(cfg.dim, "embed", **kw)
+    self.attn = Attention(cfg, layer, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.dim, "embed", **kw)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.attn_post_norm = RMSNorm(cfg.dim, "embed", **kw) if cfg.post_norms else None
+    self.mlp_post_norm = RMSNorm(cfg.dim, "embed", **kw) if cfg.post_norms else None
+
+  def __call__(self, x, positions, mask, layer_cache, mesh, rules):
+    h, kv = self.attn(self.attn_norm(x), positions, mask, layer_cache, mesh, rules)
+    if self.attn_post_norm is not None:
+      h = self.attn_post_norm(h)
+    x = x + h
+    h = self.mlp(self.mlp_norm(x))
+    if self.mlp_post_norm is not None:
+      h = self.mlp_post_norm(h)
+    return constrain(x + h, ACT_AXES, mesh, rules), kv
+
+
+def causal_block_mask(batch: int, t: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+
+
+def key_mask(block_mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array, start: jax.Array | None,
+             window: int | None) -> jax.Array:
+  """Which keys each query sees: [B, T, S].
+
+  Without a cache (start is None) the keys are the block itself and block_mask [B, T, T] decides.
+  With a cache the keys are its S slots: the committed prefix (slots < start with a position) is
+  visible, the block written at start..start+T-1 is visible where block_mask says. Sliding-window
+  layers additionally hide keys at least `window` positions behind the query.
+  """
+  if start is None:
+    mask = block_mask & (k_pos >= 0)[:, None, :]
+  else:
+    t = block_mask.shape[-1]
+    slots = jnp.arange(k_pos.shape[1])[None, :]
+    rel = slots - start[:, None]  # [B, S] offset inside the block
+    in_block = (rel >= 0) & (rel < t)
+    from_block = jnp.take_along_axis(block_mask, jnp.clip(rel, 0, t - 1)[:, None, :], axis=2)
+    prefix = (rel < 0) & (k_pos >= 0)
+    mask = (prefix[:, None, :] | (in_block[:, None, :] & from_block))
+  if window is not None:
+    mask = mask & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
+  return mask
+
+
+class Transformer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = cfg.jnp_dtype
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt, scale=1.0)
+    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.dim, "embed", eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
+                              dtype=dt)
+    self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.vocab_size, cfg.dim),
+                                                          ("vocab", "embed"), dt)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """Rows of the input embedding table (unscaled; __call__ applies the family's scale)."""
+    return jnp.take(self.embed[...], tokens, axis=0)
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    w = self.embed[...] if self.lm_head is None else self.lm_head[...]
+    out = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    if self.cfg.final_softcap is not None:
+      out = jnp.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
+    return out
+
+  def __call__(self, tokens: jax.Array | None = None, *, embeddings: jax.Array | None = None,
+               positions: jax.Array | None = None, input_mask: jax.Array | None = None,
+               attn_mask: jax.Array | None = None, cache: KVCache | None = None,
+               advance: bool = True, steering: Steering | None = None,
+               hidden_layers: tuple[int, ...] = (), compute_logits: bool = True,
+               mesh=None, rules: ShardingRules = DEFAULT_RULES) -> ModelOutput:
+    """Forward T new tokens per row.
+
+    tokens [B, T] int or embeddings [B, T, D] (rows of the embedding table, e.g. ESP mask tokens).
+    positions [B, T]: position ids (default: cache.index + arange(T), or arange(T)).
+    input_mask [B, T]: False marks right padding; padded tokens get no cache position.
+    attn_mask [B, T, T]: which new tokens each new token sees (default causal). The cached prefix
+      is always visible.
+    cache: written at slots index..index+T-1; with advance=True the index moves past the valid
+      tokens, with advance=False it stays (the caller commits what it keeps, see cache.commit).
+    steering: adds coef[b, t] * vector to the residual stream entering layer steering.layer.
+    hidden_layers: layers whose input residual stream is returned (num_layers = last layer's output).
+    """
+    cfg = self.cfg
+    if (tokens is None) == (embeddings is None):
+      raise ValueError("pass exactly one of tokens or embeddings")
+    x = self.embed_tokens(tokens) if embeddings is None else embeddings.astype(cfg.jnp_dtype)
+    b, t, _ = x.shape
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.dim), cfg.jnp_dtype)
+    x = constrain(x, ACT_AXES, mesh, rules)
+    start = None if cache is None else cache.index
+    if positions is None:
+      base = jnp.zeros((b,), jnp.int32) if start is None else start
+      positions = base[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    positions = positions.astype(jnp.int32)
+    valid = jnp.ones((b, t), bool) if input_mask is None else input_mask.astype(bool)
+    block_mask = causal_block_mask(b, t) if attn_mask is None else attn_mask.astype(bool)
+    new_pos = jnp.where(valid, positions, -1)
+    k_pos = new_pos if cache is None else write_rows(cache.pos, new_pos, start)
+    masks = {}
+    for kind, window in (("global", None), ("sliding", cfg.sliding_window)):
+      masks[kind] = key_mask(block_mask, positions, k_pos, start, window)
+
+    collected = {}
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      if steering is not None and i == steering.layer:
+        vec = steering.vector if steering.vector.ndim == 2 else steering.vector[None]
+        x = x + (steering.coef[..., None] * vec[:, None, :]).astype(x.dtype)
+      if i in hidden_layers:
+        collected[i] = x
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i], start)
+      x, (k, v) = layer(x, positions, masks[cfg.layer_kind(i)], layer_cache, mesh, rules)
+      new_k.append(k)
+      new_v.append(v)
+    if cfg.num_layers in hidden_layers:
+      collected[cfg.num_layers] = x
+    hidden = self.final_norm(x)
+    logits = self.logits(hidden) if compute_logits else None
+    if cache is not None:
+      index = start + valid.sum(axis=1).astype(jnp.int32) if advance else start
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos, index=index)
+    return ModelOutput(logits=logits, hidden=hidden,
+                       layer_hidden=tuple(collected[i] for i in hidden_layers), cache=cache)
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStructs for weights: nothing allocated, nothing initialised."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
