@@ -1,0 +1,1 @@
+"""ReBalance: confidence-steered reasoning (control function, online bookkeeping, offline extraction)."""
