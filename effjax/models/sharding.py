@@ -21,7 +21,8 @@ class ShardingRules:
   seq: MeshAxes = None
   cache_seq: MeshAxes = None
   vocab: MeshAxes = "tensor"
-  embed: MeshAxes = "fsdp"
+  embed: MeshAxes = "fsdp"  # parameters' model dim: FSDP shards weights
+  act_embed: MeshAxes = None  # activations' model dim: activations are sharded by batch instead
   heads: MeshAxes = "tensor"
   kv_heads: MeshAxes = "tensor"
   head_dim: MeshAxes = None
@@ -31,12 +32,12 @@ class ShardingRules:
   def spec(self, logical: tuple[str | None, ...], shape: tuple[int, ...] | None = None,
            mesh: Mesh | None = None) -> P:
     """PartitionSpec for `logical` names; a dim a mesh axis does not divide stays replicated."""
-    out = []
+    out, used = [], set()
     for i, name in enumerate(logical):
       axes = getattr(self, name) if name else None
       if axes is not None and mesh is not None:
         axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
-        axes_t = tuple(a for a in axes_t if a in mesh.shape)
+        axes_t = tuple(a for a in axes_t if a in mesh.shape and a not in used)
         size = 1
         for a in axes_t:
           size *= mesh.shape[a]
@@ -44,6 +45,7 @@ class ShardingRules:
           axes = None
         else:
           axes = axes_t[0] if len(axes_t) == 1 else axes_t
+          used.update(axes_t)
       out.append(axes)
     return P(*out)
 
@@ -69,7 +71,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
   if total != len(devices):
     raise ValueError(f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs {total} devices, "
                      f"have {len(devices)}")
-  return jax.make_mesh(tuple(sizes), ("data", "fsdp", "tensor"), devices=devices)
+  # Auto axes: shardings propagate through jit from the parameters and constraints (GSPMD style).
+  return jax.make_mesh(tuple(sizes), ("data", "fsdp", "tensor"), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def parse_mesh(spec: str | None) -> Mesh | None:

@@ -22,7 +22,7 @@ from effjax.models.cache import KV_AXES, KVCache, write_rows
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain
 
-ACT_AXES = ("batch", "seq", "embed")
+ACT_AXES = ("batch", "seq", "act_embed")
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives a uniform softmax, never NaN
 
 
