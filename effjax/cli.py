@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules with a `register(subparsers)` function, one per area.
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("effjax.data.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
