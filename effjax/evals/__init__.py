@@ -1,0 +1,1 @@
+"""Evaluation helpers: math grading and benchmark runners."""
