@@ -10,8 +10,8 @@ alpha multiplies the unnormalised class-mean difference S, so alpha = -1 moves a
 full overthinking-to-normal gap whatever the model's scale, consistent with the published values
 staying within a small range across 1.5B..32B models. Start from the preset of the closest model size
 (L1 ~ -1, L2 ~ -2, H2 = 0.1), keep L2 < L1 < 0 < H2, and tune |L1| on a small dev split while
-watching Pass@1 and mean tokens: larger magnitudes shorten reasoning more and eventually hurt
-accuracy.
+watching Pass@1 and mean tokens: larger magnitudes are expected to shorten reasoning more and
+eventually to hurt accuracy.
 """
 
 from __future__ import annotations
