@@ -107,18 +107,21 @@ _BUILDER_PACKAGES = ("tensorflow_datasets.text", "tensorflow_datasets.question_a
 
 
 def parse_spec(spec: str) -> tuple[str, str, Adapter]:
-  """`tfds:NAME[/CONFIG][:VERSION][:SPLIT]` -> (tfds name, split, adapter). The split defaults per
-  data set (e.g. gsm8k -> test)."""
-  if not spec.startswith(PREFIX) or not spec[len(PREFIX):]:
+  """`tfds:NAME[/CONFIG][:VERSION][:SPLIT]` -> (tfds name, split, adapter). The split may be a TFDS
+  split expression (`train[:100]`, `train+test`) and defaults per data set (gsm8k -> test)."""
+  rest = spec[len(PREFIX):] if spec.startswith(PREFIX) else ""
+  head, bracket, tail = rest.partition("[")  # slices like [:100] hold colons of their own
+  parts = head.split(":")
+  has_split = len(parts) > 1 and not parts[-1][:1].isdigit()  # a version starts with a digit
+  name = ":".join(parts[:-1]) if has_split else head
+  split = parts[-1] + bracket + tail if has_split else None
+  if not name or split == "" or (bracket and not has_split):
     raise ValueError(f"not a TFDS spec (expected tfds:NAME[:SPLIT]): {spec!r}")
-  parts = spec[len(PREFIX):].split(":")
-  name = ":".join(parts[:-1]) if len(parts) > 1 else parts[0]
   base = name.split(":")[0].split("/")[0]
   if base not in ADAPTERS:
     raise ValueError(f"no record mapping for TFDS data set '{base}'; supported: {', '.join(ADAPTERS)}")
   adapter = ADAPTERS[base]
-  split = parts[-1] if len(parts) > 1 else adapter.default_split
-  return name, split, adapter
+  return name, split or adapter.default_split, adapter
 
 
 def import_tfds():
