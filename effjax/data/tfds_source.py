@@ -82,10 +82,12 @@ def _natural_questions(ex: Mapping[str, Any]) -> Converted:
     answers = list(_texts(annotations["short_answers"]["text"], "short_answers.text"))
     if not answers:  # yes/no questions: 0 = NO, 1 = YES, -1 = none
       answers = [("no", "yes")[v] for v in np.ravel(annotations["yes_no_answer"]) if v in (0, 1)]
-    return [as_text(question.get("text"), "question.text")], _first_or_none(answers), {"answers": answers}
+    prompt = as_text(question.get("text"), "question.text")
+    return [prompt], _first_or_none(answers), {"answers": answers}
   # "longt5" config: flat question / answer / all_answers
   answers = list(_texts(ex.get("all_answers", ()), "all_answers"))
-  return [as_text(question, "question")], _text(ex, "answer") or _first_or_none(answers), {"answers": answers}
+  answer = _text(ex, "answer") or _first_or_none(answers)
+  return [as_text(question, "question")], answer, {"answers": answers}
 
 
 def _natural_questions_open(ex: Mapping[str, Any]) -> Converted:
@@ -152,7 +154,10 @@ def read_tfds(spec: str, *, data_dir: str | None = None, limit: int | None = Non
 
   def make(index: int) -> Problem:
     example = source[index]
-    turns, answer, metadata = adapter.convert(example)
+    try:
+      turns, answer, metadata = adapter.convert(example)
+    except (KeyError, TypeError, IndexError) as e:  # nested features not shaped as the builder says
+      raise BadRecord("unexpected example structure", f"{type(e).__name__}: {e}") from None
     uid = as_text(example["id"], "id") if "id" in example else f"{split}-{index}"
     return make_problem(uid, turns, answer, metadata, f"{label}[{index}]")
 
