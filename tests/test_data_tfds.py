@@ -1,12 +1,18 @@
 """TFDS problem sets through TFDS's own mock data (no download, no TensorFlow)."""
 
+import collections
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 
 from effjax.data import load_problems
 from effjax.data.tfds_source import parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_DEV = next((p for p in (REPO.parent / "shared" / "data" / "gsm8k" / "dev.jsonl",
+                              REPO / "shared" / "data" / "gsm8k" / "dev.jsonl") if p.is_file()), None)
 
 needs_tfds = pytest.mark.skipif(
     importlib.util.find_spec("tensorflow_datasets") is None,
@@ -117,6 +123,29 @@ def test_misshapen_example_is_skipped_not_fatal(tfds):
   assert (skip.source, skip.reason) == ("tfds:natural_questions:validation[0]",
                                         "unexpected example structure")
   assert "short_answers" in skip.detail
+
+
+@needs_tfds
+@pytest.mark.skipif(GSM8K_DEV is None, reason="shared dev data not found beside the repository")
+def test_prepared_array_record_data_reads_like_the_jsonl(tfds, tmp_path):
+  """Real ArrayRecord files, no mock: TFDS's own gsm8k builder prepares the shared dev file."""
+  from tensorflow_datasets.text.gsm8k import gsm8k
+
+  class LocalGsm8k(gsm8k.Gsm8k, skip_registration=True):
+    name = "gsm8k"
+
+    def _split_generators(self, dl_manager):
+      return {"test": self._generate_examples(GSM8K_DEV)}
+
+  LocalGsm8k(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  from_tfds = load_problems("tfds:gsm8k:test", data_dir=str(tmp_path))
+  from_jsonl = load_problems(GSM8K_DEV)
+  def content(problems):
+    return collections.Counter((p.prompt, p.answer, p.metadata["solution"]) for p in problems)
+  assert len(from_tfds) == 990 and not from_tfds.skipped
+  assert content(from_tfds) == content(from_jsonl)  # TFDS shuffles on write: compare as multisets
+  assert len(load_problems("tfds:gsm8k:test[:10]", data_dir=str(tmp_path))) == 10
+  assert "tensorflow" not in sys.modules
 
 
 @needs_tfds

@@ -146,10 +146,11 @@ def read_tfds(spec: str, *, data_dir: str | None = None, limit: int | None = Non
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except tfds.core.DatasetNotFoundError:
     raise ValueError(f"TFDS has no data set named '{name}'") from None
-  except NotImplementedError:  # what tfds raises both for no data and for TFRecord-only data
+  except (NotImplementedError, KeyError) as e:  # no data, TFRECORD-only data, or no such split
+    reason = e.args[0].splitlines()[0] if e.args and isinstance(e.args[0], str) else repr(e)
     raise FileNotFoundError(
-        f"{spec}: no ArrayRecord data for {name} in {where} (none prepared, or TFRecord only); "
-        f"prepare it with `tfds build {name} --file_format=array_record --data_dir=DIR`") from None
+        f"{spec}: no ArrayRecord data for {name} in {where} ({reason}); prepare it with "
+        f"`tfds build {name} --file_format=array_record --data_dir=DIR`") from None
   label = f"{PREFIX}{name}:{split}"
 
   def make(index: int) -> Problem:
