@@ -1,0 +1,232 @@
+"""Epistemic neural network reward model: a transformer backbone + point head + Z particles.
+
+The feature h is the backbone's final (normed) hidden state at the last response token: the one
+position that has attended to the whole prompt and response. On it sit
+  - a point head (MLP, trained with the backbone by the Bradley-Terry loss),
+  - Z frozen random prior heads (randomized prior functions: never trained, a `Prior` variable that
+    no optimizer sees, read through stop_gradient),
+  - Z trainable differential heads, trained by the same loss with the backbone frozen for them.
+Particle z's reward is r_z = prior_z(h) + diff_z(h) (+ point(h), detached, by default). The Z heads
+are stacked weights [Z, out, in] evaluated with one einsum per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from effjax.models.config import ModelConfig
+from effjax.models.transformer import Transformer
+from effjax.rlhf import rollout
+from effjax.rlhf.config import ENNConfig
+
+
+class Prior(nnx.Variable):
+  """Weights of the frozen random prior heads: not an nnx.Param, so no optimizer ever holds them."""
+
+
+class StackedMLP(nnx.Module):
+  """`num` MLPs of the same shape, d_in -> hidden... -> 1, as stacked [num, out, in] weights."""
+
+  def __init__(self, num: int, d_in: int, hidden: tuple[int, ...], *, rngs: nnx.Rngs,
+               variable: type[nnx.Variable] = nnx.Param):
+    dims = (d_in, *hidden, 1)
+    ws, bs = [], []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+      in_axis = "embed" if i == 0 else "mlp"
+      out_axis = "mlp" if i < len(dims) - 2 else None
+      w = jax.random.normal(rngs.params(), (num, b, a), jnp.float32) / math.sqrt(a)
+      ws.append(variable(w, axes=("particles", out_axis, in_axis)))
+      bs.append(variable(jnp.zeros((num, b), jnp.float32), axes=("particles", out_axis)))
+    self.weights = nnx.List(ws)
+    self.biases = nnx.List(bs)
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    """h [N, D] -> [N, num]."""
+    x = jnp.einsum("nd,zod->nzo", h, self.weights[0][...]) + self.biases[0][...]
+    for w, b in zip(self.weights[1:], self.biases[1:]):
+      x = jnp.einsum("nzi,zoi->nzo", jax.nn.relu(x), w[...]) + b[...]
+    return x[..., 0]
+
+
+class RewardModel(nnx.Module):
+  def __init__(self, backbone: Transformer, enn: ENNConfig, *, rngs: nnx.Rngs):
+    d = backbone.cfg.dim
+    self.backbone = backbone
+    self.enn = enn
+    self.point = StackedMLP(1, d, enn.point_hidden, rngs=rngs)
+    self.prior = StackedMLP(enn.num_particles, d, enn.prior_hidden, rngs=rngs, variable=Prior)
+    self.diff = StackedMLP(enn.num_particles, d, enn.diff_hidden, rngs=rngs)
+
+  def features(self, prompts, prompt_lens, responses, response_mask, *, mesh=None) -> jax.Array:
+    return rollout.last_hidden(self.backbone, prompts, prompt_lens, responses, response_mask,
+                               mesh=mesh).astype(jnp.float32)
+
+  def heads(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """h [N, D] -> (point reward [N], particle rewards [N, Z])."""
+    point = self.point(h)[:, 0]
+    frozen = jax.lax.stop_gradient(h)
+    prior = jax.lax.stop_gradient(self.prior(frozen)) * self.enn.prior_scale
+    particles = prior + self.diff(frozen)
+    if self.enn.particles_include_point:
+      particles = particles + jax.lax.stop_gradient(point)[:, None]
+    return point, particles
+
+  def __call__(self, prompts, prompt_lens, responses, response_mask, *, mesh=None):
+    return self.heads(self.features(prompts, prompt_lens, responses, response_mask, mesh=mesh))
+
+
+def create_reward_model(backbone: Transformer, enn: ENNConfig, seed: int) -> RewardModel:
+  """Heads drawn from `seed` on `backbone` (the SFT policy's weights, copied)."""
+  graphdef, state = nnx.split(backbone)
+  copy = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
+  return RewardModel(copy, enn, rngs=nnx.Rngs(seed))
+
+
+def split(rm: RewardModel):
+  """(graphdef, trainable params, frozen priors)."""
+  return nnx.split(rm, nnx.Param, Prior)
+
+
+def bt_nll(margin: jax.Array, choice: jax.Array) -> jax.Array:
+  """Bradley-Terry negative log-likelihood of choice (1: first preferred, 0: second; soft allowed)."""
+  return -(choice * jax.nn.log_sigmoid(margin) + (1.0 - choice) * jax.nn.log_sigmoid(-margin))
+
+
+def pair_rewards(rm: RewardModel, batch: dict, mesh=None):
+  """Rewards of both sides of a pair batch: (point [2, M], particles [2, M, Z])."""
+  prompts = jnp.concatenate([batch["prompts"], batch["prompts"]])
+  lens = jnp.concatenate([batch["prompt_lens"], batch["prompt_lens"]])
+  resp = jnp.concatenate([batch["a"], batch["b"]])
+  mask = jnp.concatenate([batch["a_mask"], batch["b_mask"]])
+  point, particles = rm(prompts, lens, resp, mask, mesh=mesh)
+  m = batch["prompts"].shape[0]
+  return point.reshape(2, m), particles.reshape(2, m, -1)
+
+
+def rm_loss(rm: RewardModel, batch: dict, mesh=None) -> tuple[jax.Array, dict]:
+  """Point BT loss + mean particle BT loss (+ L2 on differential weights)."""
+  point, particles = pair_rewards(rm, batch, mesh)
+  c = batch["choice"].astype(jnp.float32)
+  point_loss = bt_nll(point[0] - point[1], c).mean()
+  particle_loss = bt_nll(particles[0] - particles[1], c[:, None]).mean()
+  l2 = sum(jnp.sum(w[...] ** 2) for w in rm.diff.weights) / rm.enn.num_particles
+  loss = point_loss + particle_loss + rm.enn.diff_l2 * l2
+  accuracy = jnp.mean((point[0] > point[1]) == (c > 0.5))
+  return loss, dict(rm_loss=point_loss, rm_particle_loss=particle_loss, rm_accuracy=accuracy)
+
+
+def rm_optimizer(enn: ENNConfig, params: nnx.State) -> optax.GradientTransformation:
+  """Adam on heads; the backbone's updates scaled by backbone_lr_scale. Priors are not params."""
+  backbone_mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[0], "key", "")) == "backbone", params)
+  return optax.chain(
+      optax.clip_by_global_norm(enn.clip_norm),
+      optax.adam(enn.lr),
+      optax.masked(optax.scale(enn.backbone_lr_scale), backbone_mask),
+  )
+
+
+def finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def keep_if(ok: jax.Array, new, old):
+  """`new` where ok, else `old`, leaf by leaf (a non-finite update is skipped)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_rm_update(graphdef, optimizer: optax.GradientTransformation, mesh=None) -> Callable:
+  """Jitted (params, priors, opt_state, batches) -> (params, opt_state, metrics).
+
+  batches: a pair batch with a leading [S] axis; S gradient steps run in one lax.scan. A step whose
+  loss or gradient is not finite is skipped (state kept) and counted in metrics["rm_skipped"].
+  """
+
+  def one(carry, batch):
+    params, opt_state, priors = carry
+
+    def loss_fn(p):
+      return rm_loss(nnx.merge(graphdef, p, priors), batch, mesh)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, new_opt = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    ok = jnp.isfinite(loss) & finite(grads)
+    params = keep_if(ok, new_params, params)
+    opt_state = keep_if(ok, new_opt, opt_state)
+    metrics = dict(metrics, rm_total_loss=loss, rm_skipped=(~ok).astype(jnp.int32))
+    return (params, opt_state, priors), metrics
+
+  @jax.jit
+  def update(params, priors, opt_state, batches):
+    (params, opt_state, _), metrics = jax.lax.scan(one, (params, opt_state, priors), batches)
+    last = jax.tree.map(lambda x: x[-1], metrics)
+    last["rm_skipped"] = metrics["rm_skipped"].sum()
+    return params, opt_state, last
+
+  return update
+
+
+def score(rm: RewardModel, prompts, prompt_lens, responses, response_mask, mesh=None):
+  """Rewards of n responses per prompt: responses [B, n, L] -> (point [B, n], particles [B, n, Z])."""
+  b, n, length = responses.shape
+  point, particles = rm(jnp.repeat(prompts, n, axis=0), jnp.repeat(prompt_lens, n, axis=0),
+                        responses.reshape(b * n, length), response_mask.reshape(b * n, length),
+                        mesh=mesh)
+  return point.reshape(b, n), particles.reshape(b, n, -1)
+
+
+def make_scorer(graphdef, mesh=None) -> Callable:
+  @jax.jit
+  def run(params, priors, prompts, prompt_lens, responses, response_mask):
+    return score(nnx.merge(graphdef, params, priors), prompts, prompt_lens, responses, response_mask,
+                 mesh)
+
+  return run
+
+
+def save_reward_model(path: str | pathlib.Path, rm: RewardModel, model_cfg: ModelConfig) -> None:
+  """An Orbax checkpoint of the whole RM plus its configs (what the checkpoint rater loads)."""
+  import dataclasses
+
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path).absolute()
+  path.mkdir(parents=True, exist_ok=True)
+  meta = dict(model=dataclasses.asdict(model_cfg), enn=dataclasses.asdict(rm.enn))
+  (path / "reward_model.json").write_text(json.dumps(meta, indent=1))
+  _, state = nnx.split(rm)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path / "state", nnx.to_pure_dict(state), force=True)
+
+
+def load_reward_model(path: str | pathlib.Path) -> RewardModel:
+  import orbax.checkpoint as ocp
+
+  from effjax.models.config import ModelConfig, RopeScaling
+  from effjax.rlhf.config import _build
+  path = pathlib.Path(path).absolute()
+  meta_file = path / "reward_model.json"
+  if not meta_file.exists():
+    raise FileNotFoundError(f"{meta_file}: not a reward model checkpoint")
+  meta = json.loads(meta_file.read_text())
+  mc = dict(meta["model"])
+  mc["rope_scaling"] = RopeScaling(**mc["rope_scaling"]) if mc.get("rope_scaling") else None
+  for k in ("layer_kinds", "eos_ids"):
+    mc[k] = tuple(mc[k])
+  model_cfg = ModelConfig(**mc)
+  enn = _build(ENNConfig, meta["enn"], "enn")
+  abstract = nnx.eval_shape(lambda: RewardModel(Transformer(model_cfg, rngs=nnx.Rngs(0)), enn,
+                                                rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  with ocp.StandardCheckpointer() as ckpt:
+    pure = ckpt.restore(path / "state", nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)

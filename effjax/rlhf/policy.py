@@ -1,0 +1,125 @@
+"""The policy objective: REINFORCE with the 1/2 baseline, affirmative nudge, KL to an EMA anchor.
+
+Per ordered pair (Y, Y') the ascent direction is
+    (p(Y > Y') - 1/2 + eps) * grad log pi(Y | X)  -  beta * grad sum_l KL(pi(.|X, Y_<l) || pi_bar(.|X, Y_<l))
+where p is the reward model's (point head) preference probability and pi_bar the anchor. The KL is
+the exact one over the vocabulary at every response token of Y. One update sums the gradients of
+  (a) the queried prompts: the queried pair both ways and (best, worst) by the updated RM both ways;
+  (b) fresh prompts: (best, worst), (worst, best), (2nd best, 2nd worst), (2nd worst, 2nd best);
+then clips and applies them with optax, and moves the anchor: theta_bar <- eta theta_bar + (1-eta) theta.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from effjax.rlhf import enn, rollout
+from effjax.rlhf.config import PolicyConfig
+
+
+def policy_optimizer(cfg: PolicyConfig) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.lr))
+
+
+def ranked(point: jax.Array) -> jax.Array:
+  """Response indices per prompt from best to worst by point reward: [B, n]."""
+  return jnp.argsort(-point, axis=-1)
+
+
+def ordered_pairs_a(pair: jax.Array, point: jax.Array) -> jax.Array:
+  """(a): [B, 4, 2] = queried both ways, (best, worst) both ways."""
+  order = ranked(point)
+  best, worst = order[:, 0], order[:, -1]
+  q0, q1 = pair[:, 0], pair[:, 1]
+  return jnp.stack([jnp.stack([q0, q1], -1), jnp.stack([q1, q0], -1),
+                    jnp.stack([best, worst], -1), jnp.stack([worst, best], -1)], axis=1)
+
+
+def ordered_pairs_b(point: jax.Array) -> jax.Array:
+  """(b): [B, 4, 2] = (best, worst), (worst, best), (2nd best, 2nd worst), (2nd worst, 2nd best)."""
+  order = ranked(point)
+  b1, b2, w1, w2 = order[:, 0], order[:, 1], order[:, -1], order[:, -2]
+  return jnp.stack([jnp.stack([b1, w1], -1), jnp.stack([w1, b1], -1),
+                    jnp.stack([b2, w2], -1), jnp.stack([w2, b2], -1)], axis=1)
+
+
+def gather_pairs(prompts, prompt_lens, responses, mask, point, pairs):
+  """Flatten ordered pairs [B, k, 2] to the first responses and their p(first > second)."""
+  b, k, _ = pairs.shape
+  first = pairs[..., 0]
+  y = jnp.take_along_axis(responses, first[..., None], axis=1)  # [B, k, L]
+  y_mask = jnp.take_along_axis(mask, first[..., None], axis=1)
+  r1 = jnp.take_along_axis(point, pairs[..., 0], axis=1)
+  r2 = jnp.take_along_axis(point, pairs[..., 1], axis=1)
+  length = responses.shape[-1]
+  return dict(prompts=jnp.repeat(prompts, k, axis=0), prompt_lens=jnp.repeat(prompt_lens, k, axis=0),
+              y=y.reshape(b * k, length), y_mask=y_mask.reshape(b * k, length),
+              p=jax.nn.sigmoid(r1 - r2).reshape(b * k))
+
+
+def pair_loss(policy, anchor, batch: dict, eps: float, beta: float, mesh=None):
+  """Mean over ordered pairs of -(p - 1/2 + eps) log pi(Y) + beta * sum_l KL_l(pi || anchor)."""
+  logp, logp_all = rollout.token_logprobs(policy, batch["prompts"], batch["prompt_lens"], batch["y"],
+                                          batch["y_mask"], mesh=mesh)
+  _, anchor_all = rollout.token_logprobs(anchor, batch["prompts"], batch["prompt_lens"], batch["y"],
+                                         batch["y_mask"], mesh=mesh)
+  anchor_all = jax.lax.stop_gradient(anchor_all)
+  m = batch["y_mask"].astype(jnp.float32)
+  seq_logp = jnp.sum(logp * m, axis=-1)
+  kl = jnp.sum(jnp.sum(jnp.exp(logp_all) * (logp_all - anchor_all), axis=-1) * m, axis=-1)
+  weight = jax.lax.stop_gradient(batch["p"] - 0.5 + eps)
+  loss = jnp.mean(-weight * seq_logp + beta * kl)
+  return loss, dict(kl=jnp.mean(kl), logp=jnp.mean(seq_logp))
+
+
+def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
+                       optimizer: optax.GradientTransformation, *, use_a: bool, mesh=None,
+                       eps: float | None = None) -> Callable:
+  """Jitted (policy, anchor, opt_state, rm_params, rm_priors, a, b) -> (policy, anchor, opt_state, m).
+
+  a: queried prompts {prompts, prompt_lens, responses [B, n, L], mask, pair [B, 2]} (ignored unless
+  use_a); b: fresh prompts {prompts, prompt_lens, responses, mask}. The RM ranks responses inside.
+  A non-finite loss or gradient skips the whole update (policy, anchor, optimizer state kept).
+  """
+  eps = cfg.eps if eps is None else eps
+
+  def rewards(rm, g):
+    point, _ = enn.score(rm, g["prompts"], g["prompt_lens"], g["responses"], g["mask"], mesh)
+    return jax.lax.stop_gradient(point)
+
+  @jax.jit
+  def update(policy, anchor, opt_state, rm_params, rm_priors, a, b):
+    rm = nnx.merge(rm_graphdef, rm_params, rm_priors)
+    groups = []
+    if use_a:
+      point_a = rewards(rm, a)
+      groups.append(gather_pairs(a["prompts"], a["prompt_lens"], a["responses"], a["mask"], point_a,
+                                 ordered_pairs_a(a["pair"], point_a)))
+    point_b = rewards(rm, b)
+    groups.append(gather_pairs(b["prompts"], b["prompt_lens"], b["responses"], b["mask"], point_b,
+                               ordered_pairs_b(point_b)))
+    anchor_model = nnx.merge(policy_graphdef, anchor)
+
+    def loss_fn(params):
+      model = nnx.merge(policy_graphdef, params)
+      losses = [pair_loss(model, anchor_model, g, eps, cfg.beta, mesh) for g in groups]
+      return sum(l for l, _ in losses), losses[-1][1]
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy)
+    updates, new_opt = optimizer.update(grads, opt_state, policy)
+    new_policy = optax.apply_updates(policy, updates)
+    new_anchor = jax.tree.map(lambda t_bar, t: cfg.eta * t_bar + (1.0 - cfg.eta) * t, anchor,
+                              new_policy)
+    ok = jnp.isfinite(loss) & enn.finite(grads)
+    metrics = dict(metrics, policy_loss=loss, grad_norm=optax.global_norm(grads),
+                   policy_skipped=(~ok).astype(jnp.int32),
+                   rm_margin=jnp.mean(point_b.max(-1) - point_b.min(-1)))
+    return (enn.keep_if(ok, new_policy, policy), enn.keep_if(ok, new_anchor, anchor),
+            enn.keep_if(ok, new_opt, opt_state), metrics)
+
+  return update

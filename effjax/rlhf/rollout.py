@@ -1,0 +1,135 @@
+"""Rollouts and sequence forwards for RLHF: fixed-length top-k sampling over a KV cache.
+
+Prompts are right-padded [B, P] with lengths [B] (the KV cache's convention: padded tokens get no
+cache slot, so every row's response starts right after its own prompt). Responses are [.., L]; after
+an end-of-sequence token a row emits padding and its response mask turns False.
+
+`sample` is the rollout signature the RLHF agents use (`Sampler`); effjax's decoding engine can
+serve it once it lands, this local `lax.scan` sampler is the reference implementation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from effjax.models.cache import KVCache
+from effjax.models.sharding import DEFAULT_RULES, ShardingRules
+from effjax.models.transformer import Transformer
+
+
+class Sampler(Protocol):
+  def __call__(self, model: Transformer, prompts: jax.Array, prompt_lens: jax.Array, rng: jax.Array, *,
+               num_samples: int, length: int, top_k: int, temperature: float,
+               mesh=None) -> tuple[jax.Array, jax.Array]:
+    """-> (responses [B, n, L] int32, mask [B, n, L] bool)."""
+
+
+def choose_token(logits: jax.Array, rng: jax.Array, top_k: int, temperature: float) -> jax.Array:
+  """Greedy when temperature == 0, else a draw among the top_k logits (top_k <= 0: all)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if 0 < top_k < logits.shape[-1]:
+    vals, idx = jax.lax.top_k(logits, top_k)
+    pick = jax.random.categorical(rng, vals, axis=-1)
+    return jnp.take_along_axis(idx, pick[..., None], axis=-1)[..., 0].astype(jnp.int32)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def sample(model: Transformer, prompts: jax.Array, prompt_lens: jax.Array, rng: jax.Array, *,
+           num_samples: int, length: int, top_k: int, temperature: float, mesh=None,
+           rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, jax.Array]:
+  """num_samples responses of `length` tokens per prompt: prefill once, then one token per scan step."""
+  cfg = model.cfg
+  b, p = prompts.shape
+  n = num_samples
+  tokens = jnp.repeat(prompts, n, axis=0)
+  lens = jnp.repeat(prompt_lens.astype(jnp.int32), n, axis=0)
+  cache = KVCache.init(cfg, b * n, p + length)
+  valid = jnp.arange(p)[None, :] < lens[:, None]
+  out = model(tokens, input_mask=valid, cache=cache, mesh=mesh, rules=rules, compute_logits=False)
+  last = jnp.take_along_axis(out.hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
+  logits = model.logits(last)
+  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+  def step(carry, key):
+    cache, logits, done = carry
+    tok = choose_token(logits, key, top_k, temperature)
+    tok = jnp.where(done, cfg.pad_id, tok)
+    alive = ~done
+    done = done | jnp.isin(tok, eos)
+    o = model(tok[:, None], cache=cache, mesh=mesh, rules=rules, compute_logits=False)
+    return (o.cache, model.logits(o.hidden[:, 0]), done), (tok, alive)
+
+  keys = jax.random.split(rng, length)
+  done0 = jnp.zeros((b * n,), bool)
+  _, (toks, alive) = jax.lax.scan(step, (out.cache, logits, done0), keys)
+  resp = toks.T.reshape(b, n, length)
+  mask = alive.T.reshape(b, n, length)
+  return resp, mask
+
+
+def sequence(prompts: jax.Array, prompt_lens: jax.Array, responses: jax.Array,
+             response_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[prompt (right-padded) ; response] as one block: tokens, input mask, positions [N, P + L].
+
+  Padding sits between prompt and response; it is masked out and the response's positions continue
+  from the prompt's own length, so the forward equals the cached one used for sampling.
+  """
+  p = prompts.shape[1]
+  length = responses.shape[1]
+  lens = prompt_lens.astype(jnp.int32)
+  tokens = jnp.concatenate([prompts, responses], axis=1)
+  mask = jnp.concatenate([jnp.arange(p)[None, :] < lens[:, None], response_mask], axis=1)
+  pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), prompts.shape),
+                         lens[:, None] + jnp.arange(length)[None, :]], axis=1)
+  return tokens, mask, pos
+
+
+def response_hidden(model: Transformer, prompts, prompt_lens, responses, response_mask, *, mesh=None,
+                    rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
+  """Final hidden states that predict each response token: [N, L, D] (row l predicts token l)."""
+  tokens, mask, pos = sequence(prompts, prompt_lens, responses, response_mask)
+  p = prompts.shape[1]
+  length = responses.shape[1]
+  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, mesh=mesh, rules=rules).hidden
+  first = jnp.take_along_axis(h, (prompt_lens.astype(jnp.int32) - 1)[:, None, None], axis=1)
+  return jnp.concatenate([first, h[:, p:p + length - 1]], axis=1)
+
+
+def last_hidden(model: Transformer, prompts, prompt_lens, responses, response_mask, *, mesh=None,
+                rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
+  """The final hidden state at the last response token (the reward model's feature): [N, D]."""
+  tokens, mask, pos = sequence(prompts, prompt_lens, responses, response_mask)
+  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, mesh=mesh, rules=rules).hidden
+  p = prompts.shape[1]
+  n_resp = response_mask.sum(axis=1).astype(jnp.int32)
+  # An empty response (EOS first) is read at the last prompt token.
+  idx = jnp.where(n_resp > 0, p + n_resp - 1, prompt_lens.astype(jnp.int32) - 1)
+  return jnp.take_along_axis(h, idx[:, None, None], axis=1)[:, 0]
+
+
+def token_logprobs(model: Transformer, prompts, prompt_lens, responses, response_mask, *, mesh=None,
+                   rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, jax.Array]:
+  """(log pi(y_l | x, y_<l) [N, L], full log-softmax [N, L, V]) for each response token."""
+  h = response_hidden(model, prompts, prompt_lens, responses, response_mask, mesh=mesh, rules=rules)
+  logp_all = jax.nn.log_softmax(model.logits(h), axis=-1)
+  logp = jnp.take_along_axis(logp_all, responses[..., None], axis=-1)[..., 0]
+  return logp, logp_all
+
+
+def make_sampler(graphdef: nnx.GraphDef, *, num_samples: int, length: int, top_k: int,
+                 temperature: float, mesh=None) -> Callable:
+  """A jitted (params, prompts, prompt_lens, rng) -> (responses, mask) for one model graph."""
+
+  @jax.jit
+  def run(params, prompts, prompt_lens, rng):
+    model = nnx.merge(graphdef, params)
+    return sample(model, prompts, prompt_lens, rng, num_samples=num_samples, length=length,
+                  top_k=top_k, temperature=temperature, mesh=mesh)
+
+  return run
