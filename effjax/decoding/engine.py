@@ -1,0 +1,351 @@
+"""The decoding engine: a jitted prefill, then a jitted `lax.while_loop` of strategy steps.
+
+Everything the loop carries is one pytree, `DecodeState`, donated between calls. A `Strategy` owns
+the loop body: plain autoregressive decoding (with an optional per-step `StepHook`, which is how
+ReBalance steers), or a speculative method that drafts, verifies a token tree in one forward and
+commits the accepted tokens (ESP, prompt lookup, lookahead). Strategies append tokens through
+`append_tokens`, which applies EOS, stop sequences and per-row limits the same way for all.
+
+Shapes are static: a fixed cache length, prompts right-padded to length buckets, fixed blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from effjax.decoding.sampling import GREEDY, Sampler
+from effjax.models.cache import KV_AXES, KVCache
+from effjax.models.sharding import DEFAULT_RULES, ShardingRules, array_sharding, state_shardings
+from effjax.models.transformer import Steering, Transformer
+
+
+@struct.dataclass
+class DecodeState:
+  prompt: jax.Array  # [B, P] prompt tokens, right-padded to a bucket
+  prompt_len: jax.Array  # [B]
+  tokens: jax.Array  # [B, N] generated tokens (N = max_new_tokens + the most one step appends)
+  length: jax.Array  # [B] tokens generated so far
+  last: jax.Array  # [B] last generated token; not yet in the cache
+  cache: KVCache
+  done: jax.Array  # [B]
+  limit: jax.Array  # [B] max new tokens per row
+  eos: jax.Array  # [n_eos] end-of-sequence token ids
+  stop: jax.Array  # [n_stop, L] stop sequences, left-padded with -1
+  rng: jax.Array
+  calls: jax.Array  # [] model forwards after the prefill
+  extra: Any  # the strategy's own state
+
+
+class StepHook:
+  """Per-step observer of plain decoding that may steer the next forward (ReBalance) or edit the
+  logits before sampling (NoWait). All methods are traced inside the decode loop."""
+
+  hidden_layers: tuple[int, ...] = ()
+
+  def init(self, batch: int) -> Any:
+    return ()
+
+  def steering(self, state: Any) -> Steering | None:
+    """Steering for the forward that feeds the current last token."""
+    return None
+
+  def process_logits(self, state: Any, logits: jax.Array) -> jax.Array:
+    return logits
+
+  def observe(self, state: Any, logits: jax.Array, layer_hidden: tuple[jax.Array, ...],
+              fed: jax.Array, sampled: jax.Array, active: jax.Array) -> Any:
+    """After a forward: logits [B, V] at the fed token, hidden [B, D] per requested layer."""
+    return state
+
+
+class Strategy:
+  """A decode-loop body. `block_size` is the most cache slots one step writes past the committed
+  context; `max_step_tokens` the most tokens one step appends."""
+
+  block_size: int = 1
+  max_step_tokens: int = 1
+  sampler: Sampler = GREEDY
+
+  def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    logits, _, state = prefill_forward(model, state)
+    return append_tokens(state, self.sampler(logits, key)[:, None], jnp.ones_like(state.length))
+
+  def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AutoRegressive(Strategy):
+  """One token per forward, with an optional StepHook."""
+
+  sampler: Sampler = GREEDY
+  hook: StepHook | None = None
+
+  def prefill(self, model, state, key):
+    hook = self.hook
+    if hook is None:
+      return super().prefill(model, state, key)
+    hs = hook.init(state.last.shape[0])
+    logits, hidden, state = prefill_forward(model, state, hook.hidden_layers)
+    return self._sample(state, hs, logits, hidden, _last_prompt_token(state), key)
+
+  def step(self, model, state, key):
+    hook = self.hook
+    out = model(state.last[:, None], cache=state.cache,
+                steering=None if hook is None else hook.steering(state.extra),
+                hidden_layers=() if hook is None else hook.hidden_layers)
+    state = state.replace(cache=out.cache, calls=state.calls + 1)
+    return self._sample(state, state.extra, out.logits[:, 0],
+                        tuple(h[:, 0] for h in out.layer_hidden), state.last, key)
+
+  def _sample(self, state, hs, logits, hidden, fed, key):
+    hook = self.hook
+    if hook is None:
+      return append_tokens(state, self.sampler(logits, key)[:, None], jnp.ones_like(state.length))
+    tok = self.sampler(hook.process_logits(hs, logits), key)
+    hs = hook.observe(hs, logits, hidden, fed, tok, ~state.done)
+    return append_tokens(state.replace(extra=hs), tok[:, None], jnp.ones_like(state.length))
+
+
+def _last_prompt_token(state: DecodeState) -> jax.Array:
+  return jnp.take_along_axis(state.prompt, (state.prompt_len - 1)[:, None], axis=1)[:, 0]
+
+
+def prefill_forward(model: Transformer, state: DecodeState, hidden_layers: tuple[int, ...] = ()):
+  """Forward the padded prompt into the empty cache.
+
+  Returns the logits [B, V] and requested hidden states [B, D] at each row's last prompt token, and
+  the state with the filled cache. Logits are computed for that one position only.
+  """
+  b, p = state.prompt.shape
+  valid = jnp.arange(p)[None, :] < state.prompt_len[:, None]
+  out = model(state.prompt, input_mask=valid, cache=state.cache, hidden_layers=hidden_layers,
+              compute_logits=False)
+  at_last = lambda h: jnp.take_along_axis(h, (state.prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  logits = model.logits(at_last(out.hidden))
+  return logits, tuple(at_last(h) for h in out.layer_hidden), state.replace(cache=out.cache)
+
+
+def append_tokens(state: DecodeState, new: jax.Array, count: jax.Array) -> DecodeState:
+  """Append the first count[b] of new[b] ([B, n]) to each active row.
+
+  A row stops at its first EOS token (kept), at a completed stop sequence (kept) or at its limit;
+  tokens after the stop point are not appended. `last` becomes the last appended token.
+  """
+  b, n = new.shape
+  new = new.astype(jnp.int32)
+  count = jnp.where(state.done, 0, jnp.minimum(count, state.limit - state.length))
+  j = jnp.arange(n)[None, :]
+  within = j < count[:, None]
+  ends = within & (new[:, :, None] == state.eos[None, None, :]).any(axis=-1)
+  tokens = jax.vmap(lambda row, upd, s: jax.lax.dynamic_update_slice_in_dim(row, upd, s, 0))(
+      state.tokens, new, state.length)
+  if state.stop.shape[0]:
+    ends = ends | (within & _stop_hits(tokens, state.length, n, state.stop))
+  first_end = jnp.where(ends.any(axis=1), jnp.argmax(ends, axis=1), n)
+  stopped = first_end < count
+  count = jnp.minimum(count, first_end + 1)
+  length = state.length + count
+  last = jnp.take_along_axis(new, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+  last = jnp.where(count > 0, last, state.last)
+  done = state.done | stopped | (length >= state.limit)
+  return state.replace(tokens=tokens, length=length, last=last, done=done)
+
+
+def _stop_hits(tokens, length, n, stop):
+  """[B, n]: whether the text ending at appended token j ends with one of the stop sequences."""
+  ls = stop.shape[1]
+  end = length[:, None] + jnp.arange(n)[None, :] + 1  # [B, n] exclusive end in the buffer
+  idx = end[:, :, None] - ls + jnp.arange(ls)[None, None, :]  # [B, n, L]
+  window = jnp.take_along_axis(tokens[:, None, :], jnp.clip(idx, 0, tokens.shape[1] - 1), axis=2)
+  window = jnp.where(idx >= 0, window, -2)
+  # Left padding (-1) matches anything; a real token must match exactly.
+  match = (stop[None, None] == -1) | (window[:, :, None, :] == stop[None, None])
+  before_start = (idx[:, :, None, :] < 0) & (stop[None, None] != -1)
+  return (match & ~before_start).all(axis=-1).any(axis=-1)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  tokens: list[list[int]]  # generated tokens per row (the EOS / stop sequence included)
+  prompt_tokens: list[int]
+  model_calls: int  # decode forwards after the prefill
+  prefill_s: float
+  decode_s: float
+  extra: Any = None  # the strategy's final state (counters), as numpy
+
+  @property
+  def new_tokens(self) -> int:
+    return sum(len(t) for t in self.tokens)
+
+  @property
+  def tokens_per_call(self) -> float:
+    """Mean tokens appended per decode forward (tau; the prefill's first token not counted)."""
+    return (max(len(t) for t in self.tokens) - 1) / max(self.model_calls, 1)
+
+
+def default_buckets(cache_len: int, smallest: int = 16) -> tuple[int, ...]:
+  out, b = [], smallest
+  while b < cache_len:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (cache_len,)
+
+
+class Engine:
+  """Jitted generation for one model. Compiled loops are cached per strategy and shape bucket."""
+
+  def __init__(self, model: Transformer, *, cache_len: int = 2048,
+               eos_ids: Sequence[int] | None = None, mesh=None,
+               rules: ShardingRules = DEFAULT_RULES, buckets: Sequence[int] | None = None):
+    cfg = model.cfg
+    if cache_len > cfg.max_position:
+      raise ValueError(f"cache_len {cache_len} exceeds the model's max_position {cfg.max_position}")
+    self.cfg = cfg
+    self.cache_len = cache_len
+    self.eos_ids = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
+    self.mesh = mesh
+    self.rules = rules
+    self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(cache_len)
+    self.graphdef, params = nnx.split(model)
+    if mesh is not None:
+      params = jax.device_put(params, state_shardings(params, mesh, rules))
+    self.params = params
+    self._compiled: dict = {}
+
+  # -- input checks (before any compilation) --
+  def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens, strategy: Strategy):
+    if not prompts:
+      raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+      if len(p) == 0:
+        raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the BOS token)")
+      bad = [t for t in p if not 0 <= int(t) < self.cfg.vocab_size]
+      if bad:
+        raise ValueError(f"prompt {i} has token ids outside the vocabulary: {bad[:5]}")
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (len(prompts),))
+    if (limits < 1).any():
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, (p, lim) in enumerate(zip(prompts, limits)):
+      need = len(p) + int(lim) + strategy.block_size
+      if need > self.cache_len:
+        raise ValueError(
+            f"prompt {i} has {len(p)} tokens; with max_new_tokens={int(lim)} and a block of "
+            f"{strategy.block_size} it needs {need} cache slots, more than cache_len="
+            f"{self.cache_len}. Shorten the prompt, lower max_new_tokens or raise cache_len.")
+    return limits
+
+  def _bucket(self, n: int) -> int:
+    return next(b for b in self.buckets if b >= n)
+
+  def _stop_array(self, stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    seqs = [list(s) for s in stop_sequences if len(s)]
+    width = max((len(s) for s in seqs), default=1)
+    arr = np.full((len(seqs), width), -1, np.int32)
+    for i, s in enumerate(seqs):
+      arr[i, width - len(s):] = s
+    return arr
+
+  def initial_state(self, prompts, limits, stop: np.ndarray, seed: int,
+                    strategy: Strategy) -> DecodeState:
+    b = len(prompts)
+    p = self._bucket(max(len(x) for x in prompts))
+    prompt = np.full((b, p), self.cfg.pad_id, np.int32)
+    for i, x in enumerate(prompts):
+      prompt[i, :len(x)] = x
+    n = int(limits.max()) + strategy.max_step_tokens
+    cache = KVCache.init(self.cfg, b, self.cache_len)
+    if self.mesh is not None:
+      sh = array_sharding(KV_AXES, cache.k[0].shape, self.mesh, self.rules)
+      cache = cache.replace(k=tuple(jax.device_put(x, sh) for x in cache.k),
+                            v=tuple(jax.device_put(x, sh) for x in cache.v))
+    return DecodeState(
+        prompt=jnp.asarray(prompt), prompt_len=jnp.asarray([len(x) for x in prompts], jnp.int32),
+        tokens=jnp.zeros((b, n), jnp.int32), length=jnp.zeros((b,), jnp.int32),
+        last=jnp.zeros((b,), jnp.int32), cache=cache, done=jnp.zeros((b,), bool),
+        limit=jnp.asarray(limits, jnp.int32), eos=jnp.asarray(self.eos_ids, jnp.int32).reshape(-1),
+        stop=jnp.asarray(stop), rng=jax.random.key(seed),
+        calls=jnp.zeros((), jnp.int32), extra=())
+
+  def _functions(self, strategy: Strategy):
+    key = id(strategy)
+    if key in self._compiled:
+      return self._compiled[key][1]
+    graphdef = self.graphdef
+
+    def prefill(params, state):
+      model = nnx.merge(graphdef, params)
+      key = jax.random.fold_in(state.rng, 0)
+      return strategy.prefill(model, state, key)
+
+    def decode(params, state, until):
+      model = nnx.merge(graphdef, params)
+
+      def cond(s):
+        return (~s.done.all()) & (s.calls < until)
+
+      def body(s):
+        return strategy.step(model, s, jax.random.fold_in(s.rng, s.calls + 1))
+
+      return jax.lax.while_loop(cond, body, state)
+
+    fns = (jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1))
+    self._compiled[key] = (strategy, fns)  # hold the strategy so its id stays unique
+    return fns
+
+  def start(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
+            stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0) -> DecodeState:
+    """Check inputs, then prefill: the state holds the first generated token."""
+    strategy = strategy or AutoRegressive()
+    limits = self._check(prompts, max_new_tokens, strategy)
+    state = self.initial_state(prompts, limits, self._stop_array(stop_sequences), seed, strategy)
+    prefill, _ = self._functions(strategy)
+    return prefill(self.params, state)
+
+  def advance(self, state: DecodeState, strategy: Strategy, steps: int) -> DecodeState:
+    """Run up to `steps` more loop iterations (fewer if every row is done)."""
+    _, decode = self._functions(strategy)
+    return decode(self.params, state, state.calls + steps)
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, strategy: Strategy | None = None,
+               max_new_tokens=256, stop_sequences: Sequence[Sequence[int]] = (),
+               seed: int = 0) -> GenerationResult:
+    strategy = strategy or AutoRegressive()
+    t0 = time.perf_counter()
+    state = self.start(prompts, strategy=strategy, max_new_tokens=max_new_tokens,
+                       stop_sequences=stop_sequences, seed=seed)
+    jax.block_until_ready(state.length)
+    t1 = time.perf_counter()
+    state = self.advance(state, strategy, int(state.limit.max()))
+    jax.block_until_ready(state.length)
+    t2 = time.perf_counter()
+    return self._result(state, prompts, t1 - t0, t2 - t1)
+
+  def stream(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
+             stop_sequences=(), seed: int = 0, chunk: int = 8) -> Iterator[list[list[int]]]:
+    """Yield each row's newly generated tokens every `chunk` loop steps (one host trip per chunk)."""
+    strategy = strategy or AutoRegressive()
+    state = self.start(prompts, strategy=strategy, max_new_tokens=max_new_tokens,
+                       stop_sequences=stop_sequences, seed=seed)
+    sent = np.zeros(len(prompts), np.int64)
+    while True:
+      tokens, length, done = jax.device_get((state.tokens, state.length, state.done))
+      yield [tokens[i, sent[i]:length[i]].tolist() for i in range(len(prompts))]
+      sent = length.astype(np.int64)
+      if done.all():
+        return
+      state = self.advance(state, strategy, chunk)
+
+  def _result(self, state, prompts, prefill_s, decode_s) -> GenerationResult:
+    tokens, length, calls, extra = jax.device_get((state.tokens, state.length, state.calls,
+                                                   state.extra))
+    return GenerationResult(tokens=[tokens[i, :length[i]].tolist() for i in range(len(prompts))],
+                            prompt_tokens=[len(p) for p in prompts], model_calls=int(calls),
+                            prefill_s=prefill_s, decode_s=decode_s, extra=extra)
