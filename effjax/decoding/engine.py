@@ -191,6 +191,14 @@ class GenerationResult:
     return (max(len(t) for t in self.tokens) - 1) / max(self.model_calls, 1)
 
 
+def fetch(tree):
+  """Arrays to host numpy; across processes, each process gets the global values."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def default_buckets(cache_len: int, smallest: int = 16) -> tuple[int, ...]:
   out, b = [], smallest
   while b < cache_len:
@@ -336,7 +344,7 @@ class Engine:
                        stop_sequences=stop_sequences, seed=seed)
     sent = np.zeros(len(prompts), np.int64)
     while True:
-      tokens, length, done = jax.device_get((state.tokens, state.length, state.done))
+      tokens, length, done = fetch((state.tokens, state.length, state.done))
       yield [tokens[i, sent[i]:length[i]].tolist() for i in range(len(prompts))]
       sent = length.astype(np.int64)
       if done.all():
@@ -344,8 +352,7 @@ class Engine:
       state = self.advance(state, strategy, chunk)
 
   def _result(self, state, prompts, prefill_s, decode_s) -> GenerationResult:
-    tokens, length, calls, extra = jax.device_get((state.tokens, state.length, state.calls,
-                                                   state.extra))
+    tokens, length, calls, extra = fetch((state.tokens, state.length, state.calls, state.extra))
     return GenerationResult(tokens=[tokens[i, :length[i]].tolist() for i in range(len(prompts))],
                             prompt_tokens=[len(p) for p in prompts], model_calls=int(calls),
                             prefill_s=prefill_s, decode_s=decode_s, extra=extra)
