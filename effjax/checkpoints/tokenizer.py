@@ -37,8 +37,9 @@ def _byte_level_pre_tokenizer(pre: str):
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
   gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  # No "default": llama.cpp's converter writes it for vocabularies it did not recognise.
   table = {
-      "default": gpt2, "gpt-2": gpt2,
+      "gpt-2": gpt2,
       # SmolLM splits digits one by one, then applies GPT-2's split.
       "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2]),
       "llama3": split(_LLAMA3_SPLIT), "llama-v3": split(_LLAMA3_SPLIT), "llama-bpe": split(_LLAMA3_SPLIT),
@@ -53,7 +54,7 @@ def _byte_level_pre_tokenizer(pre: str):
 def _byte_level_bpe(meta: dict):
   from tokenizers import Tokenizer, decoders, models
 
-  pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+  pre_tokenizer, ignore_merges = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"))
   vocab = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
   merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
   # Llama 3 takes a whole pre-token from the vocabulary before trying merges.
@@ -78,6 +79,8 @@ def _spm_merges(tokens: list[str], mergeable: list[bool]) -> list[tuple[str, str
 def _sentencepiece_bpe(meta: dict):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+  if meta.get("tokenizer.ggml.pre", "default") != "default":
+    raise CheckpointError(f"SentencePiece pre-tokenizer {meta['tokenizer.ggml.pre']!r} is not supported")
   types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(meta["tokenizer.ggml.tokens"]))
   # Gemma files spell whitespace-run pieces with real spaces; the model sees text with "▁" for spaces.
   tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in meta["tokenizer.ggml.tokens"]]
