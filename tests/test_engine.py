@@ -136,3 +136,14 @@ def test_bad_inputs_fail_before_compiling(prompts, kw, msg):
   with pytest.raises(ValueError, match=msg):
     eng.generate(prompts, **kw)
   assert not eng._compiled
+
+
+def test_prompts_in_one_bucket_share_one_compilation():
+  _, model = _model("llama")
+  eng = Engine(model, cache_len=64, buckets=[16, 64])
+  eng.generate([[1, 2, 3]], max_new_tokens=4)
+  eng.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], max_new_tokens=4)
+  (_, (prefill, decode)), = eng._compiled.values()  # generate() reuses its default strategy
+  assert prefill._cache_size() == 1 and decode._cache_size() == 1
+  eng.generate([[1] * 20], max_new_tokens=4)  # next bucket: one more
+  assert prefill._cache_size() == 2

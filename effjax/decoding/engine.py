@@ -114,6 +114,9 @@ class AutoRegressive(Strategy):
     return append_tokens(state.replace(extra=hs), tok[:, None], jnp.ones_like(state.length))
 
 
+PLAIN_GREEDY = AutoRegressive()  # the default: one object, so its compiled loops are reused
+
+
 def _last_prompt_token(state: DecodeState) -> jax.Array:
   return jnp.take_along_axis(state.prompt, (state.prompt_len - 1)[:, None], axis=1)[:, 0]
 
@@ -311,7 +314,7 @@ class Engine:
   def start(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
             stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0) -> DecodeState:
     """Check inputs, then prefill: the state holds the first generated token."""
-    strategy = strategy or AutoRegressive()
+    strategy = strategy or PLAIN_GREEDY
     limits = self._check(prompts, max_new_tokens, strategy)
     state = self.initial_state(prompts, limits, self._stop_array(stop_sequences), seed, strategy)
     prefill, _ = self._functions(strategy)
@@ -325,7 +328,7 @@ class Engine:
   def generate(self, prompts: Sequence[Sequence[int]], *, strategy: Strategy | None = None,
                max_new_tokens=256, stop_sequences: Sequence[Sequence[int]] = (),
                seed: int = 0) -> GenerationResult:
-    strategy = strategy or AutoRegressive()
+    strategy = strategy or PLAIN_GREEDY
     t0 = time.perf_counter()
     state = self.start(prompts, strategy=strategy, max_new_tokens=max_new_tokens,
                        stop_sequences=stop_sequences, seed=seed)
@@ -339,7 +342,7 @@ class Engine:
   def stream(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
              stop_sequences=(), seed: int = 0, chunk: int = 8) -> Iterator[list[list[int]]]:
     """Yield each row's newly generated tokens every `chunk` loop steps (one host trip per chunk)."""
-    strategy = strategy or AutoRegressive()
+    strategy = strategy or PLAIN_GREEDY
     state = self.start(prompts, strategy=strategy, max_new_tokens=max_new_tokens,
                        stop_sequences=stop_sequences, seed=seed)
     sent = np.zeros(len(prompts), np.int64)

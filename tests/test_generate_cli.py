@@ -1,0 +1,40 @@
+"""`effjax generate`: clear errors before any work, real generation with the embedded model."""
+
+import json
+
+import pytest
+
+from effjax.cli import main
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "no-such-model", "--prompt", "hi"], "neither a named model"),
+    (["--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["--prompt", "hi", "--top-p", "1.5", "--temperature", "1"], "top_p"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["--prompt", "hi", "--mesh", "data=x"], "mesh"),
+])
+def test_bad_arguments_are_clear_errors(argv, msg, capsys):
+  assert main(["generate", *argv]) == 2
+  assert msg in capsys.readouterr().err
+
+
+def test_prompt_longer_than_cache_is_refused(capsys):
+  assert main(["generate", "--prompt", "word " * 200, "--cache-len", "128"]) == 2
+  assert "cache_len=128" in capsys.readouterr().err
+
+
+def test_streams_text_and_batches_a_jsonl_file(tmp_path, capsys):
+  assert main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
+               "--cache-len", "256"]) == 0
+  out = capsys.readouterr()
+  assert "Paris" in out.out
+  assert "tokens/s" in out.err
+  prompts = tmp_path / "p.jsonl"
+  prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hello.", "Count to three."]))
+  res = tmp_path / "out.jsonl"
+  assert main(["generate", "--file", str(prompts), "--out", str(res), "--max-new-tokens", "8",
+               "--cache-len", "256", "--temperature", "0.7", "--top-k", "20", "--seed", "3"]) == 0
+  rows = [json.loads(l) for l in res.read_text().splitlines()]
+  assert [r["prompt"] for r in rows] == ["Say hello.", "Count to three."]
+  assert all(0 < r["new_tokens"] <= 8 and r["output"] for r in rows)
