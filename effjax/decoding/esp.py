@@ -1,0 +1,242 @@
+"""ESP: training-free multi-token prediction by embedding-space probing (ESP.md).
+
+k mask embeddings appended after the context make a frozen LM guess the next k tokens at once: the
+logits at mask i propose the token i + 1 steps after its owner. Each step drafts a token tree from
+the mask distributions of the previous step, verifies it and computes the next masks in one
+forward (effjax.decoding.tree), and commits the accepted tokens. Greedy output equals plain greedy
+decoding; at temperature > 0 the walk follows the model's own samples, so sampling is lossless too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from effjax.decoding.engine import DecodeState, Strategy, append_tokens, prefill_forward
+from effjax.decoding.sampling import GREEDY, Sampler
+from effjax.decoding.tree import Layout, Tree, count_appended, select_tree, tree_step
+from effjax.models.cache import rollback
+from effjax.models.transformer import Transformer
+
+MaskInit = Literal["mean", "sample", "last"]
+
+# Static presets (ESP.md): BC = (k + 1)(1 + sum K_i).
+PRESETS: dict[int, tuple[int, ...]] = {10: (4,), 30: (14,), 60: (15, 4)}
+
+
+@struct.dataclass
+class ESPState:
+  masks: jax.Array  # [B, k, D] mask input embeddings
+  cand_tokens: jax.Array  # [B, k, M] top tokens of each mask's distribution q_i, best first
+  cand_logp: jax.Array  # [B, k, M] their log-probabilities
+  hist: jax.Array  # [B, max_step_tokens + 1] model calls by tokens appended
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ESP(Strategy):
+  """ESP decoding. widths = static tree [K_1..K_k] (k = len(widths)) with top-1 expansion; or
+  widths=None and the dynamic tree (paper Alg. 1) of `budget` BC tokens per forward with `masks`
+  masks."""
+
+  widths: tuple[int, ...] | None = (4,)
+  masks: int = 1
+  budget: int = 10
+  init: MaskInit = "mean"
+  ema: float = 0.1
+  sampler: Sampler = GREEDY
+
+  def __post_init__(self):
+    if self.widths is not None:
+      object.__setattr__(self, "widths", tuple(self.widths))
+      if not 1 <= len(self.widths) <= 3:
+        raise ValueError(f"a static tree needs 1 to 3 depths (one per mask), got {self.widths}")
+      object.__setattr__(self, "masks", len(self.widths))
+      object.__setattr__(self, "budget", (self.masks + 1) * (1 + sum(self.widths)))
+    else:
+      if not 1 <= self.masks <= 3:
+        raise ValueError(f"masks must be 1, 2 or 3, got {self.masks}")
+      if self.budget % (self.masks + 1) or self.budget // (self.masks + 1) <= self.masks:
+        raise ValueError(f"budget BC={self.budget} must be a multiple of masks + 1 = "
+                         f"{self.masks + 1} with BC / (masks + 1) > masks")
+    if self.init not in ("mean", "sample", "last"):
+      raise ValueError(f"init must be mean, sample or last, got {self.init!r}")
+    if not 0 <= self.ema <= 1:
+      raise ValueError(f"ema must be in [0, 1], got {self.ema}")
+
+  @classmethod
+  def preset(cls, bc: int, *, dynamic: bool = False, **kw) -> "ESP":
+    """BC10 / BC30 / BC60 (ESP.md); dynamic=True uses Alg. 1 with the preset's k and budget."""
+    if bc not in PRESETS:
+      raise ValueError(f"no ESP preset for BC{bc}; choose one of {sorted(PRESETS)}")
+    widths = PRESETS[bc]
+    if dynamic:
+      return cls(widths=None, masks=len(widths), budget=bc, **kw)
+    return cls(widths=widths, **kw)
+
+  @property
+  def num_nodes(self) -> int:
+    return self.budget // (self.masks + 1) - 1
+
+  @property
+  def depth(self) -> int:
+    return self.masks if self.widths is None else Layout.top1(self.widths).depth
+
+  @property
+  def block_size(self) -> int:
+    return self.budget
+
+  @property
+  def max_step_tokens(self) -> int:
+    return self.depth + 1
+
+  @property
+  def num_candidates(self) -> int:
+    """Tokens kept per mask distribution: enough for the widest depth after pruning."""
+    return (max(self.widths) + 1) if self.widths is not None else self.num_nodes + 1
+
+  def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    k_init, k_tok = jax.random.split(key)
+    logits, _, state = prefill_forward(model, state)
+    masks = init_masks(model.embed[...], state.prompt, state.prompt_len, self.masks, self.init,
+                       k_init)
+    mask_logits, cache = prefill_masks(model, state, masks)
+    if mask_logits.shape[-1] < self.num_candidates:
+      raise ValueError(f"the tree needs {self.num_candidates} candidates per mask, more than the "
+                       f"vocabulary of {mask_logits.shape[-1]} tokens")
+    first = self.sampler(logits, k_tok)[:, None]
+    before = state.length
+    state = append_tokens(state.replace(cache=cache), first, jnp.ones_like(before))
+    masks = ema_update(masks, model.embed_tokens(first), state.length - before, self.ema)
+    tok, logp = candidates(mask_logits, self.num_candidates)
+    hist = jnp.zeros((before.shape[0], self.max_step_tokens + 1), jnp.int32)
+    return state.replace(extra=ESPState(masks, tok, logp, hist))
+
+  def draft(self, state: DecodeState) -> Tree:
+    ex = state.extra
+    if self.widths is not None:
+      return static_tree(state.last, ex.cand_tokens, self.widths)
+    parent, tokens, score, valid, levels = dynamic_candidates(
+        state.last, ex.cand_tokens, ex.cand_logp, self.num_nodes + 1)
+    return select_tree(state.last, parent, tokens, score, valid, levels, self.num_nodes)
+
+  def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    return esp_step(model, state, self.draft(state), self.depth, self.sampler, self.ema,
+                    self.num_candidates, key)
+
+
+def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sampler: Sampler,
+             ema: float, num_candidates: int, key: jax.Array) -> DecodeState:
+  """Verify `tree` with the current masks; keep the next masks' candidates (shared by hybrids)."""
+  ex = state.extra
+  active = ~state.done
+  out = tree_step(model, state, tree, ex.masks, depth, sampler, key)
+  tok, logp = candidates(model.logits(out.mask_hidden), num_candidates)
+  masks = ema_update(ex.masks, model.embed_tokens(out.tokens), out.appended, ema)
+  keep = active[:, None, None]
+  extra = ESPState(masks=jnp.where(keep, masks, ex.masks),
+                   cand_tokens=jnp.where(keep, tok, ex.cand_tokens),
+                   cand_logp=jnp.where(keep, logp, ex.cand_logp),
+                   hist=count_appended(ex.hist, out.appended, active))
+  return out.state.replace(extra=extra)
+
+
+def init_masks(table: jax.Array, prompt: jax.Array, prompt_len: jax.Array, k: int,
+               init: MaskInit, key: jax.Array) -> jax.Array:
+  """[B, k, D] initial mask embeddings from each row's prompt embeddings (Eq. 4 and variants):
+  mean: all k masks are the mean; sample: independent draws from N(mu, sigma^2 I) fitted to the
+  prompt embeddings; last: the embeddings of the last k prompt tokens."""
+  b, p = prompt.shape
+  emb = jnp.take(table, prompt, axis=0).astype(jnp.float32)  # [B, P, D]
+  if init == "last":
+    idx = jnp.maximum(prompt_len[:, None] - k + jnp.arange(k)[None, :], 0)
+    return jnp.take_along_axis(emb, idx[:, :, None], axis=1)
+  valid = (jnp.arange(p)[None, :] < prompt_len[:, None])[..., None]
+  n = prompt_len[:, None].astype(jnp.float32)
+  mu = jnp.where(valid, emb, 0).sum(axis=1) / n  # [B, D]
+  if init == "mean":
+    return jnp.broadcast_to(mu[:, None], (b, k, mu.shape[-1]))
+  var = (jnp.where(valid, (emb - mu[:, None]) ** 2, 0).sum(axis=1) / n).mean(axis=-1)  # [B]
+  noise = jax.random.normal(key, (b, k, mu.shape[-1]))
+  return mu[:, None] + jnp.sqrt(var)[:, None, None] * noise
+
+
+def ema_update(masks: jax.Array, new: jax.Array, count: jax.Array, lam: float) -> jax.Array:
+  """Eq. 5 once per committed token, in order: m <- m + lam (e - m) for the first count[b] of
+  new [B, n, D]. In closed form m_n = (1 - lam)^n m + sum_i lam (1 - lam)^(n - i) e_i."""
+  n = new.shape[1]
+  i = jnp.arange(1, n + 1)[None, :]
+  c = count[:, None]
+  w = jnp.where(i <= c, lam * (1 - lam) ** jnp.maximum(c - i, 0).astype(jnp.float32), 0.0)
+  decay = (1 - lam) ** count.astype(jnp.float32)
+  mixed = jnp.einsum("bn,bnd->bd", w, new.astype(jnp.float32))
+  return (masks.astype(jnp.float32) * decay[:, None, None] + mixed[:, None, :]).astype(masks.dtype)
+
+
+def prefill_masks(model: Transformer, state: DecodeState, masks: jax.Array):
+  """Forward the k masks after the prompt (mask i at position prompt_len - 1 + i, seeing the whole
+  prompt and masks 1..i): the same attention as appending them to the prompt forward. Returns
+  their logits [B, k, V] and the cache without them."""
+  k = masks.shape[1]
+  start = state.cache.index
+  pos = start[:, None] - 1 + jnp.arange(1, k + 1)[None, :]
+  out = model(embeddings=masks, positions=pos, cache=state.cache, advance=False)
+  return out.logits, rollback(out.cache, start)
+
+
+def candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """Top-m tokens of each distribution [..., V] and their log-probabilities, best first."""
+  logp, tok = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), m)
+  return tok.astype(jnp.int32), logp
+
+
+def static_tree(root: jax.Array, cand_tokens: jax.Array, widths: tuple[int, ...]) -> Tree:
+  """Static top-1 expansion: depth d holds the top-K_d tokens of q_d, children of the most probable
+  node at depth d - 1; a token equal to its parent's is replaced by the next best."""
+  b = root.shape[0]
+  parent_tok, levels = root, []
+  for d, w in enumerate(widths):
+    cand = cand_tokens[:, d, :w + 1]
+    order = jnp.argsort(cand == parent_tok[:, None], axis=1, stable=True)[:, :w]
+    chosen = jnp.take_along_axis(cand, order, axis=1)
+    levels.append(chosen)
+    parent_tok = chosen[:, 0]
+  layout = Layout.top1(widths)
+  tokens = jnp.concatenate([root[:, None]] + levels, axis=1).astype(jnp.int32)
+  return Tree(tokens=tokens, parent=layout.parent_array(b), valid=jnp.ones(tokens.shape, bool))
+
+
+def dynamic_candidates(root: jax.Array, cand_tokens: jax.Array, cand_logp: jax.Array, owners: int):
+  """Candidates of the dynamic tree (paper Alg. 1) with B = `owners` = BC / (k + 1): at depth i the
+  B - i best (parent, token) pairs by log P(parent) + log q_i(token), a token equal to its parent's
+  pruned. Returns (parent, tokens, score, valid) [batch, C] and the static levels; select_tree keeps
+  the B - 1 best, ancestor-closed."""
+  b, k, _ = cand_tokens.shape
+  # Depth 1: the B - 1 best tokens of q_1 that differ from the root.
+  n1 = owners - 1
+  cand = cand_tokens[:, 0, :n1 + 1]
+  order = jnp.argsort(cand == root[:, None], axis=1, stable=True)[:, :n1]
+  tok = jnp.take_along_axis(cand, order, axis=1)
+  score = jnp.take_along_axis(cand_logp[:, 0, :n1 + 1], order, axis=1)
+  parents = [jnp.full((b, n1), -1, jnp.int32)]
+  tokens, scores, levels = [tok], [score], [1] * n1
+  offset = 0
+  for i in range(2, k + 1):
+    ni = owners - i
+    prev_tok, prev_score, prev_n = tokens[-1], scores[-1], tokens[-1].shape[1]
+    child_tok = cand_tokens[:, i - 1, :ni + 1]
+    child_logp = cand_logp[:, i - 1, :ni + 1]
+    pair = prev_score[:, :, None] + child_logp[:, None, :]  # [B, prev_n, ni + 1]
+    pair = jnp.where(child_tok[:, None, :] == prev_tok[:, :, None], -jnp.inf, pair)
+    score, flat = jax.lax.top_k(pair.reshape(b, -1), ni)
+    tokens.append(jnp.take_along_axis(child_tok, flat % (ni + 1), axis=1))
+    scores.append(score)
+    parents.append((offset + flat // (ni + 1)).astype(jnp.int32))
+    levels += [i] * ni
+    offset += prev_n
+  tokens = jnp.concatenate(tokens, axis=1)
+  score = jnp.concatenate(scores, axis=1)
+  return (jnp.concatenate(parents, axis=1), tokens, score, jnp.isfinite(score), tuple(levels))

@@ -1,0 +1,280 @@
+"""Token trees for speculative decoding: layouts, tree attention, verification and commit.
+
+A draft tree hangs off the root, the last committed token (not yet in the KV cache). Its owners are
+the root (index 0) and the nodes 1..N, every parent before its children; `parent[o]` is the owner
+index of o's parent. One forward processes the block
+
+  [root | nodes 1..N | k masks of the root | k masks of node 1 | ... | k masks of node N]
+
+with the attention mask and position ids of ESP.md step 3, so one pass verifies the draft and
+computes the mask predictions for the next step (k = 0: no masks, e.g. prompt lookup). Shapes are
+static: a fixed number of node slots, unused ones marked invalid. The walk that verifies the tree
+follows the model's own choice at every node (argmax, or a sample at temperature > 0), so the
+output is the model's own decoding: lossless.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from effjax.decoding.engine import DecodeState, append_tokens
+from effjax.decoding.sampling import Sampler
+from effjax.models.cache import KVCache, commit
+from effjax.models.transformer import Transformer
+
+
+@struct.dataclass
+class Tree:
+  tokens: jax.Array  # [B, O] token of each owner; tokens[:, 0] is the root
+  parent: jax.Array  # [B, O] owner index of each owner's parent (the root's entry is unused)
+  valid: jax.Array  # [B, O] whether the slot holds a node (the root always does)
+
+  @property
+  def num_owners(self) -> int:
+    return self.tokens.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A static tree shape: `parents[i]` is the owner index of node i + 1's parent (0 = the root)."""
+
+  parents: tuple[int, ...]
+
+  def __post_init__(self):
+    for i, p in enumerate(self.parents):
+      if not 0 <= p <= i:
+        raise ValueError(f"node {i + 1} has parent {p}: parents must come before their children")
+
+  @classmethod
+  def top1(cls, widths: tuple[int, ...]) -> "Layout":
+    """Static [K_1..K_k] tree with top-1 expansion: the K_d nodes at depth d are all children of
+    the first (most probable) node at depth d - 1."""
+    parents, first = [], 0
+    for w in widths:
+      if w < 1:
+        raise ValueError(f"tree widths must be >= 1, got {widths}")
+      parents += [first] * w
+      first = len(parents) - w + 1
+    return cls(tuple(parents))
+
+  @classmethod
+  def chain(cls, n: int) -> "Layout":
+    return cls(tuple(range(n)))
+
+  @property
+  def num_nodes(self) -> int:
+    return len(self.parents)
+
+  @property
+  def depths(self) -> tuple[int, ...]:
+    """Depth of every owner (the root is 0)."""
+    d = [0]
+    for p in self.parents:
+      d.append(d[p] + 1)
+    return tuple(d)
+
+  @property
+  def depth(self) -> int:
+    return max(self.depths)
+
+  def parent_array(self, batch: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.asarray((0,) + self.parents, jnp.int32), (batch, self.num_nodes + 1))
+
+
+def block_length(num_owners: int, num_masks: int) -> int:
+  return num_owners * (1 + num_masks)
+
+
+def _block_index(num_owners: int, num_masks: int) -> tuple[np.ndarray, np.ndarray]:
+  """Per block row: its owner, and its mask number (0..k-1; -1 for the owner's own token)."""
+  owner = np.concatenate([np.arange(num_owners), np.repeat(np.arange(num_owners), num_masks)])
+  j = np.concatenate([np.full(num_owners, -1), np.tile(np.arange(num_masks), num_owners)])
+  return owner, j
+
+
+def ancestors(tree: Tree) -> jax.Array:
+  """[B, O, O] bool: anc[b, o, a] is whether a is o or an ancestor of o. Unused slots hang off the
+  root (nobody else sees them)."""
+  o = tree.num_owners
+  nodes = jnp.arange(o)[None, :] > 0
+  parent = jnp.where(tree.valid & nodes, tree.parent, 0)
+  step = jax.nn.one_hot(parent, o, dtype=jnp.float32) * nodes[..., None]
+  reach = jnp.eye(o, dtype=jnp.float32)[None] + step
+  # Pointer doubling: after m squarings reach covers paths of length up to 2^m.
+  for _ in range(max(1, math.ceil(math.log2(o)))):
+    reach = jnp.minimum(jnp.einsum("bij,bjk->bik", reach, reach), 1.0)
+  return reach > 0
+
+
+def owner_depths(tree: Tree) -> jax.Array:
+  return ancestors(tree).sum(axis=-1).astype(jnp.int32) - 1
+
+
+def block_mask(tree: Tree, num_masks: int) -> jax.Array:
+  """[B, T, T] tree attention over the block: a node sees the root, its ancestors and itself; mask
+  j of owner b sees what b sees, b itself and masks 1..j of b. Nothing sees other owners' masks."""
+  o = tree.num_owners
+  owner, j = _block_index(o, num_masks)
+  anc = ancestors(tree)
+  to_owners = anc[:, owner, :]  # [B, T, O]
+  mask_cols = (owner[:, None] == owner[None, o:]) & (j[:, None] >= 0) & (j[None, o:] <= j[:, None])
+  b = tree.tokens.shape[0]
+  return jnp.concatenate([to_owners, jnp.broadcast_to(mask_cols, (b,) + mask_cols.shape)], axis=-1)
+
+
+def block_positions(tree: Tree, num_masks: int, root_pos: jax.Array) -> jax.Array:
+  """[B, T] position ids: node at depth d -> root_pos + d; mask j of owner b -> pos(b) + j."""
+  owner, j = _block_index(tree.num_owners, num_masks)
+  depth = owner_depths(tree)
+  return root_pos[:, None] + depth[:, owner] + (j + 1)[None, :]
+
+
+def model_choices(sampler: Sampler, logits: jax.Array, key: jax.Array) -> jax.Array:
+  """[B, O] the model's token at every owner: argmax, or an independent sample per owner from
+  `sampler.probs` (each owner on the walk is reached at most once, so the walk draws each token
+  with fresh randomness from the right conditional)."""
+  b, o, v = logits.shape
+  return sampler(logits.reshape(b * o, v), key).reshape(b, o)
+
+
+def verify(tree: Tree, choice: jax.Array, max_depth: int) -> tuple[jax.Array, jax.Array]:
+  """Walk from the root, moving to the child whose token equals the model's choice at the current
+  owner, stopping at the first miss.
+
+  Returns the path [B, max_depth + 1] of owner indices (root first; entries past the accepted ones
+  repeat the last) and the number of accepted nodes [B]. The tokens committed this step are
+  choice[path[:accepted + 1]]: the accepted nodes' tokens and then the bonus token.
+  """
+  b, o = tree.tokens.shape
+  nodes = jnp.arange(o)[None, :] > 0
+  cur = jnp.zeros((b,), jnp.int32)
+  going = jnp.ones((b,), bool)
+  accepted = jnp.zeros((b,), jnp.int32)
+  path = [cur]
+  for _ in range(max_depth):
+    want = jnp.take_along_axis(choice, cur[:, None], axis=1)
+    match = tree.valid & nodes & (tree.parent == cur[:, None]) & (tree.tokens == want)
+    found = going & match.any(axis=1)
+    cur = jnp.where(found, jnp.argmax(match, axis=1).astype(jnp.int32), cur)
+    accepted = accepted + found
+    going = found
+    path.append(cur)
+  return jnp.stack(path, axis=1), accepted
+
+
+def commit_path(cache: KVCache, start: jax.Array, path: jax.Array, count: jax.Array) -> KVCache:
+  """Keep the KV of the first count[b] owners on the path (the root and the accepted nodes; their
+  block offsets are their owner indices) and drop rejected nodes and all masks."""
+  return commit(cache, start, path, count)
+
+
+@struct.dataclass
+class StepOutcome:
+  state: DecodeState
+  path: jax.Array  # [B, D + 1]
+  accepted: jax.Array  # [B] accepted nodes
+  tokens: jax.Array  # [B, D + 1] the model's choices along the path; the first `appended` went in
+  appended: jax.Array  # [B] tokens appended this step (0 for rows done before it)
+  mask_hidden: jax.Array | None  # [B, k, D] final hidden at the masks of the deepest accepted node
+
+
+def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Array | None,
+              max_depth: int, sampler: Sampler, key: jax.Array) -> StepOutcome:
+  """One speculative step: forward [root | nodes | masks], verify, append, commit.
+
+  masks: [B, k, D] input embeddings of the k masks placed after every owner (None: no masks).
+  Rows done before the step keep their cache as it was (count 0).
+  """
+  b, o = tree.tokens.shape
+  k = 0 if masks is None else masks.shape[1]
+  emb = model.embed_tokens(tree.tokens)
+  if k:
+    emb = jnp.concatenate([emb, jnp.tile(masks.astype(emb.dtype), (1, o, 1))], axis=1)
+  start = state.cache.index
+  out = model(embeddings=emb, positions=block_positions(tree, k, start),
+              attn_mask=block_mask(tree, k), cache=state.cache, advance=False,
+              compute_logits=False)
+  choice = model_choices(sampler, model.logits(out.hidden[:, :o]), key)
+  path, accepted = verify(tree, choice, max_depth)
+  new = jnp.take_along_axis(choice, path, axis=1)
+  active = ~state.done
+  cache = commit_path(out.cache, start, path, jnp.where(active, accepted + 1, 0))
+  after = append_tokens(state.replace(cache=cache, calls=state.calls + 1), new, accepted + 1)
+  mask_hidden = None
+  if k:
+    deepest = jnp.take_along_axis(path, accepted[:, None], axis=1)
+    rows = o + deepest * k + jnp.arange(k)[None, :]
+    mask_hidden = jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1)
+  return StepOutcome(state=after, path=path, accepted=accepted, tokens=new,
+                     appended=after.length - state.length, mask_hidden=mask_hidden)
+
+
+def count_appended(hist: jax.Array, appended: jax.Array, active: jax.Array) -> jax.Array:
+  """Add one step to the per-row histogram [B, H] of tokens appended per model call."""
+  h = hist.shape[1]
+  return hist + jax.nn.one_hot(jnp.minimum(appended, h - 1), h, dtype=hist.dtype) * active[:, None]
+
+
+def select_tree(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: jax.Array,
+                valid: jax.Array, levels: tuple[int, ...], num_nodes: int) -> Tree:
+  """Build a tree of `num_nodes` node slots from a candidate list.
+
+  Candidates c (static order, parents first): parent [B, C] candidate index (-1 = the root),
+  token, score (higher is kept first), valid, and a static depth `levels[c]`. A candidate equal to
+  an earlier one (same token under the same node) is merged into it, its children move over. The
+  best `num_nodes` valid candidates are kept, ancestor-closed (a child never scores above its
+  parent, ties prefer earlier candidates; a kept node whose parent is not kept is dropped), and
+  laid out in BFS order.
+  """
+  b, c = tokens.shape
+  lv = np.asarray(levels)
+  canon = jnp.broadcast_to(jnp.arange(c), (b, c))
+  cparent = parent
+  for level in range(1, int(lv.max()) + 1):
+    idx = np.flatnonzero(lv == level)
+    # Parents sit at lower levels, so their canonical ids are final.
+    p = parent[:, idx]
+    cp = jnp.where(p >= 0, jnp.take_along_axis(canon, jnp.maximum(p, 0), axis=1), -1)
+    pvalid = jnp.where(cp >= 0, jnp.take_along_axis(valid, jnp.maximum(cp, 0), axis=1), True)
+    v = valid[:, idx] & pvalid
+    t = tokens[:, idx]
+    earlier = np.arange(len(idx))[None, :] < np.arange(len(idx))[:, None]  # [i, j]: j before i
+    same = (cp[:, :, None] == cp[:, None, :]) & (t[:, :, None] == t[:, None, :]) & v[:, None, :]
+    dup = same & v[:, :, None] & earlier[None]
+    first = jnp.argmax(dup, axis=2)
+    is_dup = dup.any(axis=2)
+    canon = canon.at[:, idx].set(jnp.where(is_dup, jnp.asarray(idx)[first], jnp.asarray(idx)))
+    cparent = cparent.at[:, idx].set(cp)
+    valid = valid.at[:, idx].set(v & ~is_dup)
+  n = min(num_nodes, c)
+  _, best = jax.lax.top_k(jnp.where(valid, score, -jnp.inf), n)
+  kept = jnp.zeros((b, c), bool).at[jnp.arange(b)[:, None], best].set(True) & valid
+  for level in range(1, int(lv.max()) + 1):
+    idx = np.flatnonzero(lv == level)
+    cp = cparent[:, idx]
+    pk = jnp.where(cp >= 0, jnp.take_along_axis(kept, jnp.maximum(cp, 0), axis=1), True)
+    kept = kept.at[:, idx].set(kept[:, idx] & pk)
+  # BFS order: by depth, then candidate order; unkept candidates last.
+  key = jnp.where(kept, jnp.asarray(lv * c + np.arange(c))[None, :], 2 * c * (lv.max() + 1))
+  order = jnp.argsort(key, axis=1)[:, :n]  # candidate index of node slot 1..n
+  slot = jnp.zeros((b, c), jnp.int32).at[jnp.arange(b)[:, None], order].set(
+      jnp.arange(1, n + 1, dtype=jnp.int32)[None, :])
+  node_valid = jnp.take_along_axis(kept, order, axis=1)
+  cp = jnp.take_along_axis(cparent, order, axis=1)
+  node_parent = jnp.where(cp >= 0, jnp.take_along_axis(slot, jnp.maximum(cp, 0), axis=1), 0)
+  node_tokens = jnp.take_along_axis(tokens, order, axis=1)
+  pad = num_nodes - n
+  tree = Tree(tokens=jnp.concatenate([root[:, None], node_tokens], axis=1).astype(jnp.int32),
+              parent=jnp.concatenate([jnp.zeros((b, 1), jnp.int32), node_parent], axis=1),
+              valid=jnp.concatenate([jnp.ones((b, 1), bool), node_valid], axis=1))
+  if pad:
+    tree = Tree(tokens=jnp.pad(tree.tokens, ((0, 0), (0, pad))),
+                parent=jnp.pad(tree.parent, ((0, 0), (0, pad))),
+                valid=jnp.pad(tree.valid, ((0, 0), (0, pad))))
+  return tree

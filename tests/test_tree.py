@@ -1,0 +1,164 @@
+"""Token trees: the block mask and positions against a brute-force reading of ESP.md step 3, the
+verification walk on hand-made trees, candidate selection, and commit against a plain forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effjax.decoding.engine import AutoRegressive, Engine
+from effjax.decoding.sampling import GREEDY
+from effjax.decoding.tree import (Layout, Tree, block_mask, block_positions, select_tree,
+                                  tree_step, verify)
+from effjax.models import KVCache, create_model, tiny_config
+
+
+def _random_tree(rng, owners):
+  parent = [0] + [int(rng.integers(0, i)) for i in range(1, owners)]
+  valid = [True] + list(rng.random(owners - 1) < 0.8)
+  return parent, valid
+
+
+def _reference(parent, valid, k, root_pos):
+  """Mask and positions straight from the definitions, one entry at a time."""
+  o = len(parent)
+  par = [0 if (i and not valid[i]) else parent[i] for i in range(o)]  # unused slots hang off root
+
+  def line(i):  # i and its ancestors, root included
+    out = {i}
+    while i:
+      i = par[i]
+      out.add(i)
+    return out
+
+  rows = [("node", i, 0) for i in range(o)] + [("mask", b, j) for b in range(o)
+                                               for j in range(1, k + 1)]
+  t = len(rows)
+  mask = np.zeros((t, t), bool)
+  pos = np.zeros(t, int)
+  for r, (kind, b, j) in enumerate(rows):
+    depth = len(line(b)) - 1
+    pos[r] = root_pos + depth + j
+    for c, (ckind, cb, cj) in enumerate(rows):
+      if ckind == "node":
+        mask[r, c] = cb in line(b)  # a node sees root + ancestors + itself; a mask what b sees + b
+      else:
+        mask[r, c] = kind == "mask" and cb == b and cj <= j  # masks 1..j of its own owner
+  return mask, pos
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_block_mask_and_positions_match_brute_force(k):
+  rng = np.random.default_rng(k)
+  trees = [_random_tree(rng, 9) for _ in range(4)]
+  parent = jnp.array([p for p, _ in trees])
+  valid = jnp.array([v for _, v in trees])
+  tree = Tree(tokens=jnp.zeros(parent.shape, jnp.int32), parent=parent, valid=valid)
+  root_pos = jnp.array([0, 5, 17, 3])
+  got_mask = np.asarray(block_mask(tree, k))
+  got_pos = np.asarray(block_positions(tree, k, root_pos))
+  for b, (p, v) in enumerate(trees):
+    want_mask, want_pos = _reference(p, v, k, int(root_pos[b]))
+    np.testing.assert_array_equal(got_mask[b], want_mask)
+    np.testing.assert_array_equal(got_pos[b], want_pos)
+
+
+def test_layouts():
+  assert Layout.top1((4,)).parents == (0, 0, 0, 0)
+  # [3, 2, 2]: depth 2 under node 1 (the best at depth 1), depth 3 under node 4.
+  lay = Layout.top1((3, 2, 2))
+  assert lay.parents == (0, 0, 0, 1, 1, 4, 4)
+  assert lay.depths == (0, 1, 1, 1, 2, 2, 3, 3) and lay.depth == 3
+  assert Layout.chain(3).parents == (0, 1, 2)
+  with pytest.raises(ValueError, match="before their children"):
+    Layout((0, 2))
+
+
+def test_verify_walks_the_models_choices():
+  #        root(0)
+  #     /    |     \
+  #   1:a   2:b   3:c(unused)
+  #   |      |  \
+  #  4:d   5:e  6:f
+  #              |
+  #             7:g
+  a, b, c, d, e, f, g = 10, 11, 12, 13, 14, 15, 16
+  tree = Tree(tokens=jnp.array([[99, a, b, c, d, e, f, g]] * 4),
+              parent=jnp.array([[0, 0, 0, 0, 1, 2, 2, 6]] * 4),
+              valid=jnp.array([[True] * 3 + [False] + [True] * 4] * 4))
+  choice = jnp.array([
+      [b, 0, f, 0, 0, 0, g, 7],  # root->b, b->f, f->g, g: bonus 7
+      [a, 5, 0, 0, 0, 0, 0, 0],  # root->a, a proposes 5: not d -> stop; bonus 5
+      [c, 0, 0, 0, 0, 0, 0, 0],  # c is an unused slot: nothing accepted, bonus c
+      [b, 0, e, 0, 0, 8, 0, 0],  # root->b->e, bonus 8
+  ])
+  path, accepted = verify(tree, choice, max_depth=3)
+  np.testing.assert_array_equal(accepted, [3, 1, 0, 2])
+  np.testing.assert_array_equal(path[0], [0, 2, 6, 7])
+  np.testing.assert_array_equal(path[1, :2], [0, 1])
+  np.testing.assert_array_equal(path[3, :3], [0, 2, 5])
+  committed = [np.asarray(choice[i])[np.asarray(path[i, :accepted[i] + 1])].tolist()
+               for i in range(4)]
+  assert committed == [[b, f, g, 7], [a, 5], [c], [b, e, 8]]
+
+
+def test_select_tree_merges_duplicates_and_keeps_the_best_closed_set():
+  # Candidates: 0: x (root child, score 0), 1: y (root child, -1), 2: x again under root (dup of
+  # 0, -0.5), 3: z under 2 (moves under 0, -0.7), 4: w under 1 (-3), 5: v under 0 (-0.9).
+  x, y, z, w, v = 20, 21, 22, 23, 24
+  parent = jnp.array([[-1, -1, -1, 2, 1, 0]])
+  tokens = jnp.array([[x, y, x, z, w, v]])
+  score = jnp.array([[0.0, -1.0, -0.5, -0.7, -3.0, -0.9]])
+  valid = jnp.ones((1, 6), bool)
+  select = jax.jit(select_tree, static_argnums=(5, 6))
+  tree = select(jnp.array([7]), parent, tokens, score, valid, (1, 1, 1, 2, 2, 2), 4)
+  # Kept: x, y (depth 1), then z, v under x (depth 2); w (-3) drops, the duplicate merged.
+  np.testing.assert_array_equal(tree.tokens, [[7, x, y, z, v]])
+  np.testing.assert_array_equal(tree.parent, [[0, 0, 0, 1, 1]])
+  np.testing.assert_array_equal(tree.valid, [[True] * 5])
+  # A budget larger than the valid candidates leaves unused slots.
+  tree = select(jnp.array([7]), parent, tokens, score, valid.at[0, 1].set(False),
+                     (1, 1, 1, 2, 2, 2), 6)
+  assert int(tree.valid.sum()) == 4  # root, x, z, v: y is invalid, w hung under y, the dup merged
+
+
+def _tiny(family):
+  kinds = dict(layer_kinds=("sliding", "global")) if family.startswith("gemma") else {}
+  cfg = tiny_config(family, vocab_size=32, tie_embeddings=False, num_layers=2, **kinds)
+  return cfg, create_model(cfg, seed=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_tree_step_commits_exactly_the_accepted_path(family):
+  cfg, model = _tiny(family)
+  prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 1, 4]]
+  eng = Engine(model, cache_len=64)
+  plain = AutoRegressive()
+  greedy = eng.generate(prompts, strategy=plain, max_new_tokens=6).tokens
+  state = eng.start(prompts, strategy=plain, max_new_tokens=8)
+  other = lambda t: (t + 1) % cfg.vocab_size
+  # Row 0: the true continuation hangs under node 2, next to a decoy; its depth-3 node misses.
+  # Row 1: node 1 is right and has no children; node 2 is a decoy.
+  (r0, a0, b0, c0), (r1, a1) = greedy[0][:4], greedy[1][:2]
+  tree = Tree(tokens=jnp.array([[r0, other(a0), a0, b0, other(c0)], [r1, a1, other(a1), 0, 0]]),
+              parent=jnp.array([[0, 0, 0, 2, 3], [0, 0, 0, 2, 3]]),
+              valid=jnp.ones((2, 5), bool))
+  masks = jnp.full((2, 2, cfg.dim), 0.1)
+  out = nnx.jit(tree_step, static_argnums=(4, 5))(model, state, tree, masks, 3, GREEDY,
+                                                  jax.random.key(0))
+  np.testing.assert_array_equal(out.accepted, [2, 1])
+  np.testing.assert_array_equal(out.appended, [3, 2])  # accepted nodes + the bonus token
+  got = out.state
+  assert got.tokens[0, :4].tolist() == greedy[0][:4] and got.tokens[1, :3].tolist() == greedy[1][:3]
+  # The cache holds exactly prompt + root + accepted nodes, as a plain forward of that text does.
+  for i, p in enumerate(prompts):
+    chain = p + greedy[i][:int(got.length[i]) - 1]
+    plain = model(jnp.array([chain]), cache=KVCache.init(cfg, 1, 64)).cache
+    n = len(chain)
+    assert int(got.cache.index[i]) == n
+    np.testing.assert_array_equal(got.cache.pos[i, :n], np.arange(n))
+    assert (np.asarray(got.cache.pos[i, n:]) == -1).all()
+    for layer in range(cfg.num_layers):
+      np.testing.assert_allclose(got.cache.k[layer][i, :n], plain.k[layer][0, :n], atol=2e-5)
+      np.testing.assert_allclose(got.cache.v[layer][i, :n], plain.v[layer][0, :n], atol=2e-5)
