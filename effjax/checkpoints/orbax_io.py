@@ -57,7 +57,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
   return (Path(path) / MARKER).is_file()
 
 
-def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, model: Transformer, tokenizer=None, *,
+def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, model: Transformer, tokenizer, *,
                     source: str = "", overwrite: bool = False) -> Path:
   """Write model, config and tokenizer to `out`, atomically: a partly written directory never
   takes the final name, so an interrupted conversion cannot leave a broken cache."""
@@ -74,8 +74,7 @@ def save_checkpoint(out: str | os.PathLike, cfg: ModelConfig, model: Transformer
     with ocp.StandardCheckpointer() as ckpt:
       ckpt.save(tmp / "params", nnx.to_pure_dict(state))
       ckpt.wait_until_finished()
-    if tokenizer is not None:
-      tokenizer.save_pretrained(tmp / "tokenizer")
+    tokenizer.save_pretrained(tmp / "tokenizer")
     meta = dict(format=FORMAT, version=VERSION, config=config_to_dict(cfg), source=source)
     (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     if out.exists():
@@ -126,6 +125,11 @@ def restore_checkpoint(path: str | os.PathLike, *, dtype: str | None = None, mes
 
 
 def restore_tokenizer(path: str | os.PathLike):
-  from effjax.checkpoints.tokenizer import tokenizer_from_dir
+  """The checkpoint's tokenizer. It is saved as a fast tokenizer (tokenizer.json), so that class loads
+  it directly: AutoTokenizer would import torch (seconds) only to pick the same class."""
+  from transformers import PreTrainedTokenizerFast
 
-  return tokenizer_from_dir(Path(path) / "tokenizer")
+  path = Path(path) / "tokenizer"
+  if not (path / "tokenizer.json").is_file():
+    raise CheckpointError(f"{path}: the checkpoint has no tokenizer (tokenizer.json)")
+  return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
