@@ -14,6 +14,7 @@ COMMANDS: tuple[str, ...] = (
     "effjax.data.cli",
     "effjax.checkpoints.cli",
     "effjax.rlhf.cli",
+    "effjax.rebalance.cli",
 )
 
 

@@ -140,12 +140,14 @@ def window_variance(history: jax.Array, n: jax.Array) -> jax.Array:
 
 
 def update(state: TrackerState, logits: jax.Array, fed_token: jax.Array, delimiter_mask: jax.Array,
-           cfg: TrackerConfig, active: jax.Array | None = None) -> tuple[TrackerState, StepSignal]:
+           cfg: TrackerConfig, active: jax.Array | None = None,
+           is_delimiter: jax.Array | None = None) -> tuple[TrackerState, StepSignal]:
   """One token of bookkeeping.
 
   logits [B, V]: the distribution fed_token [B] was sampled from. delimiter_mask [V] bool.
   active [B] (default all): rows that really decode this token; the others keep their state and get
-  alpha 0.
+  alpha 0. is_delimiter [B] (optional) replaces delimiter_mask[fed_token], for delimiters that span
+  two tokens ("\n" "\n" in tokenizers that split the pair).
   """
   b = fed_token.shape[0]
   active = jnp.ones((b,), bool) if active is None else active.astype(bool)
@@ -153,7 +155,7 @@ def update(state: TrackerState, logits: jax.Array, fed_token: jax.Array, delimit
   log_pmax = jnp.max(logits, axis=-1) - jax.nn.logsumexp(logits, axis=-1)
   conf = jnp.exp(log_pmax) if cfg.mean == "arithmetic" else log_pmax
 
-  is_delim = delimiter_mask[fed_token] & active
+  is_delim = (delimiter_mask[fed_token] if is_delimiter is None else is_delimiter) & active
   closes = is_delim & (state.count > 0)
   mean = state.total / jnp.maximum(state.count, 1).astype(jnp.float32)
   c = jnp.clip(mean if cfg.mean == "arithmetic" else jnp.exp(mean), 0.0, 1.0)

@@ -44,11 +44,16 @@ PROFILE_KEY = "effjax.rebalance"
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """One reasoning step: tokens [start, end) of the thinking text, and its text."""
+  """One reasoning step: tokens [start, end) of the thinking text, and its text.
+
+  anchor: the token holding the end of the delimiter before the step (-1 when the step starts the
+  text): where online steering acts, and where calibration reads the hidden states.
+  """
 
   start: int
   end: int
   text: str
+  anchor: int = -1
 
 
 def thinking_range(token_ids: Sequence[int], think_open_id: int | None,
@@ -66,7 +71,8 @@ def split_steps(pieces: Sequence[str]) -> list[Step]:
 
   A step's first token is the token holding its first character (the position after the
   delimiter); its last token is the one holding its last character, so a token such as ".\\n\\n"
-  ends the step before it. Whitespace-only segments are not steps.
+  ends the step before it; its anchor is the token holding the delimiter's last character.
+  Whitespace-only segments are not steps.
   """
   text = "".join(pieces)
   ends = np.cumsum([len(p) for p in pieces])
@@ -74,7 +80,7 @@ def split_steps(pieces: Sequence[str]) -> list[Step]:
   cuts = [m.span() for m in STEP_SPLIT.finditer(text)]
   starts = [0] + [b for _, b in cuts]
   stops = [a for a, _ in cuts] + [len(text)]
-  return [Step(token_at(a), token_at(z - 1) + 1, text[a:z])
+  return [Step(token_at(a), token_at(z - 1) + 1, text[a:z], token_at(a - 1) if a else -1)
           for a, z in zip(starts, stops) if text[a:z].strip()]
 
 

@@ -1,0 +1,172 @@
+"""`effjax rebalance extract|eval|plot`.
+
+Calibration and evaluation must use disjoint problems. For the embedded models the documented
+split is the shared GSM8K dev file: its first 300 problems calibrate (`extract --n 300`), the rest
+evaluate (`eval --offset 300`); MATH-500 for calibration with GSM8K for evaluation is disjoint by
+construction. `eval` refuses any problem whose statement is in the profile's calibration set, and
+`extract --disjoint-from EVAL.jsonl` refuses to calibrate on evaluation problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from effjax.rebalance.extract import DEFAULT_H2, DEFAULT_L1, DEFAULT_L2
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", default="smollm2-135m-instruct",
+                 help="a named model or a GGUF file / HF dir / effjax checkpoint")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--data", required=True, help="problem JSONL (GSM8K, MATH-500, ...)")
+  p.add_argument("--offset", type=int, default=0, help="skip this many problems of --data first")
+  p.add_argument("--max-new-tokens", type=int, default=1024)
+  p.add_argument("--batch-size", type=int, default=8, help="problems decoded together")
+  p.add_argument("--cache-len", type=int, default=None,
+                 help="KV cache slots per row (default: longest prompt + max new tokens)")
+
+
+def register(sub) -> None:
+  rb = sub.add_parser("rebalance", help="ReBalance: extract a steering profile, evaluate methods")
+  cmds = rb.add_subparsers(dest="rebalance_command", required=True)
+
+  p = cmds.add_parser("extract", help="calibrate a profile (vector, constants, layer) for a model")
+  _model_args(p)
+  p.add_argument("--n", type=int, default=500, help="calibration problems (after --offset)")
+  p.add_argument("--out", required=True, help="profile file to write (.safetensors)")
+  p.add_argument("--store", default=None,
+                 help="hidden-state store directory (default: OUT.store); an existing one resumes")
+  p.add_argument("--disjoint-from", action="append", default=[], metavar="JSONL",
+                 help="evaluation problems the calibration set must not contain (repeatable)")
+  p.add_argument("--L1", type=float, default=DEFAULT_L1)
+  p.add_argument("--L2", type=float, default=DEFAULT_L2)
+  p.add_argument("--H2", type=float, default=DEFAULT_H2)
+  p.add_argument("--seed", type=int, default=0, help="seed of the layer-selection split")
+  p.set_defaults(func=run_extract)
+
+  p = cmds.add_parser("eval", help="Pass@1 and tokens of baseline / nowait / rebalance decoding")
+  _model_args(p)
+  p.add_argument("--method", default="rebalance",
+                 help="baseline, nowait, rebalance, or several separated by commas")
+  p.add_argument("--profile", default=None, help="profile from `extract` (needed for rebalance)")
+  p.add_argument("--limit", type=int, default=None, help="evaluate this many problems")
+  p.add_argument("--out", default="rebalance_eval", help="directory for results (resumable)")
+  p.add_argument("--temperature", type=float, default=0.7)
+  p.add_argument("--top-p", type=float, default=None, help="default 0.95 when sampling")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mean", default="arithmetic", choices=["arithmetic", "geometric"],
+                 help="step confidence: arithmetic mean (authors' code) or geometric (paper)")
+  p.add_argument("--window", type=int, default=2, help="steps in the confidence-variance window")
+  p.set_defaults(func=run_eval)
+
+  p = cmds.add_parser("plot", help="confidence and alpha over the steps of one traced problem")
+  p.add_argument("--trace", required=True, help="<eval out>/rebalance.trace.jsonl")
+  p.add_argument("--problem", default=None, help="problem id (default: the first traced)")
+  p.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
+  p.set_defaults(func=run_plot)
+
+
+def _problems(args, limit):
+  from effjax.data import load_problems
+
+  if args.offset < 0:
+    raise ValueError(f"--offset must be >= 0, got {args.offset}")
+  problems = load_problems(args.data, limit=None if limit is None else args.offset + limit)
+  problems = list(problems)[args.offset:]
+  if not problems:
+    raise ValueError(f"{args.data}: no problems after --offset {args.offset}")
+  return problems
+
+
+def _check_lengths(args):
+  if args.max_new_tokens < 1 or args.batch_size < 1:
+    raise ValueError("--max-new-tokens and --batch-size must be >= 1")
+
+
+def run_extract(args) -> int:
+  from effjax.checkpoints.registry import load_model
+  from effjax.data import load_problems
+  from effjax.rebalance import extract as ex
+  from effjax.rebalance.calibrate import fill_store
+
+  _check_lengths(args)
+  if args.n < 1:
+    raise ValueError(f"--n must be >= 1, got {args.n}")
+  problems = _problems(args, args.n)
+  fingerprints = {ex.problem_fingerprint(p.prompt) for p in problems}
+  for path in args.disjoint_from:
+    clash = [p.id for p in load_problems(path) if ex.problem_fingerprint(p.prompt) in fingerprints]
+    if clash:
+      raise ValueError(f"{len(clash)} calibration problems are also in {path} (e.g. {clash[0]}); "
+                       "calibrate on disjoint problems")
+  loaded = load_model(args.model, dtype=args.dtype)
+  store_path = Path(args.store or f"{args.out}.store")
+  if (store_path / "meta.json").exists():
+    store = ex.CalibrationStore.open(store_path)
+  else:
+    store = ex.CalibrationStore.create(store_path, loaded.cfg.num_layers, loaded.cfg.dim)
+  # Only this run's problems: a store holding other problems would mix calibration sets.
+  extra = store.done - fingerprints
+  if extra:
+    raise ValueError(f"{store_path} holds {len(extra)} problems outside this calibration set; "
+                     "use a fresh --store")
+  print(f"calibrating {args.model} on {len(problems)} problems of {args.data}", file=sys.stderr)
+  fill_store(loaded, problems, store, max_new_tokens=args.max_new_tokens,
+             batch_size=args.batch_size, cache_len=args.cache_len,
+             log=lambda m: print(m, file=sys.stderr))
+  profile = ex.build_profile(store, args.model, L1=args.L1, L2=args.L2, H2=args.H2,
+                             seed=args.seed)
+  profile.save(args.out)
+  c = profile.constants
+  print(f"wrote {args.out}: layer {c.layer} (held-out R^2 {profile.layer_r2[c.layer]:.3f}), "
+        f"q25c={c.q25c:.4f} q75c={c.q75c:.4f} q25v={c.q25v:.6f} q75v={c.q75v:.6f}, "
+        f"{profile.counts}")
+  return 0
+
+
+def run_eval(args) -> int:
+  from effjax.checkpoints.registry import load_model
+  from effjax.decoding.sampling import Sampler
+  from effjax.rebalance.evaluate import (EvalSettings, check_disjoint, check_model, evaluate,
+                                         make_strategies, table)
+  from effjax.rebalance.extract import ReBalanceProfile
+  from effjax.rebalance.prompts import encode_problem
+
+  _check_lengths(args)
+  if args.limit is not None and args.limit < 1:
+    raise ValueError(f"--limit must be >= 1, got {args.limit}")
+  methods = [m.strip() for m in args.method.split(",") if m.strip()]
+  top_p = args.top_p if args.top_p is not None else (0.95 if args.temperature > 0 else 1.0)
+  sampler = Sampler(temperature=args.temperature, top_p=top_p)
+  problems = _problems(args, args.limit)
+  profile = ReBalanceProfile.load(args.profile) if args.profile else None
+  if "rebalance" in methods and profile is None:
+    raise ValueError("--method rebalance needs --profile (made by `effjax rebalance extract`)")
+  if profile is not None:
+    check_disjoint(profile, problems)
+  loaded = load_model(args.model, dtype=args.dtype)
+  if profile is not None:
+    for warning in check_model(profile, loaded, args.model):
+      print(f"warning: {warning}", file=sys.stderr)
+  settings = EvalSettings(max_new_tokens=args.max_new_tokens, sampler=sampler, seed=args.seed,
+                          batch_size=args.batch_size, cache_len=args.cache_len)
+  strategies = make_strategies(
+      methods, loaded, sampler, profile=profile,
+      first_prompt=encode_problem(loaded.tokenizer, problems[0].prompt),
+      trace_len=args.max_new_tokens, mean=args.mean, window=args.window)
+  summaries = evaluate(loaded, problems, strategies, args.out, settings,
+                       log=lambda m: print(m, file=sys.stderr))
+  print(table(summaries))
+  print(f"per-problem results and traces in {args.out}/", file=sys.stderr)
+  return 0
+
+
+def run_plot(args) -> int:
+  from effjax.rebalance.steering import plot_trace, read_trace
+
+  problem, steps = read_trace(args.trace, args.problem)
+  plot_trace(steps, args.out, title=f"{problem}: {len(steps)} steps")
+  print(f"wrote {args.out}", file=sys.stderr)
+  return 0

@@ -1,0 +1,184 @@
+"""Math evaluation of decoding methods (`effjax rebalance eval`): Pass@1 and response length.
+
+Every method decodes the same batches of problems with the same seeds (batch i uses seed + i), so
+sampled runs differ only by the method. Results are appended per batch to `<out>/<method>.jsonl`
+(one line per problem) and, for ReBalance, `<out>/<method>.trace.jsonl` (one line per step); a
+rerun with the same `out` skips the problems already there. The summary compares the methods on
+the problems every one of them has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from effjax.checkpoints.registry import LoadedModel
+from effjax.data.records import Problem
+from effjax.decoding.engine import AutoRegressive, Engine
+from effjax.decoding.sampling import Sampler
+from effjax.evals.math_grading import grade
+from effjax.rebalance.confidence import TrackerConfig
+from effjax.rebalance.extract import ReBalanceProfile
+from effjax.rebalance.nowait import NoWaitHook, reflection_token_ids
+from effjax.rebalance.prompts import encode_problem, eos_ids, starts_in_span, think_tag_ids
+from effjax.rebalance.steering import Delimiters, ReBalanceHook, step_trace, write_trace
+
+METHODS = ("baseline", "nowait", "rebalance")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  max_new_tokens: int = 1024
+  sampler: Sampler = Sampler(temperature=0.7, top_p=0.95)  # REBALANCE.md's decoding
+  seed: int = 0
+  batch_size: int = 8
+  cache_len: int | None = None  # default: longest prompt + max_new_tokens, rounded up
+
+
+def check_disjoint(profile: ReBalanceProfile, problems: Sequence[Problem]) -> None:
+  """Refuses evaluation problems whose statement was part of the profile's calibration set."""
+  overlap = profile.overlaps([p.prompt for p in problems])
+  if overlap:
+    ids = ", ".join(problems[i].id for i in overlap[:5])
+    raise ValueError(f"{len(overlap)} of the {len(problems)} evaluation problems are in the "
+                     f"profile's calibration set ({ids}{', ...' if len(overlap) > 5 else ''}); "
+                     "evaluate on disjoint problems (e.g. --offset past the calibration split)")
+
+
+def check_model(profile: ReBalanceProfile, loaded: LoadedModel, model_id: str) -> list[str]:
+  """Refuses a profile that cannot steer this model; returns warnings (a different model id with
+  matching shapes)."""
+  cfg = loaded.cfg
+  if profile.vector.shape != (cfg.dim,):
+    raise ValueError(f"the profile's vector has shape {profile.vector.shape}; the model's hidden "
+                     f"size is {cfg.dim} (profile made for {profile.model_id!r})")
+  if not 0 <= profile.constants.layer < cfg.num_layers:
+    raise ValueError(f"the profile steers layer {profile.constants.layer}; the model has "
+                     f"{cfg.num_layers}")
+  if profile.model_id != model_id:
+    return [f"the profile was extracted from {profile.model_id!r}, not {model_id!r}"]
+  return []
+
+
+def make_strategies(methods: Sequence[str], loaded: LoadedModel, sampler: Sampler, *,
+                    profile: ReBalanceProfile | None = None, first_prompt: Sequence[int] = (),
+                    trace_len: int = 0, mean: str = "arithmetic", window: int = 2
+                    ) -> dict[str, AutoRegressive]:
+  """One AutoRegressive strategy per method name (baseline, nowait, rebalance)."""
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+  tok, cfg = loaded.tokenizer, loaded.cfg
+  out = {}
+  for method in methods:
+    if method == "baseline":
+      out[method] = AutoRegressive(sampler)
+    elif method == "nowait":
+      out[method] = AutoRegressive(sampler, NoWaitHook(reflection_token_ids(tok), cfg.vocab_size))
+    else:
+      if profile is None:
+        raise ValueError("--method rebalance needs --profile (made by `effjax rebalance extract`)")
+      open_id, close_id = think_tag_ids(tok)
+      tracker = TrackerConfig.create(profile.constants, mean=mean, window=window,
+                                     think_open_id=open_id, think_close_id=close_id)
+      out[method] = AutoRegressive(sampler, ReBalanceHook(
+          profile.vector, tracker, Delimiters.from_tokenizer(tok, cfg.vocab_size),
+          starts_in_span(first_prompt, open_id, close_id), trace_len))
+  return out
+
+
+def _read(path: Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() \
+      else []
+
+
+def evaluate(loaded: LoadedModel, problems: Sequence[Problem],
+             strategies: dict[str, AutoRegressive], out: str | Path, settings: EvalSettings,
+             log: Callable[[str], None] = print) -> dict[str, dict]:
+  """Decodes every problem with every strategy, grades, writes results; returns the summaries."""
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  tok = loaded.tokenizer
+  prompts = [encode_problem(tok, p.prompt) for p in problems]
+  eos = eos_ids(loaded.cfg, tok)
+  need = max(len(p) for p in prompts) + settings.max_new_tokens + 1
+  engine = Engine(loaded.model, eos_ids=eos,
+                  cache_len=settings.cache_len or min(-(-need // 128) * 128,
+                                                      loaded.cfg.max_position))
+  done = {m: {r["id"] for r in _read(out / f"{m}.jsonl")} for m in strategies}
+  decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+  bs = settings.batch_size
+  for batch, at in enumerate(range(0, len(problems), bs)):
+    rows = problems[at:at + bs]
+    seed = settings.seed + batch
+    for method, strategy in strategies.items():
+      if all(p.id in done[method] for p in rows):
+        continue
+      result = engine.generate(prompts[at:at + bs], strategy=strategy,
+                               max_new_tokens=settings.max_new_tokens, seed=seed)
+      trace = getattr(result.extra, "trace", None)
+      records, steps = [], []
+      for i, (problem, tokens) in enumerate(zip(rows, result.tokens)):
+        if problem.id in done[method]:
+          continue
+        text = decode(tokens)
+        g = grade(text, problem.answer or "")
+        record = {"id": problem.id, "method": method, "seed": seed, "correct": g.correct,
+                  "predicted": g.predicted, "reference": g.reference, "tokens": len(tokens),
+                  "finished": bool(tokens) and tokens[-1] in eos, "response": text}
+        if trace is not None:
+          steps.append((problem.id, step_trace(tokens, trace, i, decode)))
+          record["steps"] = len(steps[-1][1])
+          record["steered"] = int(np.count_nonzero(trace.applied[i, :len(tokens)]))
+        records.append(record)
+      with open(out / f"{method}.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+      for problem_id, s in steps:
+        write_trace(out / f"{method}.trace.jsonl", problem_id, s)
+      done[method].update(r["id"] for r in records)
+      correct = sum(r["correct"] for r in records)
+      log(f"[{method}] problems {at + 1}-{at + len(rows)}: {correct}/{len(records)} correct, "
+          f"{result.new_tokens} tokens in {result.decode_s:.0f} s")
+  summaries = summarize({m: _read(out / f"{m}.jsonl") for m in strategies},
+                        {p.id for p in problems})
+  (out / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+  return summaries
+
+
+def summarize(records: dict[str, list[dict]], ids: set[str] | None = None) -> dict[str, dict]:
+  """Per method: Pass@1 and token statistics over the problems every method has (within ids)."""
+  common = set.intersection(*({r["id"] for r in rs} for rs in records.values()))
+  if ids is not None:
+    common &= ids
+  out = {}
+  for method, rs in records.items():
+    rs = [r for r in rs if r["id"] in common]
+    tokens = [r["tokens"] for r in rs]
+    out[method] = {
+        "problems": len(rs),
+        "pass@1": sum(r["correct"] for r in rs) / len(rs) if rs else float("nan"),
+        "mean_tokens": statistics.fmean(tokens) if rs else float("nan"),
+        "median_tokens": statistics.median(tokens) if rs else float("nan"),
+        "finished": sum(r["finished"] for r in rs) / len(rs) if rs else float("nan"),
+    }
+    if rs and "steps" in rs[0]:
+      out[method]["mean_steps"] = statistics.fmean(r["steps"] for r in rs)
+      out[method]["mean_steered"] = statistics.fmean(r["steered"] for r in rs)
+  return out
+
+
+def table(summaries: dict[str, dict]) -> str:
+  """The summaries as a markdown table."""
+  lines = ["| method | problems | Pass@1 | mean tokens | median tokens | ended by EOS |"
+           " steps (steered) |", "|---|---|---|---|---|---|---|"]
+  for method, s in summaries.items():
+    steps = (f"{s['mean_steps']:.1f} ({s['mean_steered']:.1f})" if "mean_steps" in s else "-")
+    lines.append(f"| {method} | {s['problems']} | {100 * s['pass@1']:.1f}% | "
+                 f"{s['mean_tokens']:.1f} | {s['median_tokens']:.0f} | "
+                 f"{100 * s['finished']:.0f}% | {steps} |")
+  return "\n".join(lines)

