@@ -1,0 +1,54 @@
+"""Decoding methods by name: plain decoding, prompt lookup, lookahead, ESP and the hybrid tree.
+
+Methods with a block-complexity budget (BC: tokens processed per forward) take one of the presets
+10 / 30 / 60 (ESP.md). Strategy modules are imported when a method is asked for, so a method whose
+module is missing fails by name without breaking the others.
+"""
+
+from __future__ import annotations
+
+from effjax.decoding.engine import AutoRegressive, Strategy
+from effjax.decoding.sampling import GREEDY, Sampler
+
+METHODS: tuple[str, ...] = ("ar", "pld", "lookahead", "esp", "hybrid")
+BC_METHODS = frozenset({"lookahead", "esp", "hybrid"})
+BC_PRESETS: tuple[int, ...] = (10, 30, 60)
+
+
+def label(method: str, bc: int | None = None) -> str:
+  """The name a run of `method` is reported under, e.g. 'esp-bc30'."""
+  return f"{method}-bc{bc}" if method in BC_METHODS and bc is not None else method
+
+
+def make_strategy(method: str, bc: int | None = None, sampler: Sampler = GREEDY) -> Strategy:
+  """A new strategy object for `method` (at budget `bc` where the method has one).
+
+  Lookahead without a BC uses Spec-Bench's own setting (N=5, W=7, G=7). Each call returns a new
+  object: the engine compiles once per strategy object, so keep and reuse it.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
+  if bc is not None and bc not in BC_PRESETS:
+    raise ValueError(f"BC must be one of {', '.join(map(str, BC_PRESETS))}, got {bc}")
+  if method in BC_METHODS - {"lookahead"} and bc is None:
+    raise ValueError(f"{method} needs a BC budget ({', '.join(map(str, BC_PRESETS))})")
+  if method == "ar":
+    return AutoRegressive(sampler)
+  if method == "lookahead":
+    from effjax.decoding.lookahead import SPEC_BENCH, Lookahead
+
+    if bc is None:
+      n, w, g = SPEC_BENCH
+      return Lookahead(level=n, window=w, guess=g, sampler=sampler)
+    return Lookahead.preset(bc, sampler=sampler)
+  if method == "pld":
+    from effjax.decoding.pld import PromptLookup
+
+    return PromptLookup(sampler=sampler)
+  if method == "esp":
+    from effjax.decoding.esp import ESP
+
+    return ESP.preset(bc, sampler=sampler)
+  from effjax.decoding.hybrid import Hybrid
+
+  return Hybrid.preset(bc, sampler=sampler)
