@@ -11,6 +11,7 @@ from pathlib import Path
 # Modules with a `register(subparsers)` function, one per area.
 COMMANDS: tuple[str, ...] = (
     "effjax.decoding.generate",
+    "effjax.decoding.cli",
     "effjax.data.cli",
     "effjax.checkpoints.cli",
     "effjax.rlhf.cli",

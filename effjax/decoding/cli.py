@@ -1,0 +1,89 @@
+"""`effjax bench specbench`: decoding methods on Spec-Bench questions, against plain decoding."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from effjax.decoding.methods import BC_METHODS, BC_PRESETS, METHODS, label, make_strategy
+
+
+def register(subparsers) -> None:
+  bench = subparsers.add_parser("bench", help="benchmarks")
+  sub = bench.add_subparsers(dest="bench_command", required=True)
+  p = sub.add_parser("specbench", help="Spec-Bench protocol: tau, speedup, equality vs plain decoding",
+                     description=__doc__)
+  p.add_argument("--model", default="smollm2-135m-instruct",
+                 help="a named model or a GGUF file / HF dir / effjax checkpoint")
+  p.add_argument("--method", nargs="+", choices=METHODS, default=["esp"],
+                 help="methods to run (plain decoding 'ar' always runs as the baseline)")
+  p.add_argument("--bc", nargs="+", type=int, choices=BC_PRESETS, default=[30],
+                 help=f"budgets for {', '.join(sorted(BC_METHODS))} (default 30)")
+  p.add_argument("--data", required=True, help="Spec-Bench question JSONL")
+  p.add_argument("--max-new-tokens", type=int, default=1024)
+  p.add_argument("--limit", type=int, default=None,
+                 help="at most N questions per category group, evenly spaced (default: all)")
+  p.add_argument("--warmup", type=int, default=3, help="warm-up conversations on question 1")
+  p.add_argument("--out", default=None,
+                 help="output folder (default runs/specbench/<model>-<time>): results.jsonl, "
+                      "summary.json, summary.md")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--cache-len", type=int, default=None,
+                 help="KV cache slots (default: enough for the longest conversation)")
+  p.add_argument("--buckets", default=None,
+                 help="prompt length buckets, comma separated (default: powers of two)")
+  p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                 help="use the chat template (default: when the tokenizer has one, else a plain "
+                      "'User: / Assistant:' transcript)")
+  p.set_defaults(func=run_specbench)
+
+
+def run_specbench(args) -> int:
+  from effjax.checkpoints.registry import load_model
+  from effjax.data import load_problems
+  from effjax.decoding.engine import Engine
+  from effjax.evals import specbench
+
+  if args.max_new_tokens < 1:
+    raise ValueError("--max-new-tokens must be >= 1")
+  if args.limit is not None and args.limit < 1:
+    raise ValueError("--limit must be >= 1")
+  methods = {}
+  for m in args.method:
+    for bc in (args.bc if m in BC_METHODS else [None]):
+      methods[label(m, bc)] = make_strategy(m, bc)  # a missing method module fails here, early
+  problems = load_problems(args.data)
+  if problems.format != "spec_bench":
+    raise ValueError(f"{args.data}: not Spec-Bench questions (format {problems.format})")
+  questions = specbench.select(problems.problems, args.limit)
+
+  loaded = load_model(args.model, dtype=args.dtype)
+  fmt = specbench.PromptFormat.for_tokenizer(loaded.tokenizer, args.chat)
+  block = max(s.block_size for s in methods.values()) if methods else 1
+  cache_len = args.cache_len or specbench.cache_len_for(fmt, questions, args.max_new_tokens, block)
+  buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else None
+  engine = Engine(loaded.model, cache_len=cache_len, buckets=buckets)
+
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  out = Path(args.out or f"runs/specbench/{Path(args.model).name}-{stamp}")
+  out.mkdir(parents=True, exist_ok=True)
+  meta = {"model": args.model, "source": loaded.source, "methods": ["ar", *methods],
+          "data": args.data, "questions": len(questions), "per_group_limit": args.limit,
+          "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "dtype": args.dtype,
+          "cache_len": cache_len, "prompt_format": fmt.name, "started": stamp,
+          "command": "effjax " + " ".join(sys.argv[1:])}
+  print(f"{len(questions)} questions, methods ar + {', '.join(methods)}; {fmt.name}; "
+        f"cache {cache_len}; writing {out}", flush=True)
+  with (out / "results.jsonl").open("w") as f:
+    def emit(rec):
+      f.write(json.dumps(rec) + "\n")
+      f.flush()
+
+    records = specbench.run(engine, fmt, questions, methods, max_new_tokens=args.max_new_tokens,
+                            warmup=args.warmup, out=emit, log=lambda s: print(s, flush=True))
+  _, text = specbench.write_outputs(out, records, meta)
+  print(text)
+  return 0
