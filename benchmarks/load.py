@@ -1,7 +1,8 @@
 """Loading and prefill: the embedded models from GGUF (first load) and from the Orbax cache, and
 512-token prefill throughput, effjax vs transformers + torch on the same weights, in one run.
 
-    python benchmarks/load.py [--models smollm2-135m-instruct gemma3-270m] [--repeats 5] [--out BENCHMARKS.md]
+    python benchmarks/load.py [--models smollm2-135m-instruct gemma3-270m] [--repeats 5]
+                              [--out BENCHMARKS.md]
 
 Every measurement runs in its own subprocess, so its peak memory (ru_maxrss) is its own:
 - first load: `load_model(name)` with an empty cache (GGUF parse, dequantize, tokenizer rebuild,
@@ -171,7 +172,7 @@ def main() -> None:
       f"({rows[0][3]['torch_threads']} threads); 1-minute load average {load_before:.1f} before and "
       f"{os.getloadavg()[0]:.1f} after the run (other jobs share the machine). Command:",
       "",
-      "    python benchmarks/load.py " + " ".join(sys.argv[1:]),
+      "    " + " ".join(["python benchmarks/load.py", *sys.argv[1:]]),
       "",
       *lines,
       "",

@@ -13,7 +13,7 @@ from effjax.checkpoints.gguf_reader import GGUFFile, load_gguf
 from effjax.models import PRESETS, RopeScaling, create_model, tiny_config
 from tiny_gguf import hf_gguf_model, hf_gguf_tokenizer, params_of, real_gguf, tiny_bpe, write_gguf
 
-Q8_0 = gguf.GGMLQuantizationType.Q8_0
+Q8_0, F16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n",
            "Once upon a time, in a land far away, there lived a"]
 
@@ -47,15 +47,15 @@ def test_llama_cpp_layout_reads_back_exactly(tmp_path, family):
   rng = np.random.default_rng(0)
   params = {k: v + rng.normal(size=v.shape).astype(np.float32) if "norm" in k else v
             for k, v in params.items()}
-  path = write_gguf(tmp_path / f"{family}.gguf", cfg, params,
-                    qtypes={"layers.0.mlp.up.weight": Q8_0})
+  qtypes = {"layers.0.mlp.up.weight": Q8_0, "layers.1.mlp.down.weight": F16}
+  path = write_gguf(tmp_path / f"{family}.gguf", cfg, params, qtypes=qtypes)
   got_cfg, got = load_gguf(path)
   assert got_cfg == _with_token_ids(cfg)
   got_params = params_of(got)
   assert got_params.keys() == params.keys()
   for name, want in params.items():
-    if name == "layers.0.mlp.up.weight":
-      want = gguf.quants.dequantize(gguf.quants.quantize(want, Q8_0), Q8_0)
+    if name in qtypes:
+      want = gguf.quants.dequantize(gguf.quants.quantize(want, qtypes[name]), qtypes[name])
       assert not np.array_equal(want, params[name])  # the quantized path really ran
     # Gemma norms pass through 1 + w and back: float32 rounding, nothing more.
     atol = 3e-7 if family.startswith("gemma") and "norm" in name else 0
@@ -179,7 +179,8 @@ def test_unknown_metadata_key_is_an_error(tmp_path):
   cfg = _tiny("qwen2")
   path = write_gguf(tmp_path / "moe.gguf", cfg, params_of(create_model(cfg)),
                     extra={"qwen2.expert_count": 8})
-  with pytest.raises(CheckpointError, match=r"unsupported qwen2 metadata keys \['qwen2.expert_count'\]"):
+  with pytest.raises(CheckpointError,
+                     match=r"unsupported qwen2 metadata keys \['qwen2.expert_count'\]"):
     load_gguf(path)
 
 
@@ -188,7 +189,8 @@ def test_missing_tensor_is_named(tmp_path):
   params = params_of(create_model(cfg))
   del params["layers.1.attn.k_norm.scale"]
   path = write_gguf(tmp_path / "holes.gguf", cfg, params)
-  with pytest.raises(CheckpointError, match=r"holes\.gguf: missing tensors \['layers.1.attn.k_norm.scale'\]"):
+  with pytest.raises(CheckpointError,
+                     match=r"holes\.gguf: missing tensors \['layers.1.attn.k_norm.scale'\]"):
     load_gguf(path)
 
 

@@ -58,7 +58,8 @@ def test_cache_restores_into_a_mesh_and_another_dtype(smollm2_loads):
   sharded = load_model(SMOL, mesh=mesh)
   gate = sharded.model.layers[0].mlp.gate.weight[...]
   assert tuple(gate.sharding.spec) == ("tensor", "fsdp") and len(gate.sharding.device_set) == 8
-  np.testing.assert_array_equal(np.asarray(gate), np.asarray(first.model.layers[0].mlp.gate.weight[...]))
+  want = first.model.layers[0].mlp.gate.weight[...]
+  np.testing.assert_array_equal(np.asarray(gate), np.asarray(want))
   half = load_model(SMOL, dtype="bfloat16")
   assert half.cfg.dtype == "bfloat16" and half.model.embed[...].dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(half.model.embed[...], np.float32),

@@ -37,8 +37,10 @@ def test_byte_level_bpe_matches_the_trained_tokenizer(tiny_file):
   for text in TEXTS:
     assert tok(text).input_ids == ref.encode(text).ids, text
     assert tok.decode(tok(text).input_ids) == text
-  assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-  assert tok("<|im_start|>hi").input_ids[0] == tokens.index("<|im_start|>")  # control tokens stay whole
+  assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+      "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+  # Control tokens stay whole.
+  assert tok("<|im_start|>hi").input_ids[0] == tokens.index("<|im_start|>")
   assert tok.chat_template == CHAT_TEMPLATE
   text = tok.apply_chat_template(MESSAGES[1:2], tokenize=False, add_generation_prompt=True)
   assert text == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"

