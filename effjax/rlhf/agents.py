@@ -123,6 +123,11 @@ class Checkpoints:
     leaves = [jnp.asarray(got.state[f"{i:05d}"], dtype=x.dtype) for i, (_, x) in enumerate(flat)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
+  def arrays(self, batch: int) -> dict[str, np.ndarray]:
+    """The stored leaves of checkpoint `batch`, by index (for comparisons; no template needed)."""
+    got = self.manager.restore(batch, args=self.ocp.args.Composite(state=self.ocp.args.StandardRestore()))
+    return {k: np.asarray(v) for k, v in got.state.items()}
+
   def close(self) -> None:
     self.manager.close()
 
@@ -171,7 +176,8 @@ class Trainer:
              rm=self.phi0, rm_opt=self.rm_opt.init(self.phi0))
     if not self.cfg.agent.incremental:
       s["data_policy"] = self.theta0
-    return jax.tree.map(jnp.array, s)  # own copies: theta0 / phi0 stay the retraining origin
+    # Own copies (one compiled copy): theta0 / phi0 stay the retraining origin.
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(s)
 
   def _place(self, tree):
     if self.mesh is None:
@@ -277,8 +283,7 @@ class Trainer:
     pb = raters.PairBatch(prompts, lens, r[rows, pr[:, 0]], m[rows, pr[:, 0]], r[rows, pr[:, 1]],
                           m[rows, pr[:, 1]], ids)
     records = self.obtain_labels(batch, pb)
-    spread = jnp.std(particles, axis=-1).mean()
-    metrics = dict(particle_spread=float(spread))
+    metrics = dict(particle_spread=float(np.std(np.asarray(particles), axis=-1).mean()))
     rew = self.sample_reward(prompts, lens, ids, resp, mask)
     if rew is not None:
       metrics["sample_reward"] = rew

@@ -114,13 +114,16 @@ def _normalise(num: str) -> str:
   return num
 
 
-def answers_match(response: str, gold: str) -> bool:
+def answers_match(response: str, reference: str) -> bool:
+  """effjax.evals.math_grading when its dependency (math-verify) is installed, else the final
+  number compared as text. `reference` is a GSM8K solution ("... #### 42") or a bare answer."""
   try:
-    from effjax.evals import math_grading  # the project's grader, when present
-    return bool(math_grading.is_correct(response, gold))
-  except (ImportError, AttributeError):
+    from effjax.evals import math_grading
+  except ImportError:
     got = final_number(response)
+    gold = reference.rsplit("####", 1)[-1].strip()
     return got is not None and got == _normalise(gold)
+  return math_grading.grade(response, reference).correct
 
 
 class GSM8KScorer:

@@ -21,6 +21,7 @@ import json
 import math
 import pathlib
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +88,7 @@ def teacher_reward(world: ToyWorld, toy: ToyConfig, prompts: jax.Array, response
   return (raw_teacher(world, toy, prompts, responses) - world.reward_mean) / world.reward_scale
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def make_world(toy: ToyConfig) -> ToyWorld:
   v, d, h = toy.vocab_size, toy.teacher_hidden, toy.teacher_hidden
   ks = jax.random.split(jax.random.key(toy.seed), 9)
@@ -121,8 +123,11 @@ def train_sft(toy: ToyConfig, world: ToyWorld, log=print) -> Transformer:
   """MLE on fresh samples of the data process (response tokens only)."""
   cfg = model_config(toy)
   model = Transformer(cfg, rngs=nnx.Rngs(toy.seed + 1))
+  if toy.sft_steps == 0:  # an untrained policy (tests)
+    return model
   graphdef, params = nnx.split(model)
-  sched = optax.warmup_cosine_decay_schedule(0.0, toy.sft_lr, 100, toy.sft_steps, toy.sft_lr * 0.05)
+  warmup = max(1, min(100, toy.sft_steps // 10))
+  sched = optax.warmup_cosine_decay_schedule(0.0, toy.sft_lr, warmup, toy.sft_steps, toy.sft_lr * 0.05)
   opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched))
   opt_state = opt.init(params)
   lens = jnp.full((toy.sft_batch,), toy.prompt_len, jnp.int32)

@@ -1,0 +1,320 @@
+"""ENN reward model, pair selection, policy objective, sampler and config of effjax.rlhf."""
+
+import functools
+import itertools
+
+import chex
+import optax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from effjax.models import make_config, create_model
+from effjax.models.sharding import make_mesh
+from effjax.rlhf import enn, pairs, policy, rollout
+from effjax.rlhf.config import (ENNConfig, PolicyConfig, RunConfig, apply_override, config_from_dict,
+                                load_config)
+
+CFG = make_config("llama", vocab_size=16, dim=32, mlp_dim=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2, head_dim=8, max_position=64, pad_id=0)
+ENN = ENNConfig(num_particles=8, point_hidden=(16, 16), prior_hidden=(8, 8), diff_hidden=(16, 16),
+                lr=1e-2)
+
+
+def tiny_policy(seed=0):
+  return create_model(CFG, seed)
+
+
+@functools.cache
+def rm_setup():
+  """One reward model and one compiled 5-step update shared by the ENN tests (compiles are slow)."""
+  graphdef, params, priors = enn.split(enn.create_reward_model(tiny_policy(), ENN, seed=1))
+  opt = enn.rm_optimizer(ENN, params)
+  return graphdef, params, priors, opt, enn.make_rm_update(graphdef, opt)
+
+
+def five(batch):
+  return jax.tree.map(lambda x: jnp.stack([x] * 5), batch)
+
+
+def pair_batch(key, m=8, p=5, length=4):
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  return dict(prompts=jax.random.randint(k1, (m, p), 1, 16), prompt_lens=jnp.full((m,), p, jnp.int32),
+              a=jax.random.randint(k2, (m, length), 1, 16), a_mask=jnp.ones((m, length), bool),
+              b=jax.random.randint(k3, (m, length), 1, 16), b_mask=jnp.ones((m, length), bool),
+              choice=jax.random.bernoulli(k4, 0.7, (m,)).astype(jnp.int32))
+
+
+# ---- ENN ------------------------------------------------------------------------------------------
+
+def test_priors_never_change():
+  graphdef, params, priors, opt, update = rm_setup()
+  assert not any(isinstance(v, enn.Prior) for v in jax.tree.leaves(
+      params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  batch = pair_batch(jax.random.key(0))
+  # No gradient reaches the priors, even if someone asked for one.
+  g = jax.jit(jax.grad(lambda pr: enn.rm_loss(nnx.merge(graphdef, params, pr), batch)[0]))(priors)
+  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g))
+  new_params, _, _ = update(params, priors, opt.init(params), five(batch))
+  h = jax.random.normal(jax.random.key(1), (4, CFG.dim))
+  before = nnx.merge(graphdef, params, priors).prior(h)
+  after = nnx.merge(graphdef, new_params, priors).prior(h)
+  np.testing.assert_array_equal(before, after)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, new_params)
+  assert max(jax.tree.leaves(moved["diff"])) > 0 and max(jax.tree.leaves(moved["point"])) > 0
+
+
+def test_particle_spread_shrinks_on_repeated_data():
+  graphdef, params, priors, opt, update = rm_setup()
+  batch = pair_batch(jax.random.key(3))
+
+  @jax.jit
+  def spread(p):
+    _, particles = enn.pair_rewards(nnx.merge(graphdef, p, priors), batch)
+    return jnp.var(jax.nn.sigmoid(particles[0] - particles[1]), axis=-1).mean()
+
+  state = opt.init(params)
+  before = float(spread(params))
+  new = params
+  for _ in range(10):
+    new, state, _ = update(new, priors, state, five(batch))
+  assert float(spread(new)) < 0.3 * before, (before, float(spread(new)))
+
+
+def test_bt_gradient_matches_finite_differences():
+  graphdef, params, priors, _, _ = rm_setup()
+  batch = pair_batch(jax.random.key(4))
+  losses = jax.jit(lambda p: enn.rm_loss(nnx.merge(graphdef, p, priors), batch))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  direction = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  only_diff = jax.tree_util.tree_map_with_path(
+      lambda path, d: d if "diff" in jax.tree_util.keystr(path) else jnp.zeros_like(d), direction)
+  unit = lambda t: jax.tree.map(lambda x: x / optax.tree.norm(t), t)
+  direction, only_diff = unit(direction), unit(only_diff)
+  h = 1e-3
+  # The point loss trains backbone + point head; the particle loss reaches only the diff heads
+  # (the backbone and point are detached for it), so check each along the directions it sees.
+  for loss, d in ((lambda p: losses(p)[1]["rm_loss"], direction), (lambda p: losses(p)[0], only_diff)):
+    shift = lambda s: jax.tree.map(lambda x, v: x + s * h * v, params, d)
+    numeric = (loss(shift(1.0)) - loss(shift(-1.0))) / (2 * h)
+    grads = jax.jit(jax.grad(loss))(params)
+    analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(d)))
+    np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2)
+  # And the BT loss's own derivative: d/dm -log sigmoid(m) (choice 1) = sigmoid(m) - 1.
+  m = jnp.linspace(-3, 3, 7)
+  np.testing.assert_allclose(jax.vmap(jax.grad(lambda x: enn.bt_nll(x, 1.0)))(m),
+                             jax.nn.sigmoid(m) - 1, rtol=1e-5)
+
+
+def test_non_finite_rm_loss_skips_the_update():
+  graphdef, params, priors, opt, update = rm_setup()
+  batch = dict(pair_batch(jax.random.key(6)), choice=jnp.full((8,), jnp.nan))
+  new, _, metrics = update(params, priors, opt.init(params), five(batch))
+  assert int(metrics["rm_skipped"]) == 5
+  chex.assert_trees_all_equal(new, params)
+
+
+# ---- pair selection -----------------------------------------------------------------------------
+
+def test_info_directed_picks_the_max_variance_pair():
+  z = 50
+  noise = jax.random.normal(jax.random.key(0), (z,))
+  # Responses 0..3 agree across particles; 4 is uncertain around 1.0 and 5 uncertain around 3.0.
+  base = jnp.array([-4.0, 0.0, 1.0, 5.0, 1.0, 3.0])
+  spread = jnp.array([0, 0, 0, 0, 1.5, 0.2])
+  particles = (base[:, None] + spread[:, None] * noise[None, :])[None]
+  pair = pairs.info_directed(None, particles, None)
+  var = np.var(1 / (1 + np.exp(-(np.asarray(particles[0])[:, None] - np.asarray(particles[0])[None]))),
+               axis=-1)
+  brute = max(itertools.combinations(range(6), 2), key=lambda ij: var[ij])
+  assert tuple(np.asarray(pair[0])) == brute
+  assert 4 in brute  # the uncertain response against a close, certain one
+  # Batched: the same selection per prompt.
+  batch = jnp.concatenate([particles, particles[:, ::-1]])
+  got = np.asarray(pairs.info_directed(None, batch, None))
+  assert tuple(got[0]) == brute and set(got[1]) == {5 - brute[0], 5 - brute[1]}
+
+
+@pytest.mark.parametrize("kind", ["random", "dts", "boltzmann", "info"])
+def test_selectors_return_distinct_pairs(kind):
+  from effjax.rlhf.config import AgentConfig
+  sel = jax.jit(pairs.selector(AgentConfig(selection=kind, dts_tries=3)))
+  point = jax.random.normal(jax.random.key(1), (32, 6))
+  particles = point[..., None] + 0.1 * jax.random.normal(jax.random.key(2), (32, 6, 10))
+  got = np.asarray(sel(point, particles, jax.random.key(3)))
+  chex.assert_shape(got, (32, 2))
+  assert (got[:, 0] != got[:, 1]).all() and got.min() >= 0 and got.max() < 6
+
+
+def test_double_thompson_first_pick_is_a_particle_argmax():
+  particles = jnp.stack([jnp.eye(4)[i % 4] for i in range(8)], axis=-1)[None]  # particle z likes z % 4
+  got = np.asarray(pairs.double_thompson(None, particles, jax.random.key(0), tries=16))
+  assert got[0, 0] != got[0, 1]
+
+
+# ---- policy objective ---------------------------------------------------------------------------
+
+def policy_batch(key, n=6, p=5, length=4):
+  k1, k2, k3 = jax.random.split(key, 3)
+  return dict(prompts=jax.random.randint(k1, (n, p), 1, 16), prompt_lens=jnp.full((n,), p, jnp.int32),
+              y=jax.random.randint(k2, (n, length), 1, 16), y_mask=jnp.ones((n, length), bool),
+              p=jax.random.uniform(k3, (n,)))
+
+
+def test_nudge_adds_eps_grad_log_pi_on_symmetric_pairs():
+  model = tiny_policy(1)
+  anchor = tiny_policy(2)
+  graphdef, params = nnx.split(model)
+  b = policy_batch(jax.random.key(0))
+  # Symmetric pairs: (Y, Y') and (Y', Y), so p's are q and 1 - q.
+  sym = jax.tree.map(lambda x: jnp.concatenate([x, x]), b)
+  sym["p"] = jnp.concatenate([b["p"], 1.0 - b["p"]])
+  eps, beta = 0.1, 0.3
+  grad = jax.jit(lambda e: jax.grad(
+      lambda q: policy.pair_loss(nnx.merge(graphdef, q), anchor, sym, e, beta)[0])(params))
+  diff = jax.tree.map(lambda a, c: a - c, grad(eps), grad(0.0))
+
+  def mean_logp(q):
+    logp, _ = rollout.token_logprobs(nnx.merge(graphdef, q), sym["prompts"], sym["prompt_lens"],
+                                     sym["y"], sym["y_mask"])
+    return logp.sum(-1).mean()
+
+  expected = jax.tree.map(lambda g: -eps * g, jax.jit(jax.grad(mean_logp))(params))
+  chex.assert_trees_all_close(diff, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_kl_term_is_zero_when_policy_equals_anchor():
+  model = tiny_policy(3)
+  graphdef, params = nnx.split(model)
+  b = dict(policy_batch(jax.random.key(1)), p=jnp.full((6,), 0.5))
+  loss_fn = lambda q: policy.pair_loss(nnx.merge(graphdef, q), model, b, 0.0, 1.0)
+  value_and_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  (loss, metrics), grads = value_and_grad(params)
+  assert abs(float(metrics["kl"])) < 1e-6 and abs(float(loss)) < 1e-6
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-6
+  # And positive once they differ.
+  (_, m2), _ = value_and_grad(nnx.split(tiny_policy(4))[1])
+  assert float(m2["kl"]) > 1e-3
+
+
+def test_ordered_pairs():
+  point = jnp.array([[0.5, 3.0, -1.0, 2.0, 0.0]])
+  pa = np.asarray(policy.ordered_pairs_a(jnp.array([[4, 0]]), point))[0]
+  assert pa.tolist() == [[4, 0], [0, 4], [1, 2], [2, 1]]
+  pb = np.asarray(policy.ordered_pairs_b(point))[0]
+  assert pb.tolist() == [[1, 2], [2, 1], [3, 4], [4, 3]]
+
+
+def _update_inputs(b=8, n=4, p=5, length=4):
+  policy_model = tiny_policy(5)
+  pg, theta = nnx.split(policy_model)
+  rm = enn.create_reward_model(policy_model, ENN, seed=6)
+  rg, phi, priors = enn.split(rm)
+  ks = jax.random.split(jax.random.key(7), 4)
+  group = lambda k: dict(prompts=jax.random.randint(k, (b, p), 1, 16),
+                         prompt_lens=jnp.full((b,), p, jnp.int32),
+                         responses=jax.random.randint(jax.random.fold_in(k, 1), (b, n, length), 1, 16),
+                         mask=jnp.ones((b, n, length), bool))
+  a = dict(group(ks[0]), pair=jnp.tile(jnp.array([[0, 2]]), (b, 1)))
+  return pg, theta, rg, phi, priors, a, group(ks[1]), pair_batch(ks[2], m=b)
+
+
+def test_sharded_steps_equal_unsharded():
+  pg, theta, rg, phi, priors, a, b, rm_batch = _update_inputs()
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  from effjax.models.sharding import state_shardings
+  pcfg = PolicyConfig(lr=1e-2, eps=0.05, beta=0.1, eta=0.9)
+  # Plain SGD: Adam would turn float-rounding-sized gradients into lr-sized steps of either sign.
+  popt = optax.sgd(1.0)
+  ropt = optax.sgd(1.0)
+  outs = []
+  for m in (None, mesh):
+    place = (lambda t: t) if m is None else (lambda t: jax.device_put(t, state_shardings(t, m)))
+    upd = policy.make_policy_update(pg, rg, pcfg, popt, use_a=True, mesh=m)
+    pol, anc, _, met = upd(place(theta), place(theta), place(popt.init(theta)), place(phi),
+                           place(priors), a, b)
+    rm_upd = enn.make_rm_update(rg, ropt, mesh=m)
+    new_phi, _, rm_met = rm_upd(place(phi), place(priors), place(ropt.init(phi)),
+                                jax.tree.map(lambda x: jnp.stack([x, x]), rm_batch))
+    if m is not None:
+      embed = jax.tree.leaves(pol)[0]
+      assert len(embed.sharding.device_set) == 8
+    outs.append((pol, anc, new_phi, met["policy_loss"], rm_met["rm_loss"]))
+  chex.assert_trees_all_close(jax.device_get(outs[0]), jax.device_get(outs[1]), atol=2e-5, rtol=2e-4)
+  pol, anc = outs[0][:2]
+  moved = max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(pol), jax.tree.leaves(theta)))
+  assert moved > 1e-4
+  # The anchor moved by the EMA: eta * theta + (1 - eta) * new policy.
+  chex.assert_trees_all_close(anc, jax.tree.map(lambda t, n: 0.9 * t + 0.1 * n, theta, pol), atol=1e-6)
+
+
+# ---- sampler --------------------------------------------------------------------------------------
+
+def test_sampler_matches_uncached_forward_with_ragged_prompts():
+  model = tiny_policy(8)
+  prompts = jnp.array([[3, 4, 5, 6, 7], [9, 2, 0, 0, 0], [5, 5, 1, 0, 0]])
+  lens = jnp.array([5, 2, 3])
+  greedy, mask = rollout.sample(model, prompts, lens, jax.random.key(0), num_samples=2, length=6,
+                                top_k=1, temperature=0.0)
+  chex.assert_shape(greedy, (3, 2, 6))
+  assert bool(mask.all()) and bool((greedy[:, 0] == greedy[:, 1]).all())
+  graphdef, params = nnx.split(model)
+  _, logp_all = jax.jit(lambda q: rollout.token_logprobs(nnx.merge(graphdef, q), prompts, lens,
+                                                         greedy[:, 0], mask[:, 0]))(params)
+  np.testing.assert_array_equal(np.asarray(jnp.argmax(logp_all, -1)), np.asarray(greedy[:, 0]))
+  # Padding does not change a row: the 2-token prompt alone gives the same continuation.
+  alone, _ = rollout.sample(model, prompts[1:2, :2], lens[1:2], jax.random.key(0), num_samples=1,
+                            length=6, top_k=1, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(alone[0, 0]), np.asarray(greedy[1, 0]))
+
+
+def test_top_k_sampling_stays_in_top_k():
+  logits = jnp.tile(jnp.arange(10.0)[None], (2000, 1))
+  tok = rollout.choose_token(logits, jax.random.key(0), 3, 1.0)
+  assert set(np.asarray(tok).tolist()) == {7, 8, 9}
+
+
+def test_eos_masks_the_rest():
+  model = create_model(CFG.replace(eos_ids=(5,)), 9)
+  prompts = jnp.array([[1, 2, 3]])
+  # A hot draw over all tokens: rows hit EOS (token 5) at various steps.
+  resp, mask = rollout.sample(model, prompts, jnp.array([3]), jax.random.key(0), num_samples=8,
+                              length=8, top_k=0, temperature=5.0)
+  r, m = np.asarray(resp[0]), np.asarray(mask[0])
+  for row, mrow in zip(r, m):
+    hits = np.nonzero(row == 5)[0]
+    if len(hits):
+      assert mrow[:hits[0] + 1].all() and not mrow[hits[0] + 1:].any()
+      assert (row[hits[0] + 1:] == 0).all()
+    else:
+      assert mrow.all()
+  assert (r == 5).any()
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+def test_config_rejects_unknown_keys_and_bad_values():
+  with pytest.raises(ValueError, match="unknown key"):
+    config_from_dict({"agent": {"kindd": "online"}})
+  with pytest.raises(ValueError, match="not one of"):
+    config_from_dict({"agent": {"kind": "onlin"}})
+  with pytest.raises(ValueError, match="expected int"):
+    config_from_dict({"seed": "3"})
+  cfg = config_from_dict({"enn": {"point_hidden": [8, 8], "lr": 1}})
+  assert cfg.enn.point_hidden == (8, 8) and cfg.enn.lr == 1.0
+  d = {}
+  apply_override(d, "agent.kind=online")
+  apply_override(d, "policy.eps=0")
+  assert config_from_dict(d).agent.kind == "online" and config_from_dict(d).policy.eps == 0.0
+  assert RunConfig().agent.pair_selection == "info"
+
+
+def test_shipped_configs_load():
+  import pathlib
+  files = sorted(pathlib.Path(__file__).parents[1].glob("configs/rlhf_*.toml"))
+  assert files
+  for f in files:
+    load_config(f)
