@@ -152,7 +152,7 @@ def test_greedy_walk_takes_the_longest_matching_chain():
   v = 8
   onehot = lambda t: jax.nn.one_hot(jnp.asarray(t), v) * 10
   chains = jnp.array([[[3, 4, 6], [3, 5, 1], [2, 2, 2]]])
-  # The model's tokens: 3 after the root; 5 after (3, 5); then 7 after (3, 5, 1) ... and 4 after (3, 4).
+  # The model's tokens: 3 after the root, 5 after 3, 1 after (3, 5), 7 after (3, 5, 1).
   chain_logits = jnp.stack([onehot([[5, 4, 0], [5, 1, 7], [0, 0, 0]])])
   tokens, accepted, chosen = walk_chains(GREEDY, onehot([3]), chain_logits, chains,
                                          jnp.array([[True, True, True]]), jax.random.key(0))
@@ -175,7 +175,8 @@ def test_sampled_walk_follows_the_model_distribution():
   chain_logits = jnp.array([[after_0, after_01], [after_0, after_02], [after_0, after_0]])[None]
   valid = jnp.ones((1, 3), bool)
   sampler = Sampler(temperature=1.0)
-  walk = jax.jit(jax.vmap(lambda k: walk_chains(sampler, p_root[None], chain_logits, chains, valid, k)))
+  walk = jax.jit(jax.vmap(
+      lambda k: walk_chains(sampler, p_root[None], chain_logits, chains, valid, k)))
   tokens, accepted, _ = walk(jax.random.split(jax.random.key(1), draws))
   tokens, accepted = np.asarray(tokens[:, 0]), np.asarray(accepted[:, 0])
   se = lambda p: 4.5 * np.sqrt(p * (1 - p) / draws)

@@ -10,12 +10,13 @@ import pytest
 from effjax import cli
 from effjax.data import load_problems
 from effjax.data.records import Problem
-from effjax.decoding.methods import label, make_strategy
+from effjax.decoding.methods import label, make_strategy, parse_label
 from effjax.evals import specbench
 
 REPO = Path(__file__).resolve().parents[1]
-DEV = next((p for p in (REPO.parent / "shared" / "data" / "spec_bench" / "dev.jsonl",
-                        REPO / "shared" / "data" / "spec_bench" / "dev.jsonl") if p.is_file()), None)
+DEV = next((p / "spec_bench" / "dev.jsonl" for p in (REPO.parent / "shared" / "data",
+                                                     REPO / "shared" / "data")
+            if (p / "spec_bench" / "dev.jsonl").is_file()), None)
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing",
@@ -87,6 +88,9 @@ def test_summary_pools_tau_and_divides_mean_speeds():
 
 def test_method_registry():
   assert label("esp", 30) == "esp-bc30" and label("pld", 30) == "pld"
+  assert parse_label("esp-bc30") == ("esp", 30) and parse_label("pld") == ("pld", None)
+  with pytest.raises(ValueError, match="unknown decoding method"):
+    parse_label("esp-bcx")
   assert make_strategy("lookahead", 60).block_size == 60
   assert make_strategy("lookahead").block_size == 56  # Spec-Bench's N=5, W=7, G=7
   with pytest.raises(ValueError, match="unknown decoding method"):
@@ -105,14 +109,15 @@ def test_bench_specbench_command_end_to_end(tmp_path, capsys):
   data = tmp_path / "questions.jsonl"
   data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
   out = tmp_path / "out"
-  rc = cli.main(["bench", "specbench", "--model", str(tmp_path / "tiny"), "--method", "lookahead",
-                 "--bc", "10", "--data", str(data), "--max-new-tokens", "6", "--warmup", "1",
-                 "--buckets", "128", "--out", str(out)])
+  rc = cli.main(["bench", "specbench", "--model", str(tmp_path / "tiny"),
+                 "--method", "lookahead-bc10", "--data", str(data), "--max-new-tokens", "6",
+                 "--warmup", "1", "--buckets", "128", "--out", str(out)])
   assert rc == 0
   records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
   assert [(r["question_id"], r["method"]) for r in records] == [
       ("81", "ar"), ("81", "lookahead-bc10"), ("321", "ar"), ("321", "lookahead-bc10")]
-  assert [(r["category"], r["group"]) for r in records[::2]] == [("writing", "mt_bench"), ("qa", "qa")]
+  assert [(r["category"], r["group"]) for r in records[::2]] == [
+      ("writing", "mt_bench"), ("qa", "qa")]
   assert all(r["equal_to_ar"] for r in records)
   assert [len(r["turns"]) for r in records] == [2, 2, 1, 1]
   for r in records:
@@ -127,7 +132,8 @@ def test_bench_specbench_command_end_to_end(tmp_path, capsys):
       conversation, add_generation_prompt=True, tokenize=False))
   summary = json.loads((out / "summary.json").read_text())
   assert list(summary["table"]) == ["mt_bench", "qa", "overall"]
-  assert summary["meta"]["max_new_tokens"] == 6 and summary["meta"]["prompt_format"] == "chat template"
+  assert summary["meta"]["max_new_tokens"] == 6
+  assert summary["meta"]["prompt_format"] == "chat template"
   table = (out / "summary.md").read_text()
   assert table.splitlines()[0].startswith("| method | mt_bench tau / speedup | qa tau / speedup |")
   assert "| ar | 1.00 / 1.00x | 1.00 / 1.00x | 1.00 / 1.00x |" in table

@@ -8,20 +8,22 @@ import sys
 import time
 from pathlib import Path
 
-from effjax.decoding.methods import BC_METHODS, BC_PRESETS, METHODS, label, make_strategy
+from effjax.decoding.methods import (BC_METHODS, BC_PRESETS, METHODS, label, make_strategy,
+                                     parse_label)
 
 
 def register(subparsers) -> None:
   bench = subparsers.add_parser("bench", help="benchmarks")
   sub = bench.add_subparsers(dest="bench_command", required=True)
-  p = sub.add_parser("specbench", help="Spec-Bench protocol: tau, speedup, equality vs plain decoding",
-                     description=__doc__)
+  p = sub.add_parser("specbench", description=__doc__,
+                     help="Spec-Bench protocol: tau, speedup, equality vs plain decoding")
   p.add_argument("--model", default="smollm2-135m-instruct",
                  help="a named model or a GGUF file / HF dir / effjax checkpoint")
-  p.add_argument("--method", nargs="+", choices=METHODS, default=["esp"],
-                 help="methods to run (plain decoding 'ar' always runs as the baseline)")
+  p.add_argument("--method", nargs="+", default=["esp"],
+                 help=f"methods to run: {', '.join(METHODS)}, or one at a single budget such as "
+                      "esp-bc60 (plain decoding 'ar' always runs as the baseline)")
   p.add_argument("--bc", nargs="+", type=int, choices=BC_PRESETS, default=[30],
-                 help=f"budgets for {', '.join(sorted(BC_METHODS))} (default 30)")
+                 help=f"budgets for {', '.join(sorted(BC_METHODS))} named without one (default 30)")
   p.add_argument("--data", required=True, help="Spec-Bench question JSONL")
   p.add_argument("--max-new-tokens", type=int, default=1024)
   p.add_argument("--limit", type=int, default=None,
@@ -52,8 +54,9 @@ def run_specbench(args) -> int:
   if args.limit is not None and args.limit < 1:
     raise ValueError("--limit must be >= 1")
   methods = {}
-  for m in args.method:
-    for bc in (args.bc if m in BC_METHODS else [None]):
+  for item in args.method:
+    m, own = parse_label(item)
+    for bc in ([own] if own is not None or m not in BC_METHODS else args.bc):
       methods[label(m, bc)] = make_strategy(m, bc)  # a missing method module fails here, early
   problems = load_problems(args.data)
   if problems.format != "spec_bench":

@@ -94,7 +94,9 @@ def pool_insert(keys, grams, stamp, key_tok, gram, now, enabled, buckets: int):
     same = (kb == key_tok) & (gb == gram[None, :]).all(axis=-1)
     slot = jnp.where(same.any(), jnp.argmax(same), jnp.argmin(sb))
     # A disabled row writes its bucket back unchanged: one bucket is touched either way.
-    put = lambda buf, row, value: buf.at[bucket].set(jnp.where(enabled, row.at[slot].set(value), row))
+    def put(buf, row, value):
+      return buf.at[bucket].set(jnp.where(enabled, row.at[slot].set(value), row))
+
     return put(keys, kb, key_tok), put(grams, gb, gram), put(stamp, sb, now)
 
   return jax.vmap(one)(keys, grams, stamp, bucket, key_tok, gram, enabled)
@@ -144,8 +146,8 @@ class Lookahead(Strategy):
 
   def __post_init__(self):
     if self.level < 3 or self.window < 2 or self.guess < 1 or self.pool_buckets < 1:
-      raise ValueError(f"lookahead needs level >= 3, window >= 2, guess >= 1 and pool_buckets >= 1; "
-                       f"got N={self.level}, W={self.window}, G={self.guess}, "
+      raise ValueError(f"lookahead needs level >= 3, window >= 2, guess >= 1 and pool_buckets "
+                       f">= 1; got N={self.level}, W={self.window}, G={self.guess}, "
                        f"buckets={self.pool_buckets}")
 
   @classmethod
@@ -221,7 +223,8 @@ class Lookahead(Strategy):
     for i in range(w):
       keys, pgrams, stamp = pool_insert(keys, pgrams, stamp, window[:, 0, i], grams[:, i],
                                         state.calls, enabled, nb)
-    hist = la.hist.at[jnp.arange(b), jnp.maximum(appended - 1, 0)].add((appended > 0).astype(jnp.int32))
+    hist = la.hist.at[jnp.arange(b), jnp.maximum(appended - 1, 0)].add(
+        (appended > 0).astype(jnp.int32))
     extra = LookaheadState(window=jnp.concatenate([window[:, 1:], level[:, None]], axis=1),
                            pool_keys=keys, pool_grams=pgrams, pool_stamp=stamp, hist=hist)
     return state.replace(cache=cache, calls=state.calls + 1, extra=extra)

@@ -20,6 +20,15 @@ def label(method: str, bc: int | None = None) -> str:
   return f"{method}-bc{bc}" if method in BC_METHODS and bc is not None else method
 
 
+def parse_label(text: str) -> tuple[str, int | None]:
+  """'esp-bc30' -> ('esp', 30); 'pld' -> ('pld', None). The inverse of `label`."""
+  method, sep, bc = text.partition("-bc")
+  if method not in METHODS or (sep and not bc.isdigit()):
+    raise ValueError(f"unknown decoding method {text!r}; choose from {', '.join(METHODS)}, "
+                     f"optionally with a budget: esp-bc30")
+  return method, int(bc) if sep else None
+
+
 def make_strategy(method: str, bc: int | None = None, sampler: Sampler = GREEDY) -> Strategy:
   """A new strategy object for `method` (at budget `bc` where the method has one).
 

@@ -29,7 +29,8 @@ import numpy as np
 from effjax.data.records import Problem
 from effjax.decoding.engine import AutoRegressive, Engine, Strategy
 
-MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
+            "humanities")
 GROUPS = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 BASELINE = "ar"
 
@@ -181,8 +182,8 @@ def run(engine: Engine, fmt: PromptFormat, problems: Sequence[Problem],
         base = turns
       diffs = [first_difference(t.tokens, b.tokens) for t, b in zip(turns, base)]
       rec = {"question_id": problem.id, "category": category, "group": group_of(category),
-             "method": name, "equal_to_ar": all(d is None for d in diffs), "first_difference": diffs,
-             "turns": [t.record() for t in turns]}
+             "method": name, "equal_to_ar": all(d is None for d in diffs),
+             "first_difference": diffs, "turns": [t.record() for t in turns]}
       records.append(rec)
       if out is not None:
         out(rec)
