@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +44,18 @@ def dev_set() -> Path:
 def available(methods: list[str]) -> list[str]:
   return [m for m in methods if importlib.util.find_spec(
       f"effjax.decoding.{MODULES[parse_label(m)[0]]}") is not None]
+
+
+def finished(out: Path, argv: list[str]) -> bool:
+  """Whether `out` holds the summary of a finished run with the settings of `argv`."""
+  want = cli.build_parser().parse_args(argv)
+  try:
+    meta = json.loads((out / "summary.json").read_text())["meta"]
+  except (OSError, ValueError):
+    return False
+  from effjax.decoding.cli import command_line
+
+  return meta.get("command") == command_line(want, out) and "minutes" in meta
 
 
 def goals(table: dict) -> list[str]:
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--runs", default="runs/specbench-bench", help="run folders (JSONL, summaries)")
   p.add_argument("--out", default="BENCHMARKS.md")
+  p.add_argument("--reuse", action="store_true",
+                 help="use a model's finished run in --runs when it has the same settings")
   args = p.parse_args(argv)
   os.chdir(ROOT)  # the commands below, as written into BENCHMARKS.md, run from the repository root
   methods = available(args.methods)
@@ -100,17 +113,16 @@ def main(argv=None) -> int:
     argv_model = ["bench", "specbench", "--model", model, "--method", *methods, "--data", str(data),
                   "--max-new-tokens", str(args.max_new_tokens), "--limit", str(args.limit),
                   "--warmup", str(args.warmup), "--out", str(out)]
-    t0 = time.perf_counter()
-    rc = cli.main(argv_model)
-    minutes = (time.perf_counter() - t0) / 60
-    if rc:
-      parts.append(f"### {model}\n\n`effjax {' '.join(argv_model)}` failed (exit {rc}).")
-      continue
+    if not (args.reuse and finished(out, argv_model)):
+      rc = cli.main(argv_model)
+      if rc:
+        parts.append(f"### {model}\n\n`effjax {' '.join(argv_model)}` failed (exit {rc}).")
+        continue
     summary = json.loads((out / "summary.json").read_text())
     meta = summary["meta"]
     parts.append(
-        f"### {model}\n\n`effjax {' '.join(argv_model)}` ({meta['questions']} questions, "
-        f"{meta['prompt_format']}, cache {meta['cache_len']}, {minutes:.0f} min)\n\n"
+        f"### {model}\n\n`{meta['command']}` ({meta['questions']} questions, "
+        f"{meta['prompt_format']}, cache {meta['cache_len']}, {meta['minutes']:.0f} min)\n\n"
         f"{(out / 'summary.md').read_text().strip()}\n\n"
         + "\n".join(f"- {line}" for line in goals(summary["table"])))
   write_section(Path(args.out), HEADING, "\n\n".join(parts))

@@ -10,6 +10,7 @@ import pytest
 from effjax import cli
 from effjax.data import load_problems
 from effjax.data.records import Problem
+from effjax.decoding.cli import command_line
 from effjax.decoding.methods import label, make_strategy, parse_label
 from effjax.evals import specbench
 
@@ -132,7 +133,10 @@ def test_bench_specbench_command_end_to_end(tmp_path, capsys):
       conversation, add_generation_prompt=True, tokenize=False))
   summary = json.loads((out / "summary.json").read_text())
   assert list(summary["table"]) == ["mt_bench", "qa", "overall"]
-  assert summary["meta"]["max_new_tokens"] == 6
+  assert summary["meta"]["max_new_tokens"] == 6 and summary["meta"]["minutes"] >= 0
+  command = summary["meta"]["command"]  # spells out every setting: it parses back to itself
+  assert command.startswith("effjax bench specbench --model ") and "--buckets 128" in command
+  assert command_line(cli.build_parser().parse_args(command.split()[1:]), out) == command
   assert summary["meta"]["prompt_format"] == "chat template"
   table = (out / "summary.md").read_text()
   assert table.splitlines()[0].startswith("| method | mt_bench tau / speedup | qa tau / speedup |")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -43,12 +42,27 @@ def register(subparsers) -> None:
   p.set_defaults(func=run_specbench)
 
 
+def command_line(args, out: Path) -> str:
+  """The command that repeats this run, every setting spelled out."""
+  parts = ["effjax bench specbench", f"--model {args.model}", "--method " + " ".join(args.method),
+           "--bc " + " ".join(map(str, args.bc)), f"--data {args.data}",
+           f"--max-new-tokens {args.max_new_tokens}", f"--warmup {args.warmup}",
+           f"--dtype {args.dtype}", f"--out {out}"]
+  parts += [f"--{k.replace('_', '-')} {v}" for k, v in
+            (("limit", args.limit), ("cache_len", args.cache_len), ("buckets", args.buckets))
+            if v is not None]
+  if args.chat is not None:
+    parts.append("--chat" if args.chat else "--no-chat")
+  return " ".join(parts)
+
+
 def run_specbench(args) -> int:
   from effjax.checkpoints.registry import load_model
   from effjax.data import load_problems
   from effjax.decoding.engine import Engine
   from effjax.evals import specbench
 
+  t0 = time.perf_counter()
   if args.max_new_tokens < 1:
     raise ValueError("--max-new-tokens must be >= 1")
   if args.limit is not None and args.limit < 1:
@@ -77,7 +91,7 @@ def run_specbench(args) -> int:
           "data": args.data, "questions": len(questions), "per_group_limit": args.limit,
           "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "dtype": args.dtype,
           "cache_len": cache_len, "prompt_format": fmt.name, "started": stamp,
-          "command": "effjax " + " ".join(sys.argv[1:])}
+          "command": command_line(args, out)}
   print(f"{len(questions)} questions, methods ar + {', '.join(methods)}; {fmt.name}; "
         f"cache {cache_len}; writing {out}", flush=True)
   with (out / "results.jsonl").open("w") as f:
@@ -87,6 +101,7 @@ def run_specbench(args) -> int:
 
     records = specbench.run(engine, fmt, questions, methods, max_new_tokens=args.max_new_tokens,
                             warmup=args.warmup, out=emit, log=lambda s: print(s, flush=True))
+  meta["minutes"] = round((time.perf_counter() - t0) / 60, 1)
   _, text = specbench.write_outputs(out, records, meta)
   print(text)
   return 0
