@@ -31,7 +31,7 @@ def tiny_policy(seed=0):
 def rm_setup():
   """One reward model and one compiled 5-step update shared by the ENN tests (compiles are slow)."""
   graphdef, params, priors = enn.split(enn.create_reward_model(tiny_policy(), ENN, seed=1))
-  opt = enn.rm_optimizer(ENN, params)
+  opt = enn.rm_optimizer(ENN)
   return graphdef, params, priors, opt, enn.make_rm_update(graphdef, opt)
 
 

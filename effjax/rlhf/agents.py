@@ -19,6 +19,7 @@ same command continues exactly where it stopped and ends where an uninterrupted 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -29,11 +30,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from effjax.models.sharding import parse_mesh, state_shardings
 from effjax.rlhf import enn, labels, pairs, policy, raters, rollout
-from effjax.rlhf.config import RunConfig, config_to_dict
+from effjax.rlhf.config import AgentConfig, ENNConfig, PolicyConfig, RunConfig, config_to_dict
 
 # Purposes of random draws inside one batch.
 ROLLOUT, SELECT, LABEL, FRESH_ROLLOUT, REPLAY, RETRAIN_RM, RETRAIN_POLICY = range(7)
@@ -63,27 +65,38 @@ class Steps:
   rm_update: Callable  # (rm, priors, opt, batches [S, M]) -> (rm, opt, metrics)
   policy_update: Callable  # (policy, anchor, opt, rm, priors, a, b) -> (policy, anchor, opt, metrics)
   policy_retrain: Callable  # the same with sub-step (b) only and no nudge (offline / periodic)
+  rm_opt: optax.GradientTransformation
+  policy_opt: optax.GradientTransformation
 
 
-def build_steps(cfg: RunConfig, policy_graphdef, rm_graphdef, rm_opt, policy_opt, response_len: int,
-                mesh=None) -> Steps:
-  a, p = cfg.agent, cfg.policy
-  select = pairs.selector(a)
+@functools.lru_cache(maxsize=16)
+def build_steps(agent: AgentConfig, pcfg: PolicyConfig, ecfg: ENNConfig, policy_graphdef, rm_graphdef,
+                response_len: int, mesh=None) -> Steps:
+  """The jitted steps, shared by every run in a process with the same settings (one compile)."""
+  rm_opt = enn.rm_optimizer(ecfg)
+  policy_opt = policy.policy_optimizer(pcfg)
   return Steps(
-      sample=rollout.make_sampler(policy_graphdef, num_samples=a.responses_per_prompt,
-                                  length=response_len, top_k=p.top_k, temperature=p.temperature,
+      sample=rollout.make_sampler(policy_graphdef, num_samples=agent.responses_per_prompt,
+                                  length=response_len, top_k=pcfg.top_k, temperature=pcfg.temperature,
                                   mesh=mesh),
       greedy=rollout.make_sampler(policy_graphdef, num_samples=1, length=response_len, top_k=1,
                                   temperature=0.0, mesh=mesh),
       score=enn.make_scorer(rm_graphdef, mesh),
-      select=jax.jit(select),
+      select=jax.jit(pairs.selector(agent)),
       select_random=jax.jit(pairs.random_pair),
       rm_update=enn.make_rm_update(rm_graphdef, rm_opt, mesh),
-      policy_update=policy.make_policy_update(policy_graphdef, rm_graphdef, p, policy_opt,
+      policy_update=policy.make_policy_update(policy_graphdef, rm_graphdef, pcfg, policy_opt,
                                               use_a=True, mesh=mesh),
-      policy_retrain=policy.make_policy_update(policy_graphdef, rm_graphdef, p, policy_opt,
+      policy_retrain=policy.make_policy_update(policy_graphdef, rm_graphdef, pcfg, policy_opt,
                                                use_a=False, mesh=mesh, eps=0.0),
+      rm_opt=rm_opt, policy_opt=policy_opt,
   )
+
+
+def step_settings(agent: AgentConfig) -> AgentConfig:
+  """The agent fields the compiled steps depend on (the rest must not split the step cache)."""
+  return AgentConfig(selection=agent.pair_selection, responses_per_prompt=agent.responses_per_prompt,
+                     dts_tries=agent.dts_tries, boltzmann_temperature=agent.boltzmann_temperature)
 
 
 class Checkpoints:
@@ -150,10 +163,9 @@ class Trainer:
     self.policy_graphdef, self.theta0 = nnx.split(sft)
     rm = enn.create_reward_model(sft, cfg.enn, seed=cfg.seed)
     self.rm_graphdef, self.phi0, self.priors = enn.split(rm)
-    self.rm_opt = enn.rm_optimizer(cfg.enn, self.phi0)
-    self.policy_opt = policy.policy_optimizer(cfg.policy)
-    self.steps = build_steps(cfg, self.policy_graphdef, self.rm_graphdef, self.rm_opt,
-                             self.policy_opt, self.env.response_len, self.mesh)
+    self.steps = build_steps(step_settings(cfg.agent), cfg.policy, cfg.enn, self.policy_graphdef,
+                             self.rm_graphdef, self.env.response_len, self.mesh)
+    self.rm_opt, self.policy_opt = self.steps.rm_opt, self.steps.policy_opt
     self.key = jax.random.key(cfg.seed)
     self.batch_size = cfg.agent.prompts_per_batch
 

@@ -123,14 +123,17 @@ def rm_loss(rm: RewardModel, batch: dict, mesh=None) -> tuple[jax.Array, dict]:
   return loss, dict(rm_loss=point_loss, rm_particle_loss=particle_loss, rm_accuracy=accuracy)
 
 
-def rm_optimizer(enn: ENNConfig, params: nnx.State) -> optax.GradientTransformation:
-  """Adam on heads; the backbone's updates scaled by backbone_lr_scale. Priors are not params."""
-  backbone_mask = jax.tree_util.tree_map_with_path(
+def _backbone_mask(params):
+  return jax.tree_util.tree_map_with_path(
       lambda path, _: str(getattr(path[0], "key", "")) == "backbone", params)
+
+
+def rm_optimizer(enn: ENNConfig) -> optax.GradientTransformation:
+  """Adam on heads; the backbone's updates scaled by backbone_lr_scale. Priors are not params."""
   return optax.chain(
       optax.clip_by_global_norm(enn.clip_norm),
       optax.adam(enn.lr),
-      optax.masked(optax.scale(enn.backbone_lr_scale), backbone_mask),
+      optax.masked(optax.scale(enn.backbone_lr_scale), _backbone_mask),
   )
 
 

@@ -116,7 +116,7 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
     new_anchor = jax.tree.map(lambda t_bar, t: cfg.eta * t_bar + (1.0 - cfg.eta) * t, anchor,
                               new_policy)
     ok = jnp.isfinite(loss) & enn.finite(grads)
-    metrics = dict(metrics, policy_loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, policy_loss=loss, grad_norm=optax.tree.norm(grads),
                    policy_skipped=(~ok).astype(jnp.int32),
                    rm_margin=jnp.mean(point_b.max(-1) - point_b.min(-1)))
     return (enn.keep_if(ok, new_policy, policy), enn.keep_if(ok, new_anchor, anchor),
