@@ -1,0 +1,197 @@
+"""ESP and the hybrid tree on tiny random models: greedy output equals plain greedy decoding on
+ragged batches, sampling matches plain sampling's distribution, and the pieces (mask init, EMA,
+static and dynamic trees) match their definitions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from effjax.decoding.engine import AutoRegressive, Engine
+from effjax.decoding.esp import (ESP, dynamic_candidates, ema_update, init_masks, static_tree)
+from effjax.decoding.hybrid import Hybrid
+from effjax.decoding.pld import PromptLookup
+from effjax.decoding.sampling import Sampler
+from effjax.decoding.tree import select_tree
+from effjax.models import create_model, tiny_config
+
+PROMPTS = [[1, 2, 3, 4, 9, 10, 11, 14, 15, 20, 21], [7, 8, 9], [5, 6, 7, 8] * 3 + [5, 6]]
+LIMITS = [14, 18, 9]
+
+
+def tiny(family, vocab=32, seed=0, **kw):
+  """A 2-layer model with an untied head (a tied random head mostly repeats the last token)."""
+  kinds = dict(layer_kinds=("sliding", "global")) if family.startswith("gemma") else {}
+  cfg = tiny_config(family, vocab_size=vocab, tie_embeddings=False, num_layers=2, **kinds, **kw)
+  return cfg, create_model(cfg, seed=seed)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def engine(request):
+  _, model = tiny(request.param)
+  eng = Engine(model, cache_len=80)
+  return eng, eng.generate(PROMPTS, max_new_tokens=LIMITS).tokens
+
+
+def _name(s):
+  if isinstance(s, PromptLookup):
+    return "pld"
+  return f"{type(s).__name__}-{'dyn' if s.widths is None else s.widths}-{s.budget}"
+
+
+@pytest.mark.parametrize("strategy", [
+    ESP.preset(10), ESP.preset(30), ESP.preset(60), ESP.preset(60, dynamic=True),
+    ESP(widths=(2, 2, 2), init="last"), PromptLookup(), Hybrid.preset(30)], ids=_name)
+def test_greedy_equals_plain_greedy_on_ragged_batch(engine, strategy):
+  eng, want = engine
+  res = eng.generate(PROMPTS, strategy=strategy, max_new_tokens=LIMITS)
+  assert res.tokens == want
+  hist = res.extra.hist
+  per_call = np.arange(hist.shape[1])
+  # Every decode forward of an active row is counted once, by the tokens it appended.
+  np.testing.assert_array_equal((hist * per_call).sum(axis=1), [len(t) - 1 for t in want])
+  assert hist[:, 2:].sum() > 0  # drafts were accepted, so verification really ran
+  assert res.model_calls == hist.sum(axis=1).max()
+
+
+def test_esp_checks_its_settings():
+  assert ESP.preset(60).masks == 2 and ESP.preset(60).block_size == 60
+  assert ESP.preset(30).max_step_tokens == 2 and ESP.preset(60).max_step_tokens == 3
+  dyn = ESP.preset(60, dynamic=True)
+  assert (dyn.masks, dyn.num_nodes, dyn.block_size) == (2, 19, 60)
+  with pytest.raises(ValueError, match="1 to 3"):
+    ESP(widths=(1, 1, 1, 1))
+  with pytest.raises(ValueError, match="multiple"):
+    ESP(widths=None, masks=2, budget=31)
+  with pytest.raises(ValueError, match="preset"):
+    ESP.preset(20)
+  with pytest.raises(ValueError, match="init"):
+    ESP(init="zeros")
+
+
+def test_mask_init_and_ema_follow_their_definitions():
+  table = jax.random.normal(jax.random.key(0), (20, 6))
+  prompt = jnp.array([[3, 4, 5, 0], [7, 8, 0, 0]])
+  plen = jnp.array([3, 2])
+  mean = init_masks(table, prompt, plen, 2, "mean", jax.random.key(1))
+  np.testing.assert_allclose(mean[0, 1], table[jnp.array([3, 4, 5])].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(mean[1, 0], table[jnp.array([7, 8])].mean(0), rtol=1e-6)
+  last = init_masks(table, prompt, plen, 2, "last", jax.random.key(1))
+  np.testing.assert_array_equal(last[0], table[jnp.array([4, 5])])
+  drawn = init_masks(table, jnp.tile(prompt[:1, :3], (1, 200)), jnp.array([600]), 3, "sample",
+                     jax.random.key(2))
+  assert not np.allclose(drawn[0, 0], drawn[0, 1])
+  emb = table[jnp.array([3, 4, 5])]
+  spread = jnp.sqrt(((emb - emb.mean(0)) ** 2).mean())
+  np.testing.assert_allclose(jnp.std(drawn[0] - emb.mean(0)), spread, rtol=0.5)
+  # EMA: the closed form equals applying Eq. 5 once per committed token, in order.
+  m = jax.random.normal(jax.random.key(3), (2, 2, 6))
+  new = jax.random.normal(jax.random.key(4), (2, 4, 6))
+  got = ema_update(m, new, jnp.array([3, 0]), 0.1)
+  want = m[0]
+  for e in new[0, :3]:
+    want = want + 0.1 * (e - want)
+  np.testing.assert_allclose(got[0], want, rtol=1e-5)
+  np.testing.assert_array_equal(got[1], m[1])
+
+
+def test_static_tree_top1_expansion_and_pruning():
+  root = jnp.array([7])
+  # q_1 ranks 7 (the root's token: pruned), 3, 9, 4; q_2 ranks 3 (= its parent: pruned), 5, 6.
+  cand = jnp.array([[[7, 3, 9, 4], [3, 5, 6, 1]]])
+  tree = static_tree(root, cand, (3, 2))
+  np.testing.assert_array_equal(tree.tokens, [[7, 3, 9, 4, 5, 6]])
+  np.testing.assert_array_equal(tree.parent, [[0, 0, 0, 0, 1, 1]])
+
+
+def _alg1_reference(root, q, owners):
+  """Paper Alg. 1 by enumeration: at depth i the owners - i best (path, token) extensions of the
+  depth i-1 candidates by P(path) * q_i(token), no token equal to its parent's; then the
+  owners - 1 best of all candidates. Returns the kept token paths."""
+  level = [((), 1.0, root)]
+  pool = []
+  for i in range(1, len(q) + 1):
+    ext = [(path + (t,), p * q[i - 1][t], t) for path, p, last in level
+           for t in range(len(q[i - 1])) if t != last]
+    ext.sort(key=lambda e: -e[1])
+    level = ext[:owners - i]
+    pool += level
+  pool.sort(key=lambda e: -e[1])
+  return {path for path, _, _ in pool[:owners - 1]}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dynamic_tree_matches_algorithm_1(seed):
+  k, owners, vocab = 2, 6, 12
+  rng = np.random.default_rng(seed)
+  q = rng.dirichlet(np.full(vocab, 0.5), size=k)
+  root = int(np.argmax(q[0]))  # the best q_1 token is the root's: pruned at depth 1
+  logp = jnp.log(jnp.asarray(q, jnp.float32))[None]
+  top_logp, top_tok = jax.lax.top_k(logp, owners)
+  parent, tokens, score, valid, levels = dynamic_candidates(jnp.array([root]), top_tok, top_logp,
+                                                            owners)
+  tree = select_tree(jnp.array([root]), parent, tokens, score, valid, levels, owners - 1)
+  par, tok = np.asarray(tree.parent[0]), np.asarray(tree.tokens[0])
+  paths = set()
+  for o in range(1, owners):
+    path, i = [], o
+    while i:
+      path.append(int(tok[i]))
+      i = par[i]
+    paths.add(tuple(reversed(path)))
+  assert paths == _alg1_reference(root, q, owners)
+  assert np.asarray(tree.valid).all()
+
+
+def test_hybrid_tree_holds_the_lookup_chain_and_esp_candidates():
+  _, model = tiny("llama")
+  eng = Engine(model, cache_len=64)
+  strat = Hybrid(masks=1, budget=16, chain=3)  # 7 node slots: the chain and 4 ESP nodes
+  state = eng.start([[1, 4, 5, 6, 7, 8, 9, 2, 4, 5]], strategy=strat, max_new_tokens=4)
+  # Make the text end in "4 5 6": it occurred before, followed by 7 8 9.
+  state = state.replace(last=jnp.array([6]), tokens=state.tokens.at[0, 0].set(6))
+  tree = strat.draft(state)
+  tok, par, valid = (np.asarray(x[0]).tolist() for x in (tree.tokens, tree.parent, tree.valid))
+  esp = [t for t in np.asarray(state.extra.cand_tokens[0, 0]).tolist() if t not in (6, 7)][:4]
+  # BFS: depth 1 = chain head 7 and the 4 best ESP tokens (not the root's 6; a 7 merges into the
+  # chain head), then the chain's 8 and 9.
+  assert tok == [6, 7] + esp + [8, 9]
+  assert par == [0, 0, 0, 0, 0, 0, 1, 6]
+  assert all(valid)
+
+
+def _exact_joint(model, prompt, sampler, n=3):
+  """P(t1..tn | prompt) over the whole vocabulary by full forwards of every prefix."""
+  v = model.cfg.vocab_size
+  probs = {(): 1.0}
+  for _ in range(n):
+    seqs = list(probs)
+    logits = model(jnp.array([prompt + list(s) for s in seqs])).logits[:, -1]
+    p = np.asarray(sampler.probs(logits), np.float64)
+    probs = {s + (t,): probs[s] * p[i, t] for i, s in enumerate(seqs) for t in range(v)}
+  return probs
+
+
+def test_sampling_matches_the_models_distribution():
+  """First three sampled tokens of many rows: the frequencies of ESP (two masks, depth-2 trees),
+  the hybrid and plain sampling all fit the exact joint distribution (chi-square over the cells
+  with >= 5 expected counts, the rest pooled)."""
+  _, model = tiny("qwen3", vocab=8, seed=1)
+  sampler = Sampler(temperature=1.0)
+  prompt = [1, 2, 3, 4, 2, 3]
+  rows = 2000
+  exact = _exact_joint(model, prompt, sampler)
+  big = [c for c in exact if exact[c] * rows >= 5]
+  exp = [exact[c] * rows for c in big] + [rows * (1 - sum(exact[c] for c in big))]
+  eng = Engine(model, cache_len=32)
+  for s in (AutoRegressive(sampler), ESP(widths=(2, 2), sampler=sampler),
+            Hybrid(masks=1, budget=10, chain=3, sampler=sampler)):
+    res = eng.generate([prompt] * rows, strategy=s, max_new_tokens=3, seed=5)
+    seen = {}
+    for t in res.tokens:
+      seen[tuple(t)] = seen.get(tuple(t), 0) + 1
+    obs = [seen.get(c, 0) for c in big] + [rows - sum(seen.get(c, 0) for c in big)]
+    assert stats.chisquare(obs, exp).pvalue > 1e-3, type(s).__name__
+    if not isinstance(s, AutoRegressive):
+      assert res.extra.hist[:, 2:].sum() > rows // 10  # multi-token steps really happened
