@@ -160,9 +160,10 @@ class Trainer:
     self.mesh = parse_mesh(cfg.mesh)
 
     sft = self.env.sft_policy()
-    self.policy_graphdef, self.theta0 = nnx.split(sft)
+    self.policy_graphdef, theta0 = nnx.split(sft)
     rm = enn.create_reward_model(sft, cfg.enn, seed=cfg.seed)
-    self.rm_graphdef, self.phi0, self.priors = enn.split(rm)
+    self.rm_graphdef, phi0, priors = enn.split(rm)
+    self.theta0, self.phi0, self.priors = self._place((theta0, phi0, priors))
     self.steps = build_steps(step_settings(cfg.agent), cfg.policy, cfg.enn, self.policy_graphdef,
                              self.rm_graphdef, self.env.response_len, self.mesh)
     self.rm_opt, self.policy_opt = self.steps.rm_opt, self.steps.policy_opt
