@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -50,14 +51,17 @@ def describe_environment(env, cfg, out: pathlib.Path) -> None:
 
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default=str(ROOT / "configs/rlhf_toy.toml"))
-  p.add_argument("--out", default=str(ROOT / "runs/rlhf/toy"))
+  p.add_argument("--config", default="configs/rlhf_toy.toml")
+  p.add_argument("--out", default="runs/rlhf/toy")
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
   p.add_argument("--set", action="append", default=[], help="extra override for every run")
   p.add_argument("--variant-set", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                  help="extra override for one variant, e.g. offline:agent.num_batches=400")
   p.add_argument("--plot", default="", help="figure path (default: OUT/win_rate.png)")
+  p.add_argument("--benchmarks", default="", help="write the '## Online RLHF (toy environment)' "
+                 "section of this BENCHMARKS.md")
+  p.add_argument("--notes", default="", help="markdown appended to that section (the discussion)")
   args = p.parse_args()
   extra: dict[str, list[str]] = {}
   for item in args.variant_set:
@@ -102,7 +106,72 @@ def main() -> int:
               f" (measured: reached at {e['measured_labels_to_reach_reference']})"
     print(line)
   print(f"figure: {plot_path}")
+  if args.benchmarks:
+    write_benchmarks(pathlib.Path(args.benchmarks), summary, out, plot_path, args, sys.argv)
   return 0
+
+
+def write_benchmarks(path: pathlib.Path, summary: dict, out: pathlib.Path, plot_path: str, args,
+                     argv: list[str]) -> None:
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  from report import write_section
+  cfg = load_config(args.config)
+  a = cfg.agent
+  env = json.loads((out / "environment.json").read_text()) if (out / "environment.json").exists() else {}
+  rows = ["| agent | seeds | labels | final win rate (mean +- std over seeds) | fit a | fit b | "
+          "labels to reach offline's final win (fit / measured) | efficiency vs offline |",
+          "|---|---|---|---|---|---|---|---|"]
+  for name, e in sorted(summary.items(), key=lambda kv: kv[0]):
+    fit_a = f"{e['a']:.3g}" if "a" in e else "-"
+    fit_b = f"{e['b']:.3f}" if "b" in e else "-"
+    reach = "-"
+    eff = "-"
+    if "labels_to_reach_reference" in e:
+      measured = e["measured_labels_to_reach_reference"]
+      reach = f"{e['labels_to_reach_reference']:.0f} / {measured if measured else 'not reached'}"
+      eff = f"{e['efficiency_vs_reference']:.1f}x"
+    rows.append(f"| {name} | {len(e['seeds'])} | {e['final_labels']} | {e['final_win']:.3f} +- "
+                f"{e['final_win_std']:.3f} | {fit_a} | {fit_b} | {reach} | {eff} |")
+  curves_txt = "\n".join(
+      f"- {name}: " + ", ".join(f"{n}: {w:.3f}" for n, w in zip(e["labels"], e["mean_win"]) if n > 0)
+      for name, e in sorted(summary.items()))
+  env_txt = ""
+  if env:
+    q = env["sft_reward_quantiles_10_50_90_99"]
+    env_txt = (
+        f"SFT policy (top-{cfg.policy.top_k} samples, rewards standardised on the SFT data): quantiles "
+        f"10/50/90/99% = {q[0]:.2f} / {q[1]:.2f} / {q[2]:.2f} / {q[3]:.2f}, within-prompt std "
+        f"{env['sft_reward_std_within_prompt']:.2f}; greedy SFT reward {env['sft_greedy_reward']:.2f}; "
+        f"the teacher's best response scores {env['best_response_reward']:.2f} and has median SFT "
+        f"log-probability {env['best_response_sft_logprob_median']:.1f}. Random pairs of SFT samples: "
+        f"{100 * env['near_tie_fraction']:.0f}% near ties (|P - 1/2| < 0.1), "
+        f"{100 * env['clear_pair_fraction']:.0f}% clear (|P - 1/2| > 0.4).")
+  rel_plot = os.path.relpath(pathlib.Path(plot_path).resolve(), path.resolve().parent)
+  body = f"""Command (resumable; finished runs are skipped):
+
+    {' '.join(['.venv/bin/python', 'benchmarks/rlhf_toy.py', *argv[1:]])}
+
+Settings: `{args.config}` plus the per-agent overrides in
+`benchmarks/rlhf_toy.py` (VARIANTS); seeds {' '.join(map(str, args.seeds))}. Batch {a.prompts_per_batch} prompts x
+{a.responses_per_prompt} responses (the paper's size), one label per prompt; ENN with {cfg.enn.num_particles}
+particles; policy lr {cfg.policy.lr}, nudge eps {cfg.policy.eps}, KL beta {cfg.policy.beta}, anchor eta
+{cfg.policy.eta}; offline/periodic retrain the policy for {cfg.policy.retrain_steps} steps. Win rate = mean
+rater probability that the greedy policy beats the greedy SFT policy on {cfg.env.toy.num_eval_prompts}
+held-out prompts (0.5 = tie).
+
+{env_txt}
+
+![win rate vs labels]({rel_plot})
+
+{chr(10).join(rows)}
+
+Mean win rate per evaluated label count:
+
+{curves_txt}
+"""
+  if args.notes:
+    body += "\n" + pathlib.Path(args.notes).read_text()
+  write_section(path, "## Online RLHF (toy environment)", body)
 
 
 if __name__ == "__main__":
