@@ -35,7 +35,8 @@ from flax import nnx
 
 from effjax.models.sharding import parse_mesh, state_shardings
 from effjax.rlhf import enn, labels, pairs, policy, raters, rollout
-from effjax.rlhf.config import AgentConfig, ENNConfig, PolicyConfig, RunConfig, config_to_dict
+from effjax.rlhf.config import (AgentConfig, ENNConfig, PolicyConfig, RunConfig, config_from_dict,
+                                config_to_dict)
 
 # Purposes of random draws inside one batch.
 ROLLOUT, SELECT, LABEL, FRESH_ROLLOUT, REPLAY, RETRAIN_RM, RETRAIN_POLICY = range(7)
@@ -202,8 +203,9 @@ class Trainer:
     path = self.out / "config.json"
     mine = config_to_dict(self.cfg)
     if path.exists():
-      theirs = json.loads(path.read_text())
-      if theirs != json.loads(json.dumps(mine)):
+      # Through the loader: fields added since the run started read as their defaults.
+      theirs = config_to_dict(config_from_dict(json.loads(path.read_text())))
+      if json.loads(json.dumps(theirs)) != json.loads(json.dumps(mine)):
         raise ValueError(f"{self.out} holds a run with a different config; use a new out_dir")
     else:
       path.write_text(json.dumps(mine, indent=1))

@@ -105,6 +105,7 @@ class ToyConfig:
   prompt_effect: float = 1.0  # how strongly the prompt shifts the SFT data's token distribution
   teacher_hidden: int = 32
   teacher_prompt_weight: float = 1.0  # teacher reward = bigram part + this * prompt-dependent part
+  teacher_repeat_penalty: float = 0.0  # minus this per repeated token (degenerate repetition is bad)
   model: PolicyModelConfig = PolicyModelConfig()
   sft_steps: int = 1500
   sft_batch: int = 256

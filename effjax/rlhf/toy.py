@@ -6,7 +6,8 @@
   prompt-dependent shift H s(x) (s: a random embedding of the prompt's tokens), at a temperature.
 - Teacher reward (hidden): a random bigram table W (independent of G) summed over the response's
   transitions, plus a prompt-dependent token preference u(x) from a random MLP of another prompt
-  embedding. Because W is independent of G, most high-reward transitions are ones the SFT policy
+  embedding, optionally minus a penalty per repeated token (teacher_repeat_penalty: degenerate,
+  repetitive responses are bad, and the SFT data rarely shows how bad). Because W is independent of G, most high-reward transitions are ones the SFT policy
   rarely takes: the best responses are rare but reachable (distribution shift), and the RM has to
   learn the prompt -> preference map from labels (it cannot memorise prompts). The reward is
   standardised so that two SFT responses to the same prompt differ by ~N(0, 2): with rater
@@ -77,10 +78,17 @@ def teacher_parts(world: ToyWorld, toy: ToyConfig, prompts: jax.Array):
   return world.teacher_bigram, toy.teacher_prompt_weight * u
 
 
+def repeats(responses: jax.Array) -> jax.Array:
+  """Tokens that repeat an earlier token of the same response: L - #distinct, [B]."""
+  s = jnp.sort(responses, axis=1)
+  return jnp.sum(s[:, 1:] == s[:, :-1], axis=1)
+
+
 def raw_teacher(world: ToyWorld, toy: ToyConfig, prompts: jax.Array, responses: jax.Array):
   w, u = teacher_parts(world, toy, prompts)
   prev = jnp.concatenate([prompts[:, -1:], responses[:, :-1]], axis=1)
-  return w[prev, responses].sum(axis=1) + jnp.take_along_axis(u, responses, axis=1).sum(axis=1)
+  raw = w[prev, responses].sum(axis=1) + jnp.take_along_axis(u, responses, axis=1).sum(axis=1)
+  return raw - toy.teacher_repeat_penalty * repeats(responses)
 
 
 def teacher_reward(world: ToyWorld, toy: ToyConfig, prompts: jax.Array, responses: jax.Array):
@@ -220,7 +228,10 @@ class ToyEnvironment:
   def sft_policy(self) -> Transformer:
     """The SFT policy, trained once per environment config and cached with Orbax."""
     import orbax.checkpoint as ocp
-    key = hashlib.sha1(json.dumps(dataclasses.asdict(self.toy), sort_keys=True).encode()).hexdigest()
+    # The SFT policy depends on the data process only, not on the teacher.
+    fields = {k: v for k, v in dataclasses.asdict(self.toy).items()
+              if k not in ("teacher_prompt_weight", "teacher_repeat_penalty")}
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     path = (self.cache_dir / f"toy_sft_{key[:12]}").absolute()
     abstract = nnx.eval_shape(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
