@@ -2,10 +2,11 @@
 
 For each k, a jitted forward of k new tokens over a KV cache of `--cache-len` slots holding a
 `--context`-token prefix (advance=False, as a tree step does), timed as the median and the minimum
-of `--reps` calls after a warm-up. The calls go round-robin over all settings, so a load change on a
-shared machine hits every k alike. Two variants: the layers plus logits at every token, and the
+of `--reps` calls after a warm-up, in wall-clock and in process CPU time (all threads; the steadier
+number on a shared machine). The calls go round-robin over all settings, so a load change hits
+every k alike. Two variants: the layers plus logits at every token, and the
 layers plus logits at one token (what a tree step needs per owner is in between). Prints a markdown
-table: ms per forward and the ratio to k = 1.
+table: ms per forward and the ratios to k = 1.
 
   python benchmarks/forward_cost.py --model smollm2-135m-instruct --ks 1,4,10,16,30,60
 """
@@ -35,18 +36,21 @@ def make_forward(graphdef, all_logits: bool):
   return jax.jit(forward)
 
 
-def time_round_robin(calls: list, reps: int) -> list[tuple[float, float]]:
-  """(median ms, min ms) per (fn, args) in `calls`, timed one call of each per round."""
+def time_round_robin(calls: list, reps: int) -> list[tuple[float, float, float]]:
+  """(median wall ms, min wall ms, median CPU ms) per (fn, args), one call of each per round."""
   for fn, args in calls:  # compile + warm-up
     jax.block_until_ready(fn(*args))
     jax.block_until_ready(fn(*args))
-  times = [[] for _ in calls]
+  wall = [[] for _ in calls]
+  cpu = [[] for _ in calls]
   for _ in range(reps):
     for i, (fn, args) in enumerate(calls):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       jax.block_until_ready(fn(*args))
-      times[i].append(time.perf_counter() - t)
-  return [(statistics.median(t) * 1e3, min(t) * 1e3) for t in times]
+      wall[i].append(time.perf_counter() - t)
+      cpu[i].append(time.process_time() - c)
+  return [(statistics.median(w) * 1e3, min(w) * 1e3, statistics.median(c) * 1e3)
+          for w, c in zip(wall, cpu)]
 
 
 def main(argv=None) -> int:
@@ -75,17 +79,18 @@ def main(argv=None) -> int:
                           args.context + jnp.arange(k)[None, :])))
   timed = time_round_robin(calls, args.reps)
   rows = []
-  for (k, where), (med, best) in zip(settings, timed):
-    base_med, base_min = timed[settings.index((ks[0], where))]
-    rows.append((k, where, med, best, med / base_med, best / base_min))
+  for (k, where), (med, best, cpu) in zip(settings, timed):
+    _, base_min, base_cpu = timed[settings.index((ks[0], where))]
+    rows.append((k, where, med, best, cpu, best / base_min, cpu / base_cpu))
 
   print(f"{args.model}, {cfg.dtype}, batch 1, cache {args.cache_len} slots with a "
-        f"{args.context}-token prefix, {jax.devices()[0].platform} ({platform.processor() or 'cpu'}, "
-        f"{jax.device_count()} device(s)), {args.reps} reps\n")
-  print("| k tokens | logits at | median ms | min ms | median / k=1 | min / k=1 |")
-  print("|---|---|---|---|---|---|")
-  for k, where, med, best, rmed, rbest in rows:
-    print(f"| {k} | {where} | {med:.1f} | {best:.1f} | {rmed:.2f}x | {rbest:.2f}x |")
+        f"{args.context}-token prefix, {jax.devices()[0].platform} "
+        f"({platform.processor() or 'cpu'}, {jax.device_count()} device(s)), {args.reps} reps\n")
+  print("| k tokens | logits at | wall median ms | wall min ms | CPU median ms | wall min / k=1 "
+        "| CPU / k=1 |")
+  print("|---|---|---|---|---|---|---|")
+  for k, where, med, best, cpu, rbest, rcpu in rows:
+    print(f"| {k} | {where} | {med:.1f} | {best:.1f} | {cpu:.1f} | {rbest:.2f}x | {rcpu:.2f}x |")
   return 0
 
 

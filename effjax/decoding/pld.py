@@ -37,19 +37,19 @@ def context(state: DecodeState) -> tuple[jax.Array, jax.Array]:
   return jnp.where(i < plen, from_prompt, from_tokens), state.prompt_len + state.length
 
 
-def lookup(ctx: jax.Array, length: jax.Array, max_ngram: int, draft_len: int):
+def lookup(ctx: jax.Array, length: jax.Array, max_ngram: int, draft_len: int, min_ngram: int = 1):
   """Draft [B, draft_len] and its valid length [B] for text ctx[:, :length].
 
-  For n = max_ngram..1: the first position i where ctx[i:i+n] equals the last n tokens and the
-  copy starts before that n-gram (i + n < length - n), as the reference implementation does; the
-  draft is what follows, cut at the end of the text. Rows without a match get length 0.
+  For n = max_ngram..min_ngram: the first position i where ctx[i:i+n] equals the last n tokens
+  and the copy starts before that n-gram (i + n < length - n), as the reference implementation
+  does; the draft is what follows, cut at the end of the text. Rows without a match get length 0.
   """
   b, s = ctx.shape
   pos = jnp.arange(s)[None, :]
   draft = jnp.zeros((b, draft_len), jnp.int32)
   valid_len = jnp.zeros((b,), jnp.int32)
   found_any = jnp.zeros((b,), bool)
-  for n in range(max_ngram, 0, -1):
+  for n in range(max_ngram, min_ngram - 1, -1):
     gram = jnp.take_along_axis(ctx, jnp.maximum(length[:, None] - n + jnp.arange(n)[None, :], 0),
                                axis=1)
     match = pos + n < length[:, None] - n
@@ -75,14 +75,18 @@ def chain_tree(root: jax.Array, draft: jax.Array, valid_len: jax.Array) -> Tree:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PromptLookup(Strategy):
+  """PLD with the reference settings (n = 3..1, 10 tokens). min_ngram > 1 drafts only on longer
+  matches, which are right more often: fewer multi-token forwards where they cost much (CPU)."""
+
   max_ngram: int = 3
   draft_len: int = 10
+  min_ngram: int = 1
   sampler: Sampler = GREEDY
 
   def __post_init__(self):
-    if self.max_ngram < 1 or self.draft_len < 1:
-      raise ValueError(f"max_ngram and draft_len must be >= 1, got {self.max_ngram}, "
-                       f"{self.draft_len}")
+    if not 1 <= self.min_ngram <= self.max_ngram or self.draft_len < 1:
+      raise ValueError(f"need 1 <= min_ngram <= max_ngram and draft_len >= 1, got min_ngram="
+                       f"{self.min_ngram}, max_ngram={self.max_ngram}, draft_len={self.draft_len}")
 
   @property
   def block_size(self) -> int:
@@ -99,7 +103,7 @@ class PromptLookup(Strategy):
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     ctx, length = context(state)
-    draft, valid_len = lookup(ctx, length, self.max_ngram, self.draft_len)
+    draft, valid_len = lookup(ctx, length, self.max_ngram, self.draft_len, self.min_ngram)
     tree = chain_tree(state.last, draft, valid_len)
     active = ~state.done
 

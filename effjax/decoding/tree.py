@@ -84,7 +84,8 @@ class Layout:
     return max(self.depths)
 
   def parent_array(self, batch: int) -> jax.Array:
-    return jnp.broadcast_to(jnp.asarray((0,) + self.parents, jnp.int32), (batch, self.num_nodes + 1))
+    row = jnp.asarray((0,) + self.parents, jnp.int32)
+    return jnp.broadcast_to(row, (batch, self.num_nodes + 1))
 
 
 def block_length(num_owners: int, num_masks: int) -> int:
