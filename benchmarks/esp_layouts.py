@@ -32,9 +32,9 @@ CATEGORIES = ("writing", "math_reasoning", "summarization", "rag", "qa", "transl
 
 def strategy(spec: str):
   """'ar'; 'esp:4' / 'esp:15,4' (static widths); 'espdyn:2,60' (masks, BC); 'pld:10[,min_n]'
-  (draft length, shortest n-gram); 'hybrid:1,30[,chain]' (masks, BC, chain)."""
+  (draft length, shortest n-gram); 'hybrid:1,30[,chain[,prior]]' (masks, BC, chain, chain_prior)."""
   name, _, arg = spec.partition(":")
-  nums = [int(x) for x in arg.split(",")] if arg else []
+  nums = [float(x) if "." in x else int(x) for x in arg.split(",")] if arg else []
   if name == "ar":
     return AutoRegressive()
   if name == "esp":
@@ -44,7 +44,8 @@ def strategy(spec: str):
   if name == "pld":
     return PromptLookup(draft_len=nums[0], **({"min_ngram": nums[1]} if len(nums) > 1 else {}))
   if name == "hybrid":
-    return Hybrid(masks=nums[0], budget=nums[1], **({"chain": nums[2]} if len(nums) > 2 else {}))
+    extra = dict(zip(("chain", "chain_prior"), nums[2:]))
+    return Hybrid(masks=nums[0], budget=nums[1], **extra)
   raise ValueError(f"unknown method {spec!r}")
 
 

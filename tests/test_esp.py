@@ -161,6 +161,12 @@ def test_hybrid_tree_holds_the_lookup_chain_and_esp_candidates():
   assert tok == [6, 7] + esp + [8, 9]
   assert par == [0, 0, 0, 0, 0, 0, 1, 6]
   assert all(valid)
+  # With a tiny prior per chain token the ESP paths (P = q_1 >> 1e-6) take the whole budget; a
+  # chain head that ESP also proposes stays, merged, with ESP's score.
+  unlikely = Hybrid(masks=1, budget=16, chain=3, chain_prior=1e-6)
+  tok = np.asarray(unlikely.draft(state).tokens[0]).tolist()
+  assert tok[0] == 6 and sorted(tok[1:]) == sorted(
+      [t for t in np.asarray(state.extra.cand_tokens[0, 0]).tolist() if t != 6][:7])
 
 
 def _exact_joint(model, prompt, sampler):

@@ -121,6 +121,11 @@ def test_select_tree_merges_duplicates_and_keeps_the_best_closed_set():
   tree = select(jnp.array([7]), parent, tokens, score, valid.at[0, 1].set(False),
                      (1, 1, 1, 2, 2, 2), 6)
   assert int(tree.valid.sum()) == 4  # root, x, z, v: y is invalid, w hung under y, the dup merged
+  # A merged node keeps the better score of its copies: x at -5 with a copy at -0.5 ranks first.
+  tree = select(jnp.array([7]), parent, tokens, score.at[0, 0].set(-5.0), valid,
+                (1, 1, 1, 2, 2, 2), 2)
+  np.testing.assert_array_equal(tree.tokens, [[7, x, z]])
+  np.testing.assert_array_equal(tree.parent, [[0, 0, 1]])
 
 
 def _tiny(family):

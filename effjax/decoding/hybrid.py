@@ -21,12 +21,18 @@ from effjax.decoding.tree import Tree, select_tree
 @dataclasses.dataclass(frozen=True, eq=False)
 class Hybrid(ESP):
   """ESP with the dynamic tree (`masks`, `budget`) plus a prompt-lookup chain of up to `chain`
-  tokens (at most the tree's node slots) that takes priority within the budget."""
+  tokens (at most the tree's node slots).
+
+  chain_prior None: the chain takes priority within the budget. A probability p instead scores
+  the chain token at depth d as p^d, on the scale of the ESP paths' P = prod q_i, and the budget
+  goes to the nodes most likely to be reached (the expected accepted length is the sum of those).
+  """
 
   widths: None = None
   budget: int = 30
   chain: int = 10
   max_ngram: int = 3
+  chain_prior: float | None = None
 
   def __post_init__(self):
     if self.widths is not None:
@@ -34,6 +40,8 @@ class Hybrid(ESP):
     super().__post_init__()
     if self.chain < 1 or self.max_ngram < 1:
       raise ValueError(f"chain and max_ngram must be >= 1, got {self.chain}, {self.max_ngram}")
+    if self.chain_prior is not None and not 0 < self.chain_prior <= 1:
+      raise ValueError(f"chain_prior must be in (0, 1] or None, got {self.chain_prior}")
 
   @classmethod
   def preset(cls, bc: int, **kw) -> "Hybrid":
@@ -58,10 +66,14 @@ class Hybrid(ESP):
     parent, tokens, score, valid, levels = dynamic_candidates(
         state.last, ex.cand_tokens, ex.cand_logp, self.num_nodes + 1)
     chain_parent = jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n))
+    if self.chain_prior is None:
+      chain_score = jnp.full((b, n), jnp.inf)
+    else:
+      chain_score = jnp.broadcast_to(jnp.arange(1, n + 1) * jnp.log(self.chain_prior), (b, n))
     return select_tree(
         state.last,
         jnp.concatenate([chain_parent, jnp.where(parent >= 0, parent + n, -1)], axis=1),
         jnp.concatenate([chain, tokens], axis=1),
-        jnp.concatenate([jnp.full((b, n), jnp.inf), score], axis=1),
+        jnp.concatenate([chain_score, score], axis=1),
         jnp.concatenate([jnp.arange(n)[None, :] < valid_len[:, None], valid], axis=1),
         tuple(range(1, n + 1)) + levels, self.num_nodes)

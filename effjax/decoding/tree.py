@@ -228,7 +228,8 @@ def select_tree(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: ja
 
   Candidates c (static order, parents first): parent [B, C] candidate index (-1 = the root),
   token, score (higher is kept first), valid, and a static depth `levels[c]`. A candidate equal to
-  an earlier one (same token under the same node) is merged into it, its children move over. The
+  an earlier one (same token under the same node) is merged into it (keeping the better score),
+  its children move over. The
   best `num_nodes` valid candidates are kept, ancestor-closed (a child never scores above its
   parent, ties prefer earlier candidates; a kept node whose parent is not kept is dropped), and
   laid out in BFS order.
@@ -250,9 +251,13 @@ def select_tree(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: ja
     dup = same & v[:, :, None] & earlier[None]
     first = jnp.argmax(dup, axis=2)
     is_dup = dup.any(axis=2)
-    canon = canon.at[:, idx].set(jnp.where(is_dup, jnp.asarray(idx)[first], jnp.asarray(idx)))
+    target = jnp.where(is_dup, jnp.asarray(idx)[first], jnp.asarray(idx))
+    canon = canon.at[:, idx].set(target)
     cparent = cparent.at[:, idx].set(cp)
     valid = valid.at[:, idx].set(v & ~is_dup)
+    # A merged node keeps the best score of its copies.
+    rows = jnp.arange(b)[:, None]
+    score = score.at[rows, target].max(jnp.where(is_dup & v, score[:, idx], -jnp.inf))
   n = min(num_nodes, c)
   _, best = jax.lax.top_k(jnp.where(valid, score, -jnp.inf), n)
   kept = jnp.zeros((b, c), bool).at[jnp.arange(b)[:, None], best].set(True) & valid
