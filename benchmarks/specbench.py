@@ -68,9 +68,8 @@ def goals(table: dict) -> list[str]:
     out.append(f"best ESP tau / best of PLD, lookahead = {tau('esp'):.2f} / {baseline:.2f} = "
                f"{tau('esp') / baseline:.2f} (goal >= 1.10)")
   if baseline and tau("hybrid"):
-    best = max(baseline, tau("esp") or 0)
-    out.append(f"hybrid tau / best other = {tau('hybrid'):.2f} / {best:.2f} = "
-               f"{tau('hybrid') / best:.2f} (goal >= 1.25 over the best baseline)")
+    out.append(f"best hybrid tau / best of PLD, lookahead = {tau('hybrid'):.2f} / {baseline:.2f} = "
+               f"{tau('hybrid') / baseline:.2f} (goal >= 1.25)")
   fast = max((r for m, r in rows.items() if m != "ar"), key=lambda r: r["speedup"], default=None)
   if fast:
     out.append(f"fastest wall clock: {fast['method']} at {fast['speedup']:.2f}x plain decoding "
