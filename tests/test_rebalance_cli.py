@@ -15,8 +15,8 @@ from effjax.models import create_model, tiny_config
 from effjax.rebalance import extract as ex
 from effjax.rebalance.control import PRESETS
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Whole-word pieces the tiny model emits often (byte-level spelling: "Ċ" is "\n", "Ġ" a space),
 # reflection words last.

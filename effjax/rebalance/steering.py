@@ -79,8 +79,8 @@ class StepTrace:
   @classmethod
   def zeros(cls, batch: int, length: int) -> "StepTrace":
     f = lambda dtype: jnp.zeros((batch, length), dtype)
-    return cls(delimiter=f(bool), applied=f(jnp.float32), alpha=f(jnp.float32), closed=f(bool), c=f(jnp.float32),
-               v=f(jnp.float32), tokens=f(jnp.int32))
+    return cls(delimiter=f(bool), applied=f(jnp.float32), alpha=f(jnp.float32), closed=f(bool),
+               c=f(jnp.float32), v=f(jnp.float32), tokens=f(jnp.int32))
 
 
 @struct.dataclass
