@@ -92,6 +92,16 @@ def test_extract_writes_a_valid_profile_and_resumes(tiny_checkpoint, tmp_path, c
   again = ex.ReBalanceProfile.load(out)
   np.testing.assert_array_equal(again.vector, profile.vector)
 
+  # Published constants: only S is extracted, at the preset's layer, with its quartiles' labels.
+  preset = PRESETS["deepseek-r1-distill-qwen-1.5b"].replace(q25c=c.q25c, q75c=c.q75c, layer=1)
+  kept = ex.build_profile(store, "tiny", preset=preset)
+  assert kept.constants == preset and kept.layer_r2 == ()
+  labels = ex.label_steps(store.confidences(), ex.has_reflection(store.texts()),
+                          ex.StepStats(c.q25c, c.q75c, c.q25v, c.q75v))
+  np.testing.assert_allclose(kept.vector, ex.steering_vector(store.layer(1), labels), rtol=1e-6)
+  assert main(argv + ["--preset", "qwq-32b"]) == 2
+  assert "steers layer 58; the store has 4" in capsys.readouterr().err
+
   # Evaluation on calibration problems is refused, before any model is loaded.
   bad = ["rebalance", "eval", "--model", "no-such-model", "--profile", str(out), "--data", data,
          "--limit", "3", "--offset", "4"]

@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from effjax.rebalance.control import PRESETS
 from effjax.rebalance.extract import DEFAULT_H2, DEFAULT_L1, DEFAULT_L2
 
 
@@ -44,6 +45,9 @@ def register(sub) -> None:
   p.add_argument("--L2", type=float, default=DEFAULT_L2)
   p.add_argument("--H2", type=float, default=DEFAULT_H2)
   p.add_argument("--seed", type=int, default=0, help="seed of the layer-selection split")
+  p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                 help="keep a model's published constants (quartiles, layer, L1/L2/H2): only S is "
+                      "extracted")
   p.set_defaults(func=run_extract)
 
   p = cmds.add_parser("eval", help="Pass@1 and tokens of baseline / nowait / rebalance decoding")
@@ -117,11 +121,11 @@ def run_extract(args) -> int:
              batch_size=args.batch_size, cache_len=args.cache_len,
              log=lambda m: print(m, file=sys.stderr))
   profile = ex.build_profile(store, args.model, L1=args.L1, L2=args.L2, H2=args.H2,
-                             seed=args.seed)
+                             seed=args.seed, preset=PRESETS[args.preset] if args.preset else None)
   profile.save(args.out)
   c = profile.constants
-  print(f"wrote {args.out}: layer {c.layer} (held-out R^2 {profile.layer_r2[c.layer]:.3f}), "
-        f"q25c={c.q25c:.4f} q75c={c.q75c:.4f} q25v={c.q25v:.6f} q75v={c.q75v:.6f}, "
+  r2 = f" (held-out R^2 {profile.layer_r2[c.layer]:.3f})" if profile.layer_r2 else " (preset)"
+  print(f"wrote {args.out}: layer {c.layer}{r2}, q25c={c.q25c:.4f} q75c={c.q75c:.4f} q25v={c.q25v:.6f} q75v={c.q75v:.6f}, "
         f"{profile.counts}")
   return 0
 

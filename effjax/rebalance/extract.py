@@ -336,14 +336,25 @@ class ReBalanceProfile:
 
 def build_profile(store: CalibrationStore, model_id: str, *, L1: float = DEFAULT_L1,
                   L2: float = DEFAULT_L2, H2: float = DEFAULT_H2, seed: int = 0,
-                  words: Iterable[str] = REFLECTION_WORDS) -> ReBalanceProfile:
-  """Quartiles, labels, layer choice and steering vector from a filled store."""
+                  words: Iterable[str] = REFLECTION_WORDS,
+                  preset: ReBalanceConstants | None = None) -> ReBalanceProfile:
+  """Quartiles, labels, layer choice and steering vector from a filled store.
+
+  With `preset` (published constants) its quartiles label the steps and its layer and amplitudes
+  are kept: only S comes from the store.
+  """
   c = store.confidences()
-  stats = step_stats(c, store.variances())
+  if preset is None:
+    stats = step_stats(c, store.variances())
+    layer, scores = select_layer(store, seed)
+    constants = ReBalanceConstants(q25c=stats.q25c, q75c=stats.q75c, L1=L1, q25v=stats.q25v,
+                                   q75v=stats.q75v, L2=L2, H2=H2, layer=layer)
+  else:
+    if not 0 <= preset.layer < store.num_layers:
+      raise ValueError(f"the preset steers layer {preset.layer}; the store has {store.num_layers}")
+    stats = StepStats(preset.q25c, preset.q75c, preset.q25v, preset.q75v)
+    layer, scores, constants = preset.layer, (), preset
   labels = label_steps(c, has_reflection(store.texts(), words), stats)
-  layer, scores = select_layer(store, seed)
-  constants = ReBalanceConstants(q25c=stats.q25c, q75c=stats.q75c, L1=L1, q25v=stats.q25v,
-                                 q75v=stats.q75v, L2=L2, H2=H2, layer=layer)
   return ReBalanceProfile(
       vector=steering_vector(store.layer(layer), labels), constants=constants, model_id=model_id,
       calibration_problems=tuple(p["problem"] for p in store.problems), layer_r2=scores,
