@@ -174,7 +174,8 @@ def read_trace(path: str | Path, problem_id: str | None = None) -> tuple[str, li
 
 
 def plot_trace(steps: Sequence[dict], path: str | Path, title: str = ""):
-  """Confidence c (and the variance v) and alpha over the steps of one problem, saved to `path`."""
+  """Confidence c, variance v (right axis) and alpha over the steps of one problem, saved to
+  `path`."""
   import matplotlib
 
   matplotlib.use("Agg")
@@ -182,10 +183,11 @@ def plot_trace(steps: Sequence[dict], path: str | Path, title: str = ""):
 
   x = [s["step"] for s in steps]
   fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 5))
-  top.plot(x, [s["c"] for s in steps], marker="o", label="confidence c")
-  top.plot(x, [s["v"] for s in steps], marker=".", label="variance v")
-  top.set_ylabel("c, v")
-  top.legend(loc="best")
+  top.plot(x, [s["c"] for s in steps], marker="o", color="tab:blue")
+  top.set_ylabel("confidence c", color="tab:blue")
+  right = top.twinx()  # v is orders of magnitude smaller than c
+  right.plot(x, [s["v"] for s in steps], marker=".", linestyle="--", color="tab:orange")
+  right.set_ylabel("variance v", color="tab:orange")
   bottom.bar(x, [s["alpha"] for s in steps], color=["tab:red" if s["alpha"] < 0 else "tab:green"
                                                     for s in steps])
   bottom.axhline(0.0, color="black", linewidth=0.5)
