@@ -38,9 +38,9 @@ class ESPState:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ESP(Strategy):
-  """ESP decoding. widths = static tree [K_1..K_k] (k = len(widths)) with top-1 expansion; or
-  widths=None and the dynamic tree (paper Alg. 1) of `budget` BC tokens per forward with `masks`
-  masks."""
+  """ESP decoding. widths = static tree [K_1..K_k] with top-1 expansion (then masks = k and
+  budget = (k + 1)(1 + sum K_i) follow from it); or widths=None and the dynamic tree (paper
+  Alg. 1) of `budget` BC tokens per forward with `masks` masks."""
 
   widths: tuple[int, ...] | None = (4,)
   masks: int = 1
