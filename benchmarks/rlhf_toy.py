@@ -96,15 +96,7 @@ def main() -> int:
   plot_path = args.plot or str(out / "win_rate.png")
   curves.plot(groups, summary, plot_path)
   (out / "summary.json").write_text(json.dumps(summary, indent=1))
-  for name, e in sorted(summary.items()):
-    line = f"{name:26s} seeds={len(e['seeds'])} labels={e['final_labels']} win={e['final_win']:.3f}" \
-           f"+-{e['final_win_std']:.3f}"
-    if "a" in e:
-      line += f" a={e['a']:.3g} b={e['b']:.3f}"
-    if "efficiency_vs_reference" in e:
-      line += f" efficiency vs offline={e['efficiency_vs_reference']:.2f}x" \
-              f" (measured: reached at {e['measured_labels_to_reach_reference']})"
-    print(line)
+  print("\n".join(curves.summary_lines(summary)))
   print(f"figure: {plot_path}")
   if args.benchmarks:
     write_benchmarks(pathlib.Path(args.benchmarks), summary, out, plot_path, args, sys.argv)

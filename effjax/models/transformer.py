@@ -248,7 +248,8 @@ class Transformer(nnx.Module):
                attn_mask: jax.Array | None = None, cache: KVCache | None = None,
                advance: bool = True, steering: Steering | None = None,
                hidden_layers: tuple[int, ...] = (), compute_logits: bool = True,
-               mesh=None, rules: ShardingRules = DEFAULT_RULES) -> ModelOutput:
+               remat: bool = False, mesh=None,
+               rules: ShardingRules = DEFAULT_RULES) -> ModelOutput:
     """Forward T new tokens per row.
 
     tokens [B, T] int or embeddings [B, T, D] (rows of the embedding table, e.g. ESP mask tokens).
@@ -260,6 +261,8 @@ class Transformer(nnx.Module):
       tokens, with advance=False it stays (the caller commits what it keeps, see cache.commit).
     steering: adds coef[b, t] * vector to the residual stream entering layer steering.layer.
     hidden_layers: layers whose input residual stream is returned (num_layers = last layer's output).
+    remat: recompute each layer's activations in the backward pass instead of storing them
+      (training forwards: memory per layer instead of per model; no effect without a gradient).
     """
     cfg = self.cfg
     if (tokens is None) == (embeddings is None):
@@ -282,6 +285,18 @@ class Transformer(nnx.Module):
     for kind, window in (("global", None), ("sliding", cfg.sliding_window)):
       masks[kind] = key_mask(block_mask, positions, k_pos, start, window)
 
+    def run_layer(layer, x, layer_mask, layer_cache):
+      if not remat:
+        return layer(x, positions, layer_mask, layer_cache, mesh, rules)
+      # Functional checkpoint over the layer's state: also valid for a module built outside the
+      # current trace (a frozen anchor policy inside a gradient).
+      graphdef, state = nnx.split(layer)
+
+      def pure(state, x, layer_mask, layer_cache):
+        return nnx.merge(graphdef, state)(x, positions, layer_mask, layer_cache, mesh, rules)
+
+      return jax.checkpoint(pure)(state, x, layer_mask, layer_cache)
+
     collected = {}
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
@@ -291,7 +306,7 @@ class Transformer(nnx.Module):
       if i in hidden_layers:
         collected[i] = x
       layer_cache = None if cache is None else (cache.k[i], cache.v[i], start)
-      x, (k, v) = layer(x, positions, masks[cfg.layer_kind(i)], layer_cache, mesh, rules)
+      x, (k, v) = run_layer(layer, x, masks[cfg.layer_kind(i)], layer_cache)
       new_k.append(k)
       new_v.append(v)
     if cfg.num_layers in hidden_layers:

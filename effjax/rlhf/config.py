@@ -53,6 +53,9 @@ class PolicyConfig:
   top_k: int = 5
   temperature: float = 1.0
   retrain_steps: int = 100  # offline / periodic: policy steps against the frozen RM
+  # Rows (ordered pairs) per forward/backward in a policy step; gradients are accumulated over
+  # the chunks, so the step is the same, only peak memory shrinks. 0: all rows at once.
+  micro_batch: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -151,3 +151,18 @@ def plot(groups: dict[str, list[dict]], summary: dict, path: str | pathlib.Path)
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=130)
   plt.close(fig)
+
+
+def summary_lines(summary: dict, reference: str = "offline") -> list[str]:
+  """One line per agent: seeds, final labels and win rate, the fit, and the efficiency ratio."""
+  lines = []
+  for name, e in sorted(summary.items()):
+    line = f"{name:26s} seeds={len(e['seeds'])} labels={e['final_labels']} " \
+           f"win={e['final_win']:.3f}+-{e['final_win_std']:.3f}"
+    if "a" in e:
+      line += f" a={e['a']:.3g} b={e['b']:.3f}"
+    if "efficiency_vs_reference" in e:
+      line += f" efficiency vs {reference}={e['efficiency_vs_reference']:.2f}x" \
+              f" (measured: reached at {e['measured_labels_to_reach_reference']})"
+    lines.append(line)
+  return lines

@@ -77,10 +77,36 @@ def pair_loss(policy, anchor, batch: dict, eps: float, beta: float, mesh=None):
   return loss, dict(kl=jnp.mean(kl), logp=jnp.mean(seq_logp))
 
 
+def chunked_value_and_grad(loss_fn: Callable, params, rows: dict, micro_batch: int):
+  """value_and_grad of a mean-over-rows loss(params, rows) -> (loss, aux), micro_batch rows at a time.
+
+  The chunks run in a lax.scan and their (loss, aux, grads) are averaged, which equals the whole-batch
+  result; peak activation memory is that of one chunk. micro_batch <= 0 or >= rows: one chunk.
+  """
+  n = jax.tree.leaves(rows)[0].shape[0]
+  m = n if micro_batch <= 0 or micro_batch >= n else micro_batch
+  if n % m:
+    raise ValueError(f"policy.micro_batch={micro_batch} must divide the {n} rows of a policy step")
+  vg = jax.value_and_grad(loss_fn, has_aux=True)
+  if m == n:
+    return vg(params, rows)
+  chunks = jax.tree.map(lambda x: x.reshape(n // m, m, *x.shape[1:]), rows)
+
+  def body(acc, chunk):
+    out = vg(params, chunk)
+    return jax.tree.map(lambda a, o: a + o * (m / n), acc, out), None
+
+  shapes = jax.eval_shape(vg, params, jax.tree.map(lambda x: x[0], chunks))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(body, zeros, chunks)
+  return total
+
+
 def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
                        optimizer: optax.GradientTransformation, *, use_a: bool, mesh=None,
                        eps: float | None = None) -> Callable:
-  """Jitted (policy, anchor, opt_state, rm_params, rm_priors, a, b) -> (policy, anchor, opt_state, m).
+  """(policy, anchor, opt_state, rm_params, rm_priors, a, b) -> (policy, anchor, opt_state, metrics):
+  a jitted gradient, then a jitted optimizer step (see enn.apply_if_finite).
 
   a: queried prompts {prompts, prompt_lens, responses [B, n, L], mask, pair [B, 2]} (ignored unless
   use_a); b: fresh prompts {prompts, prompt_lens, responses, mask}. The RM ranks responses inside.
@@ -93,7 +119,7 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
     return jax.lax.stop_gradient(point)
 
   @jax.jit
-  def update(policy, anchor, opt_state, rm_params, rm_priors, a, b):
+  def gradients(policy, anchor, rm_params, rm_priors, a, b):
     rm = nnx.merge(rm_graphdef, rm_params, rm_priors)
     groups = []
     if use_a:
@@ -105,21 +131,28 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
                                ordered_pairs_b(point_b)))
     anchor_model = nnx.merge(policy_graphdef, anchor)
 
-    def loss_fn(params):
-      model = nnx.merge(policy_graphdef, params)
-      losses = [pair_loss(model, anchor_model, g, eps, cfg.beta, mesh) for g in groups]
-      return sum(l for l, _ in losses), losses[-1][1]
+    def group_value_and_grad(g):
+      return chunked_value_and_grad(
+          lambda params, rows: pair_loss(nnx.merge(policy_graphdef, params), anchor_model, rows, eps,
+                                         cfg.beta, mesh), policy, g, cfg.micro_batch)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy)
-    updates, new_opt = optimizer.update(grads, opt_state, policy)
-    new_policy = optax.apply_updates(policy, updates)
+    per_group = [group_value_and_grad(g) for g in groups]
+    loss = sum(l for (l, _), _ in per_group)
+    grads = jax.tree.map(lambda *gs: sum(gs), *[gr for _, gr in per_group])
+    metrics = dict(per_group[-1][0][1], policy_loss=loss, grad_norm=optax.tree.norm(grads),
+                   rm_margin=jnp.mean(point_b.max(-1) - point_b.min(-1)))
+    return loss, metrics, grads
+
+  @jax.jit
+  def apply(policy, anchor, opt_state, grads, loss):
+    new_policy, new_opt, ok = enn.apply_if_finite(optimizer, policy, opt_state, grads, loss)
     new_anchor = jax.tree.map(lambda t_bar, t: cfg.eta * t_bar + (1.0 - cfg.eta) * t, anchor,
                               new_policy)
-    ok = jnp.isfinite(loss) & enn.finite(grads)
-    metrics = dict(metrics, policy_loss=loss, grad_norm=optax.tree.norm(grads),
-                   policy_skipped=(~ok).astype(jnp.int32),
-                   rm_margin=jnp.mean(point_b.max(-1) - point_b.min(-1)))
-    return (enn.keep_if(ok, new_policy, policy), enn.keep_if(ok, new_anchor, anchor),
-            enn.keep_if(ok, new_opt, opt_state), metrics)
+    return new_policy, enn.keep_if(ok, new_anchor, anchor), new_opt, (~ok).astype(jnp.int32)
+
+  def update(policy, anchor, opt_state, rm_params, rm_priors, a, b):
+    loss, metrics, grads = gradients(policy, anchor, rm_params, rm_priors, a, b)
+    policy, anchor, opt_state, skipped = apply(policy, anchor, opt_state, grads, loss)
+    return policy, anchor, opt_state, dict(metrics, policy_skipped=skipped)
 
   return update

@@ -96,7 +96,8 @@ def response_hidden(model: Transformer, prompts, prompt_lens, responses, respons
   tokens, mask, pos = sequence(prompts, prompt_lens, responses, response_mask)
   p = prompts.shape[1]
   length = responses.shape[1]
-  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, mesh=mesh, rules=rules).hidden
+  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, remat=True, mesh=mesh,
+            rules=rules).hidden
   first = jnp.take_along_axis(h, (prompt_lens.astype(jnp.int32) - 1)[:, None, None], axis=1)
   return jnp.concatenate([first, h[:, p:p + length - 1]], axis=1)
 
@@ -105,7 +106,8 @@ def last_hidden(model: Transformer, prompts, prompt_lens, responses, response_ma
                 rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
   """The final hidden state at the last response token (the reward model's feature): [N, D]."""
   tokens, mask, pos = sequence(prompts, prompt_lens, responses, response_mask)
-  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, mesh=mesh, rules=rules).hidden
+  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, remat=True, mesh=mesh,
+            rules=rules).hidden
   p = prompts.shape[1]
   n_resp = response_mask.sum(axis=1).astype(jnp.int32)
   # An empty response (EOS first) is read at the last prompt token.
