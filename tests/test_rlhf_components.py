@@ -1,5 +1,6 @@
 """ENN reward model, pair selection, policy objective, sampler and config of effjax.rlhf."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -64,6 +65,19 @@ def test_priors_never_change():
   np.testing.assert_array_equal(before, after)
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), params, new_params)
   assert max(jax.tree.leaves(moved["diff"])) > 0 and max(jax.tree.leaves(moved["point"])) > 0
+
+
+def test_frozen_backbone_trains_only_the_heads():
+  """enn.backbone_lr_scale = 0: heads on fixed features; the backbone's weights stay bit-identical."""
+  cfg = dataclasses.replace(ENN, backbone_lr_scale=0.0)
+  graphdef, params, priors = enn.split(enn.create_reward_model(tiny_policy(), cfg, seed=1))
+  opt = enn.rm_optimizer(cfg)
+  new, _, _ = enn.make_rm_update(graphdef, opt)(params, priors, opt.init(params),
+                                                five(pair_batch(jax.random.key(3))))
+  chex.assert_trees_all_equal(new["backbone"], params["backbone"])
+  moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new["point"]),
+                                                      jax.tree.leaves(params["point"]))]
+  assert max(moved) > 1e-3
 
 
 def test_particle_spread_shrinks_on_repeated_data():

@@ -67,8 +67,10 @@ class RewardModel(nnx.Module):
     self.diff = StackedMLP(enn.num_particles, d, enn.diff_hidden, rngs=rngs)
 
   def features(self, prompts, prompt_lens, responses, response_mask, *, mesh=None) -> jax.Array:
-    return rollout.last_hidden(self.backbone, prompts, prompt_lens, responses, response_mask,
-                               mesh=mesh).astype(jnp.float32)
+    h = rollout.last_hidden(self.backbone, prompts, prompt_lens, responses, response_mask,
+                            mesh=mesh).astype(jnp.float32)
+    # A frozen backbone (heads on fixed features, as in the predecessor paper): no backward through it.
+    return jax.lax.stop_gradient(h) if self.enn.backbone_lr_scale == 0 else h
 
   def heads(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """h [N, D] -> (point reward [N], particle rewards [N, Z])."""
