@@ -1,6 +1,7 @@
 """Engine throughput: effjax vs transformers + torch on the same weights, in one run.
 
     python benchmarks/engine.py [--model smollm2-135m-instruct] [--new-tokens 64] [--out BENCHMARKS.md]
+        [--cache-len N] [--skip-torch] [--notes benchmarks/notes/engine.md]
 
 Measures (float32, CPU unless an accelerator is present):
 - greedy batch-1 decode tokens/s on SpecBench prompts, effjax vs transformers `generate` (torch),
@@ -30,7 +31,7 @@ from report import write_section  # noqa: E402
 from effjax.checkpoints.registry import MODELS, load_model  # noqa: E402
 from effjax.data import load_problems  # noqa: E402
 from effjax.data.chat import encode_prompt  # noqa: E402
-from effjax.decoding.engine import Engine  # noqa: E402
+from effjax.decoding.engine import Engine, cache_len_for  # noqa: E402
 
 
 def copy_bandwidth_gbs(mb: int = 512) -> float:
@@ -74,6 +75,8 @@ def main() -> None:
   ap.add_argument("--batches", default="1,8,32,64")
   ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
   ap.add_argument("--skip-torch", action="store_true")
+  ap.add_argument("--cache-len", type=int, default=0, help="engine cache slots (0: sized to the job)")
+  ap.add_argument("--notes", default="", help="a markdown file appended to the section")
   args = ap.parse_args()
   command = "python benchmarks/engine.py " + " ".join(sys.argv[1:])
 
@@ -83,8 +86,11 @@ def main() -> None:
   tok = loaded.tokenizer
   problems = load_problems(args.data)
   prompts = [encode_prompt(tok, p.prompt) for p in problems[:args.prompts]]
+  # A cache sized to the job, as `effjax generate` does (transformers' dynamic cache grows instead).
+  cache_len = args.cache_len or cache_len_for([len(p) for p in prompts], args.new_tokens,
+                                              loaded.cfg.max_position)
   # Decode must run new_tokens steps for every method: no EOS.
-  make_engine = lambda: Engine(loaded.model, cache_len=1024, eos_ids=[])
+  make_engine = lambda: Engine(loaded.model, cache_len=cache_len, eos_ids=[])
 
   t0 = time.perf_counter()
   engine = make_engine()
@@ -118,7 +124,8 @@ def main() -> None:
 
   lines = [
       f"Date: {datetime.date.today()}; device: {jax.devices()[0].device_kind}; model: {args.model} "
-      f"(float32, {param_bytes / 2**20:.0f} MiB of parameters); command: `{command}`.",
+      f"(float32, {param_bytes / 2**20:.0f} MiB of parameters); engine cache {cache_len} slots; "
+      f"command: `{command}`.",
       f"Model load: {load_s:.1f} s. Time to first token, fresh engine incl. compilation: "
       f"{ttft_cold:.1f} s; warm: {ttft_warm * 1e3:.0f} ms.",
       "",
@@ -139,6 +146,8 @@ def main() -> None:
   ]
   text = "\n".join(lines)
   print(text)
+  if args.notes:
+    text += "\n\n" + Path(args.notes).read_text().strip()
   write_section(Path(args.out), "## Decoding engine (benchmarks/engine.py)", text)
 
 

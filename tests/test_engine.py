@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax.decoding.engine import AutoRegressive, Engine, StepHook
+from effjax.decoding.engine import AutoRegressive, Engine, StepHook, cache_len_for
 from effjax.decoding.sampling import Sampler
 from effjax.models import Steering, create_model, make_mesh, tiny_config
 
@@ -147,3 +147,9 @@ def test_prompts_in_one_bucket_share_one_compilation():
   assert prefill._cache_size() == 1 and decode._cache_size() == 1
   eng.generate([[1] * 20], max_new_tokens=4)  # next bucket: one more
   assert prefill._cache_size() == 2
+
+
+def test_cache_len_for_sizes_the_cache_to_the_job():
+  assert cache_len_for([10, 100], 28, 4096) == 256  # 100 + 28 + 1 = 129 slots -> next 128
+  assert cache_len_for([99], 28, 4096) == 128
+  assert cache_len_for([4000], 200, 4096) == 4096  # capped; the engine then refuses the prompt

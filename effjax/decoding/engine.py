@@ -202,6 +202,15 @@ def fetch(tree):
   return jax.device_get(tree)
 
 
+def cache_len_for(prompt_lens: Sequence[int], max_new_tokens: int, max_position: int, *,
+                  multiple: int = 128) -> int:
+  """A cache sized to the job: the longest prompt + max_new_tokens + 1, rounded up to `multiple`
+  and capped at max_position. Every decode step attends over all cache slots, so an oversized cache
+  costs time per token (SmolLM2 on CPU: 28.4 ms/token with 1024 slots, 24.5 with 512)."""
+  need = max(prompt_lens) + max_new_tokens + 1
+  return min(-(-need // multiple) * multiple, max_position)
+
+
 def default_buckets(cache_len: int, smallest: int = 16) -> tuple[int, ...]:
   out, b = [], smallest
   while b < cache_len:

@@ -28,7 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="float32 on CPU; bfloat16 on GPU/TPU")
   p.add_argument("--mesh", default=None, help="e.g. 'data=1,fsdp=-1,tensor=1' (default: one device)")
-  p.add_argument("--cache-len", type=int, default=2048, help="KV cache slots per row")
+  p.add_argument("--cache-len", type=int, default=None,
+                 help="KV cache slots per row (default: sized to the prompts and --max-new-tokens)")
 
 
 def register(sub) -> None:
@@ -50,7 +51,7 @@ def register(sub) -> None:
 def run(args) -> int:
   from effjax.checkpoints.registry import load_model
   from effjax.data.chat import TextStream, encode_prompt
-  from effjax.decoding.engine import AutoRegressive, Engine
+  from effjax.decoding.engine import AutoRegressive, Engine, cache_len_for
   from effjax.distributed import maybe_initialize
   from effjax.models.sharding import parse_mesh
 
@@ -61,13 +62,21 @@ def run(args) -> int:
   mesh = parse_mesh(args.mesh)
   loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
   eos = set(loaded.cfg.eos_ids) | {loaded.tokenizer.eos_token_id} - {None}
-  engine = Engine(loaded.model, cache_len=args.cache_len, eos_ids=sorted(eos), mesh=mesh)
   encode = lambda text: encode_prompt(loaded.tokenizer, text, chat=args.chat, system=args.system)
-
   if args.prompt is not None:
+    problems, prompts = None, [encode(args.prompt)]
+  else:
+    from effjax.data import load_problems
+    problems = load_problems(args.file)
+    prompts = [encode(p.prompt) for p in problems]
+  cache_len = args.cache_len or cache_len_for([len(p) for p in prompts], args.max_new_tokens,
+                                              loaded.cfg.max_position)
+  engine = Engine(loaded.model, cache_len=cache_len, eos_ids=sorted(eos), mesh=mesh)
+
+  if problems is None:
     stream = TextStream(loaded.tokenizer)
     t0, n = time.perf_counter(), 0
-    for chunk in engine.stream([encode(args.prompt)], strategy=strategy,
+    for chunk in engine.stream(prompts, strategy=strategy,
                                max_new_tokens=args.max_new_tokens, seed=args.seed):
       n += len(chunk[0])
       print(stream.push(chunk[0]), end="", flush=True)
@@ -76,15 +85,12 @@ def run(args) -> int:
           file=sys.stderr)
     return 0
 
-  from effjax.data import load_problems
-
-  problems = load_problems(args.file)
   out = open(args.out, "w") if args.out else sys.stdout
   total, t0 = 0, time.perf_counter()
   try:
     for i in range(0, len(problems), args.batch_size):
       batch = problems[i:i + args.batch_size]
-      res = engine.generate([encode(p.prompt) for p in batch], strategy=strategy,
+      res = engine.generate(prompts[i:i + args.batch_size], strategy=strategy,
                             max_new_tokens=args.max_new_tokens, seed=args.seed + i)
       for rec, toks in zip(batch, res.tokens):
         total += len(toks)

@@ -30,7 +30,7 @@ from flax import nnx
 
 from effjax.checkpoints.registry import LoadedModel
 from effjax.data.records import Problem
-from effjax.decoding.engine import Engine
+from effjax.decoding.engine import Engine, cache_len_for
 from effjax.rebalance import extract as ex
 from effjax.rebalance.prompts import encode_problem, eos_ids, think_tag_ids
 
@@ -129,8 +129,8 @@ def fill_store(loaded: LoadedModel, problems: Sequence[Problem], store: ex.Calib
     return
   prompts = [encode_problem(tok, p.prompt) for p in todo]
   eos = eos_ids(loaded.cfg, tok)
-  need = max(len(p) for p in prompts) + max_new_tokens + 1
-  engine = Engine(loaded.model, cache_len=cache_len or _round_up(need, 128), eos_ids=eos)
+  engine = Engine(loaded.model, eos_ids=eos, cache_len=cache_len or cache_len_for(
+      [len(p) for p in prompts], max_new_tokens, loaded.cfg.max_position))
   forward = teacher_forced(loaded.model)
   for at in range(0, len(todo), batch_size):
     batch = prompts[at:at + batch_size]

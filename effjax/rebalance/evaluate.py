@@ -19,7 +19,7 @@ import numpy as np
 
 from effjax.checkpoints.registry import LoadedModel
 from effjax.data.records import Problem
-from effjax.decoding.engine import AutoRegressive, Engine
+from effjax.decoding.engine import AutoRegressive, Engine, cache_len_for
 from effjax.decoding.sampling import Sampler
 from effjax.evals.math_grading import grade
 from effjax.rebalance.confidence import TrackerConfig
@@ -106,10 +106,8 @@ def evaluate(loaded: LoadedModel, problems: Sequence[Problem],
   tok = loaded.tokenizer
   prompts = [encode_problem(tok, p.prompt) for p in problems]
   eos = eos_ids(loaded.cfg, tok)
-  need = max(len(p) for p in prompts) + settings.max_new_tokens + 1
-  engine = Engine(loaded.model, eos_ids=eos,
-                  cache_len=settings.cache_len or min(-(-need // 128) * 128,
-                                                      loaded.cfg.max_position))
+  engine = Engine(loaded.model, eos_ids=eos, cache_len=settings.cache_len or cache_len_for(
+      [len(p) for p in prompts], settings.max_new_tokens, loaded.cfg.max_position))
   done = {m: {r["id"] for r in _read(out / f"{m}.jsonl")} for m in strategies}
   decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
   bs = settings.batch_size
