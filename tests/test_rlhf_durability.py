@@ -49,6 +49,30 @@ def test_label_log_survives_a_torn_write(tmp_path, capsys):
     labels.LabelLog(path)
 
 
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+  """Every numeric metric reaches TensorBoard at its label count; a resume drops redone JSONL rows."""
+  import struct
+
+  pytest.importorskip("tensorboardX")
+  from tensorboardX.proto import event_pb2
+
+  log = labels.MetricsLog(tmp_path / "metrics.jsonl", 0, tmp_path / "tb")
+  log.write({"batch": 0, "labels": 64, "rm_loss": 0.5, "note": "text is not a scalar"})
+  log.write({"batch": 1, "labels": 128, "rm_loss": 0.25, "win_rate": 0.75})
+  log.close()
+  scalars = []
+  for f in (tmp_path / "tb").iterdir():
+    data = f.read_bytes()
+    at = 0
+    while at < len(data):  # TFRecord: length, crc, payload, crc
+      (n,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+      at += 16 + n
+      scalars += [(v.tag, event.step, round(v.simple_value, 4)) for v in event.summary.value]
+  assert sorted(scalars) == [("rm_loss", 64, 0.5), ("rm_loss", 128, 0.25), ("win_rate", 128, 0.75)]
+  assert [r["batch"] for r in labels.MetricsLog(tmp_path / "metrics.jsonl", 1).records] == [0]
+
+
 def test_label_arrays_round_trip():
   recs = [record(0, 0), dict(record(0, 1), a=[4], a_len=1, b=[5, 6, 7], b_len=3)]
   arr = labels.to_arrays(recs, 3)

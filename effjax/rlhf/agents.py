@@ -179,7 +179,7 @@ class Trainer:
       self.state = self._place(self.checkpoints.restore(start, self.state))
       self.log(f"resuming {self.out} after batch {start}")
     self.start = start or 0
-    self.metrics = labels.MetricsLog(self.out / "metrics.jsonl", self.start)
+    self.metrics = labels.MetricsLog(self.out / "metrics.jsonl", self.start, self.out / "tensorboard")
     self.buffer = self._buffer(self.label_log.before(self.start))
     self._eval_setup()
 
@@ -422,6 +422,7 @@ class Trainer:
 
   def close(self) -> None:
     self.checkpoints.close()
+    self.metrics.close()
     if hasattr(self.rater, "close"):
       self.rater.close()
 

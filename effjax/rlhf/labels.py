@@ -113,9 +113,15 @@ def to_arrays(records: list[dict], response_len: int) -> dict[str, np.ndarray]:
 
 
 class MetricsLog:
-  """JSONL metrics keyed by batch. Reopening at batch t drops records from t on (they are redone)."""
+  """JSONL metrics keyed by batch. Reopening at batch t drops records from t on (they are redone).
 
-  def __init__(self, path: str | pathlib.Path, resume_batch: int):
+  With tensorboardX installed, the numbers also go to TensorBoard event files in tensorboard_dir
+  (x axis: labels). Events cannot be taken back: after a resume the redone batches are written
+  again, and TensorBoard shows the latest value per step.
+  """
+
+  def __init__(self, path: str | pathlib.Path, resume_batch: int,
+               tensorboard_dir: str | pathlib.Path | None = None):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     records, _ = read_records(self.path, json.loads, "metrics")
@@ -124,8 +130,27 @@ class MetricsLog:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
     os.replace(tmp, self.path)
 
+    self.tensorboard = None
+    if tensorboard_dir is not None:
+      try:
+        from tensorboardX import SummaryWriter
+      except ModuleNotFoundError:
+        pass  # optional: JSONL is the record of the run
+      else:
+        self.tensorboard = SummaryWriter(str(tensorboard_dir))
+
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
     self.records.append(record)
+    if self.tensorboard is not None:
+      step = record.get("labels", record["batch"])
+      for name, value in record.items():
+        if name not in ("batch", "labels") and isinstance(value, (int, float)):
+          self.tensorboard.add_scalar(name, value, step)
+      self.tensorboard.flush()
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
