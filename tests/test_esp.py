@@ -86,12 +86,12 @@ def test_mask_init_and_ema_follow_their_definitions():
   table = jax.random.normal(jax.random.key(0), (20, 6))
   prompt = jnp.array([[3, 4, 5, 0], [7, 8, 0, 0]])
   plen = jnp.array([3, 2])
-  mean = init_masks(table, prompt, plen, 2, "mean", jax.random.key(1))
+  mean = init_masks(table[prompt], plen, 2, "mean", jax.random.key(1))
   np.testing.assert_allclose(mean[0, 1], table[jnp.array([3, 4, 5])].mean(0), rtol=1e-6)
   np.testing.assert_allclose(mean[1, 0], table[jnp.array([7, 8])].mean(0), rtol=1e-6)
-  last = init_masks(table, prompt, plen, 2, "last", jax.random.key(1))
+  last = init_masks(table[prompt], plen, 2, "last", jax.random.key(1))
   np.testing.assert_array_equal(last[0], table[jnp.array([4, 5])])
-  drawn = init_masks(table, jnp.tile(prompt[:1, :3], (1, 200)), jnp.array([600]), 3, "sample",
+  drawn = init_masks(table[jnp.tile(prompt[:1, :3], (1, 200))], jnp.array([600]), 3, "sample",
                      jax.random.key(2))
   assert not np.allclose(drawn[0, 0], drawn[0, 1])
   emb = table[jnp.array([3, 4, 5])]

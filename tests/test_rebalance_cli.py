@@ -47,9 +47,9 @@ def tiny_checkpoint(tmp_path_factory):
   # Make the whole-word pieces likely next tokens (delimiters often, reflection words rarely):
   # this greedy model repeats short cycles of steps after an opening "Hmm" step.
   head = np.asarray(model.lm_head.get_value()) * 0.5
-  head[len(tok) - len(PIECES):len(tok)] *= 6.0
-  head[len(tok) - REFLECTION_PIECES:len(tok)] /= 3.0
-  head[len(tok):] = 0.0
+  head[:, len(tok) - len(PIECES):len(tok)] *= 6.0  # [D, V]: a token's column
+  head[:, len(tok) - REFLECTION_PIECES:len(tok)] /= 3.0
+  head[:, len(tok):] = 0.0
   model.lm_head.set_value(head)
   return orbax_io.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, model, tok,
                                   source="test")

@@ -36,8 +36,17 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def params_of(model) -> dict[str, np.ndarray]:
-  return {".".join(map(str, path)): np.asarray(v.get_value())
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  """The model's parameters as checkpoints store them: linear kernels [in, out] as weights
+  [out, in], the embedding tables [D, V] as [V, D]."""
+  out = {}
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, value = ".".join(map(str, path)), np.asarray(v.get_value())
+    if name in ("embed", "lm_head"):
+      value = np.ascontiguousarray(value.T)
+    elif name.endswith(".kernel"):
+      name, value = name.removesuffix(".kernel") + ".weight", np.ascontiguousarray(value.T)
+    out[name] = value
+  return out
 
 
 def gguf_name(name: str) -> str:

@@ -1,9 +1,12 @@
 """Stream named tensors into an abstract model: no random init, strict about names and shapes.
 
-Every checkpoint reader (HF safetensors, GGUF, Orbax) produces (param path, numpy array) pairs in
-effjax's own naming (e.g. "layers.3.attn.q.weight", see `param_names`); `assemble` places each one
-on device (with its NamedSharding when a mesh is given) as it arrives, so peak host memory is one
-tensor, and fails with a clear error on anything missing, extra or mis-shaped.
+Every checkpoint reader (HF safetensors, GGUF) produces (name, numpy array) pairs in effjax's
+naming and the checkpoints' layout (see `checkpoint_names`): a linear map is "layers.3.attn.q.weight"
+stored [out, in], as Hugging Face and GGUF both store it, while the model keeps it as
+"layers.3.attn.q.kernel" [in, out], and the embedding tables are [D, V] in the model, [V, D] in
+checkpoints; `assemble` transposes those. It places each tensor on device
+(with its NamedSharding when a mesh is given) as it arrives, so peak host memory is one tensor, and
+fails with a clear error on anything missing, extra or mis-shaped.
 """
 
 from __future__ import annotations
@@ -28,39 +31,60 @@ def _key(path) -> str:
   return ".".join(str(p) for p in path)
 
 
-def param_names(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-  """Every parameter of a model of `cfg`: name -> (shape, dtype)."""
+_KERNEL, _WEIGHT = ".kernel", ".weight"
+_TABLES = ("embed", "lm_head")  # [D, V] in the model, [V, D] in checkpoints
+
+
+def _checkpoint_name(param: str) -> tuple[str, bool]:
+  """A parameter's name in checkpoints, and whether they store its transpose: a linear map's kernel
+  [in, out] is stored as its weight [out, in], the embedding tables [D, V] as [V, D]."""
+  if param.endswith(_KERNEL):
+    return param[:-len(_KERNEL)] + _WEIGHT, True
+  return param, param in _TABLES
+
+
+def checkpoint_names(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+  """Every tensor of a checkpoint of `cfg`, in the checkpoints' layout: name -> (shape, dtype)."""
   _, state = nnx.split(abstract_model(cfg))
-  return {_key(path): (tuple(v.get_value().shape), str(v.get_value().dtype))
-          for path, v in nnx.to_flat_state(state)}
+  out = {}
+  for path, v in nnx.to_flat_state(state):
+    name, transposed = _checkpoint_name(_key(path))
+    shape = tuple(v.get_value().shape)
+    out[name] = (shape[::-1] if transposed else shape, str(v.get_value().dtype))
+  return out
 
 
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
              mesh=None, rules: ShardingRules = DEFAULT_RULES) -> Transformer:
-  """Build a Transformer of `cfg` from (name, array) pairs read from `source` (for messages)."""
+  """Build a Transformer of `cfg` from (name, array) pairs in the checkpoints' layout read from
+  `source` (for messages)."""
   graphdef, abstract = nnx.split(abstract_model(cfg))
   flat = dict((_key(p), v) for p, v in nnx.to_flat_state(abstract))
+  param_of = {_checkpoint_name(k)[0]: k for k in flat}
+  expected = checkpoint_names(cfg)
   shardings = None
   if mesh is not None:
     shardings = dict((_key(p), s) for p, s in nnx.to_flat_state(state_shardings(abstract, mesh, rules)))
   filled: dict[str, jax.Array] = {}
   for name, array in tensors:
-    if name not in flat:
+    if name not in param_of:
       raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {tuple(array.shape)}); "
                             f"the {cfg.family} model has no such parameter")
-    if name in filled:
+    param = param_of[name]
+    if param in filled:
       raise CheckpointError(f"{source}: tensor {name!r} appears twice")
-    want = flat[name].get_value()
-    if tuple(array.shape) != tuple(want.shape):
+    if tuple(array.shape) != expected[name][0]:
       raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
-                            f"the config expects {tuple(want.shape)}")
+                            f"the config expects {expected[name][0]}")
     if not np.all(np.isfinite(array)):
       raise CheckpointError(f"{source}: tensor {name!r} holds NaN or inf values")
-    value = jnp.asarray(array, dtype=want.dtype)
+    if _checkpoint_name(param)[1]:
+      array = np.asarray(array).T
+    value = jnp.asarray(array, dtype=flat[param].get_value().dtype)
     if shardings is not None:
-      value = jax.device_put(value, shardings[name])
-    filled[name] = value
-  missing = sorted(set(flat) - set(filled))
+      value = jax.device_put(value, shardings[param])
+    filled[param] = value
+  missing = sorted(_checkpoint_name(k)[0] for k in set(flat) - set(filled))
   if missing:
     more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
     raise CheckpointError(f"{source}: missing tensors {missing[:5]}{more}")

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from effjax.checkpoints.assemble import CheckpointError, assemble, param_names
+from effjax.checkpoints.assemble import CheckpointError, assemble, checkpoint_names
 from effjax.models.config import Family, LayerKind, ModelConfig, RopeScaling, make_config
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules
 from effjax.models.transformer import Transformer
@@ -418,7 +418,7 @@ def _same_tensor(a: tuple[Path, str], b: tuple[Path, str], rows: int = 4096) -> 
 def hf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
   """(effjax name, array) for every parameter of `cfg` in the directory, one tensor at a time,
   checking names, shapes and the index on the way (errors name the file and the HF tensor)."""
-  shapes = {name: shape for name, (shape, _) in param_names(cfg).items()}
+  shapes = {name: shape for name, (shape, _) in checkpoint_names(cfg).items()}
   wanted = hf_names(cfg)
   seen: dict[str, tuple[Path, str]] = {}  # canonical HF name -> where it was read
   redundant_head = None

@@ -28,7 +28,7 @@ from effjax.models.sharding import DEFAULT_RULES, ShardingRules, state_shardings
 from effjax.models.transformer import Transformer, abstract_model
 
 FORMAT = "effjax-orbax"
-VERSION = 1
+VERSION = 2  # 2: linear kernels [in, out] and embedding tables [D, V] (1: as in checkpoints)
 MARKER = "effjax.json"
 
 

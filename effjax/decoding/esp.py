@@ -101,7 +101,7 @@ class ESP(Strategy):
   def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     k_init, k_tok = jax.random.split(key)
     logits, _, state = prefill_forward(model, state)
-    masks = init_masks(model.embed[...], state.prompt, state.prompt_len, self.masks, self.init,
+    masks = init_masks(model.embed_tokens(state.prompt), state.prompt_len, self.masks, self.init,
                        k_init)
     mask_logits, cache = prefill_masks(model, state, masks)
     if mask_logits.shape[-1] < self.num_candidates:
@@ -144,13 +144,13 @@ def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sam
   return out.state.replace(extra=extra)
 
 
-def init_masks(table: jax.Array, prompt: jax.Array, prompt_len: jax.Array, k: int,
-               init: MaskInit, key: jax.Array) -> jax.Array:
+def init_masks(prompt_emb: jax.Array, prompt_len: jax.Array, k: int, init: MaskInit,
+               key: jax.Array) -> jax.Array:
   """[B, k, D] initial mask embeddings from each row's prompt embeddings (Eq. 4 and variants):
   mean: all k masks are the mean; sample: independent draws from N(mu, sigma^2 I) fitted to the
   prompt embeddings; last: the embeddings of the last k prompt tokens."""
-  b, p = prompt.shape
-  emb = jnp.take(table, prompt, axis=0).astype(jnp.float32)  # [B, P, D]
+  b, p, _ = prompt_emb.shape
+  emb = prompt_emb.astype(jnp.float32)  # [B, P, D], right-padded
   if init == "last":
     idx = jnp.maximum(prompt_len[:, None] - k + jnp.arange(k)[None, :], 0)
     return jnp.take_along_axis(emb, idx[:, :, None], axis=1)

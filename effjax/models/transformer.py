@@ -1,8 +1,9 @@
 """The decoder family as one Flax NNX implementation.
 
-Weights are stored [out, in] (the Hugging Face layout), so projections contract the last dim of
-both operands: on CPU this makes a k-token forward much cheaper relative to one token than the
-[in, out] layout (ARCHITECTURE.md, platform facts), and checkpoints load without transposes.
+Projection kernels are stored [in, out] and the embedding table [D, V], the transposes of the
+checkpoints' layouts (`checkpoints.assemble` converts): on XLA:CPU a product of a few rows with
+such a matrix costs about what one row does, with the checkpoint layout 1.3x, and a speculative
+verification forward is exactly such a product (BENCHMARKS.md, "Forward cost of k tokens").
 
 What the techniques need is an explicit input of `Transformer.__call__`, never a hook:
 token ids or input embeddings, position ids, a mask over the new block (tree attention), a KV cache
@@ -46,21 +47,32 @@ class ModelOutput:
   cache: KVCache | None
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None):
-  scale = (1.0 / math.sqrt(shape[-1])) if scale is None else scale
-  return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * scale, axes=axes)
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, *,
+           transposed: bool = False):
+  """N(0, scale^2), scale 1/sqrt(fan-in) by default. `transposed`: drawn in the checkpoints' layout
+  (shape reversed), then transposed, so a seed gives the same random model in either layout (tests
+  pick seeds for the behaviour of their tiny models)."""
+  drawn = shape[::-1] if transposed else shape
+  scale = (1.0 / math.sqrt(drawn[-1])) if scale is None else scale
+  value = jax.random.normal(rngs.params(), drawn, dtype) * scale
+  return nnx.Param(value.T if transposed else value, axes=axes)
 
 
 class Linear(nnx.Module):
-  """y = x @ W.T (+ b), W stored [out, in]."""
+  """y = x @ W (+ b), W stored [in, out].
+
+  [in, out] rather than the checkpoints' [out, in] (`assemble` transposes on load): XLA:CPU's
+  product of a few rows with an [out, in] matrix costs 1.3x its matrix-vector product, with [in, out]
+  ~1.0x, and a speculative verification forward is exactly such a few-row product.
+  """
 
   def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype,
                rngs: nnx.Rngs):
-    self.weight = _param(rngs, (d_out, d_in), axes, dtype)
-    self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[:1]) if bias else None
+    self.kernel = _param(rngs, (d_in, d_out), axes, dtype, transposed=True)
+    self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[1:]) if bias else None
 
   def __call__(self, x):
-    y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+    y = jnp.einsum("...i,io->...o", x, self.kernel[...])
     return y if self.bias is None else y + self.bias[...]
 
 
@@ -114,10 +126,10 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.kind = cfg.layer_kind(layer)
     h, kh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = Linear(cfg.dim, h * dh, ("heads", "embed"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
-    self.k = Linear(cfg.dim, kh * dh, ("kv_heads", "embed"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
-    self.v = Linear(cfg.dim, kh * dh, ("kv_heads", "embed"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
-    self.o = Linear(h * dh, cfg.dim, ("embed", "heads"), bias=False, dtype=dt, rngs=rngs)
+    self.q = Linear(cfg.dim, h * dh, ("embed", "heads"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
+    self.k = Linear(cfg.dim, kh * dh, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
+    self.v = Linear(cfg.dim, kh * dh, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
+    self.o = Linear(h * dh, cfg.dim, ("heads", "embed"), bias=False, dtype=dt, rngs=rngs)
     if cfg.qk_norm:
       kw = dict(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, dtype=dt)
       self.q_norm = RMSNorm(dh, "head_dim", **kw)
@@ -160,9 +172,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = cfg.jnp_dtype
-    self.gate = Linear(cfg.dim, cfg.mlp_dim, ("mlp", "embed"), bias=False, dtype=dt, rngs=rngs)
-    self.up = Linear(cfg.dim, cfg.mlp_dim, ("mlp", "embed"), bias=False, dtype=dt, rngs=rngs)
-    self.down = Linear(cfg.mlp_dim, cfg.dim, ("embed", "mlp"), bias=False, dtype=dt, rngs=rngs)
+    self.gate = Linear(cfg.dim, cfg.mlp_dim, ("embed", "mlp"), bias=False, dtype=dt, rngs=rngs)
+    self.up = Linear(cfg.dim, cfg.mlp_dim, ("embed", "mlp"), bias=False, dtype=dt, rngs=rngs)
+    self.down = Linear(cfg.mlp_dim, cfg.dim, ("mlp", "embed"), bias=False, dtype=dt, rngs=rngs)
     self.activation = cfg.activation
 
   def __call__(self, x):
@@ -225,20 +237,23 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = cfg.jnp_dtype
     self.cfg = cfg
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), dt, scale=1.0)
+    # [D, V], the transpose of the checkpoints' [V, D]: the logits product is then [in, out] too
+    # (SmolLM2's tied head on CPU: 4.2 vs 6.9 ms per decode step), and a lookup reads D values.
+    self.embed = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, scale=1.0,
+                        transposed=True)
     self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.dim, "embed", eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                               dtype=dt)
-    self.lm_head = None if cfg.tie_embeddings else _param(rngs, (cfg.vocab_size, cfg.dim),
-                                                          ("vocab", "embed"), dt)
+    self.lm_head = None if cfg.tie_embeddings else _param(
+        rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, transposed=True)
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """Rows of the input embedding table (unscaled; __call__ applies the family's scale)."""
-    return jnp.take(self.embed[...], tokens, axis=0)
+    return jnp.moveaxis(jnp.take(self.embed[...], tokens, axis=1), 0, -1)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     w = self.embed[...] if self.lm_head is None else self.lm_head[...]
-    out = jnp.einsum("...d,vd->...v", hidden, w, preferred_element_type=jnp.float32)
+    out = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
     if self.cfg.final_softcap is not None:
       out = jnp.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
     return out
