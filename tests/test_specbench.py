@@ -63,9 +63,10 @@ def test_dev_set_groups():
   assert all(len(p.turns) == (2 if g == "mt_bench" else 1) for p, g in zip(picked, groups))
 
 
-def _record(method, group, turns, equal=True):
+def _record(method, group, turns, equal=True, prefill_s=0.25):
   return {"method": method, "group": group, "equal_to_ar": equal,
-          "turns": [{"new_tokens": n, "calls": c, "seconds": s} for n, c, s in turns]}
+          "turns": [{"new_tokens": n, "calls": c, "seconds": s, "prefill_s": prefill_s}
+                    for n, c, s in turns]}
 
 
 def test_summary_pools_tau_and_divides_mean_speeds():
@@ -83,8 +84,14 @@ def test_summary_pools_tau_and_divides_mean_speeds():
   assert overall["x"]["tau"] == pytest.approx((10 + 8) / 7)
   assert overall["x"]["speedup"] == pytest.approx(np.mean([22, 9]) / np.mean([11, 5]))
   assert overall["x"]["equal"] == 1 and overall["x"]["questions"] == 2
+  # Decode only: (new tokens - 1) / (seconds - prefill) per question; x: 10 / 0.25, 8 / 0.75;
+  # ar: 10 / 0.75, 8 / 1.5 (two turns).
+  decode_x, decode_ar = np.mean([10 / 0.25, 8 / 0.75]), np.mean([10 / 0.75, 8 / 1.5])
+  assert overall["x"]["decode_tokens_per_s"] == pytest.approx(decode_x)
+  assert overall["x"]["decode_speedup"] == pytest.approx(decode_x / decode_ar)
   text = specbench.format_table(table)
-  assert "| x | 2.00 / 2.00x | 4.00 / 1.80x |" in text and text.rstrip().endswith("| 1/2 |")
+  assert f"| x | 2.00 / 2.00x | 4.00 / 1.80x | 2.57 / 1.94x | {decode_x / decode_ar:.2f}x |" in text
+  assert text.rstrip().endswith("| 1/2 |")
 
 
 def test_method_registry():
