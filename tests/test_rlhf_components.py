@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from effjax.decoding.engine import Engine
 from effjax.models import make_config, create_model
 from effjax.models.sharding import make_mesh
 from effjax.rlhf import enn, pairs, policy, rollout
@@ -26,6 +27,13 @@ ENN = ENNConfig(num_particles=8, point_hidden=(16, 16), prior_hidden=(8, 8), dif
 
 def tiny_policy(seed=0):
   return create_model(CFG, seed)
+
+
+def soft_policy(seed, cfg=CFG):
+  """A random policy with a soft head (a random one is near one-hot): varied tokens and draws."""
+  model = create_model(cfg, seed)
+  model.embed.set_value(model.embed.get_value() * 0.1)
+  return model
 
 
 @functools.cache
@@ -302,27 +310,87 @@ def test_sampler_matches_uncached_forward_with_ragged_prompts():
   np.testing.assert_array_equal(np.asarray(alone[0, 0]), np.asarray(greedy[1, 0]))
 
 
-def test_top_k_sampling_stays_in_top_k():
-  logits = jnp.tile(jnp.arange(10.0)[None], (2000, 1))
-  tok = rollout.choose_token(logits, jax.random.key(0), 3, 1.0)
-  assert set(np.asarray(tok).tolist()) == {7, 8, 9}
+RAGGED = jnp.array([[3, 4, 5], [9, 2, 0]]), jnp.array([3, 2])  # right-padded prompts, lengths
+
+
+def test_greedy_rollout_equals_engine_generate():
+  """The rollout is the engine's loop: Engine.generate's tokens, then pad_id with the mask False."""
+  rows = [[3, 4, 5, 6, 7], [9, 2], [5, 5, 1], [11]]
+  free = Engine(soft_policy(9), cache_len=32).generate(rows, max_new_tokens=8).tokens
+  model = soft_policy(9, CFG.replace(eos_ids=(free[0][2],)))  # row 0 ends by its third token
+  prompts = jnp.array([r + [0] * (5 - len(r)) for r in rows])
+  resp, mask = rollout.sample(model, prompts, jnp.array([len(r) for r in rows]), jax.random.key(1),
+                              num_samples=2, length=8, top_k=5, temperature=0.0)
+  chex.assert_shape([resp, mask], (4, 2, 8))
+  chex.assert_type([resp, mask], [jnp.int32, bool])
+  want = Engine(model, cache_len=32).generate(rows, max_new_tokens=8).tokens
+  assert len(want[0]) <= 3 and any(len(w) > 1 for w in want)
+  for w, r, m in zip(want, np.asarray(resp), np.asarray(mask)):
+    for row, mrow in zip(r, m):
+      assert row[:len(w)].tolist() == w and mrow[:len(w)].all()
+      assert not mrow[len(w):].any() and (row[len(w):] == CFG.pad_id).all()
+
+
+def test_sampled_rollouts_are_top_k_and_keyed():
+  model = soft_policy(8)
+  prompts, lens = RAGGED
+  run = lambda key: rollout.sample(model, prompts, lens, key, num_samples=16, length=6, top_k=3,
+                                   temperature=2.0)
+  resp, mask = run(jax.random.key(0))
+  chex.assert_trees_all_equal((resp, mask), run(jax.random.key(0)))
+  assert not bool((resp == run(jax.random.key(1))[0]).all())
+  flat = lambda x: x.reshape(-1, 6)
+  _, logp_all = rollout.token_logprobs(model, jnp.repeat(prompts, 16, axis=0), jnp.repeat(lens, 16),
+                                       flat(resp), flat(mask))
+  top3 = np.asarray(jax.lax.top_k(logp_all, 3)[1])
+  assert (top3 == np.asarray(flat(resp))[..., None]).any(-1).all()
+  assert len(np.unique(np.asarray(resp[:, :, 0]))) > 2  # not greedy in disguise
+
+
+def test_jitted_sampler_takes_changing_params():
+  """make_sampler's jit takes the policy's params as an argument: a new policy, no recompile."""
+  graphdef, p0 = nnx.split(soft_policy(8))
+  p1 = nnx.split(soft_policy(9))[1]
+  prompts, lens = RAGGED
+  run = rollout.make_sampler(graphdef, num_samples=2, length=6, top_k=3, temperature=1.0)
+  a, b = run(p0, prompts, lens, jax.random.key(0)), run(p1, prompts, lens, jax.random.key(0))
+  assert run._cache_size() == 1
+  assert not bool((a[0] == b[0]).all())
+  chex.assert_trees_all_equal(a, rollout.sample(nnx.merge(graphdef, p0), prompts, lens,
+                                                jax.random.key(0), num_samples=2, length=6,
+                                                top_k=3, temperature=1.0))
+
+
+def test_sharded_rollout_equals_unsharded():
+  from effjax.models.sharding import state_shardings
+  graphdef, params = nnx.split(soft_policy(8))
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  prompts, lens = RAGGED
+  kw = dict(num_samples=4, length=6, top_k=3, temperature=1.0)
+  want = rollout.make_sampler(graphdef, **kw)(params, prompts, lens, jax.random.key(0))
+  sharded = jax.device_put(params, state_shardings(params, mesh))
+  got = rollout.make_sampler(graphdef, mesh=mesh, **kw)(sharded, prompts, lens, jax.random.key(0))
+  chex.assert_trees_all_equal(jax.device_get(got), jax.device_get(want))
 
 
 def test_eos_masks_the_rest():
-  model = create_model(CFG.replace(eos_ids=(5,)), 9)
-  prompts = jnp.array([[1, 2, 3]])
-  # A hot draw over all tokens: rows hit EOS (token 5) at various steps.
-  resp, mask = rollout.sample(model, prompts, jnp.array([3]), jax.random.key(0), num_samples=8,
-                              length=8, top_k=0, temperature=5.0)
-  r, m = np.asarray(resp[0]), np.asarray(mask[0])
-  for row, mrow in zip(r, m):
-    hits = np.nonzero(row == 5)[0]
-    if len(hits):
-      assert mrow[:hits[0] + 1].all() and not mrow[hits[0] + 1:].any()
-      assert (row[hits[0] + 1:] == 0).all()
-    else:
-      assert mrow.all()
-  assert (r == 5).any()
+  """A row draws the same tokens with or without an EOS id until its first EOS (kept, mask True);
+  after it come pad_id and mask False."""
+  prompts, lens = jnp.array([[1, 2, 3]]), jnp.array([3])
+  # A hot draw over all tokens: rows hit EOS at various steps.
+  draw = lambda cfg: rollout.sample(soft_policy(9, cfg), prompts, lens, jax.random.key(0),
+                                    num_samples=8, length=8, top_k=0, temperature=5.0)
+  free, free_mask = draw(CFG)
+  assert bool(free_mask.all())
+  eos = int(free[0, 0, 2])  # row 0 ends by its third token
+  resp, mask = draw(CFG.replace(eos_ids=(eos,)))
+  ends = []
+  for f, row, mrow in zip(np.asarray(free[0]), np.asarray(resp[0]), np.asarray(mask[0])):
+    n = (np.nonzero(f == eos)[0].tolist() + [7])[0] + 1
+    ends.append(n)
+    assert row[:n].tolist() == f[:n].tolist() and mrow[:n].all()
+    assert not mrow[n:].any() and (row[n:] == CFG.pad_id).all()
+  assert ends[0] <= 3 and len(set(ends)) > 1
 
 
 # ---- config ---------------------------------------------------------------------------------------

@@ -225,6 +225,7 @@ def test_curve_fit_recovers_parameters_and_ratio():
   np.testing.assert_allclose([fa, fb], [a, b], rtol=1e-4)
   w = float(curves.win_curve(5000.0, a, b))
   np.testing.assert_allclose(curves.labels_to_reach(w, a, b), 5000.0, rtol=1e-9)
+  assert curves.labels_to_reach(0.9, a, 1e-6) == float("inf")  # a flat fit never gets there
   groups = {
       "offline": [dict(labels=n, win=curves.win_curve(n, 3000.0, 0.2), seed=0, dir="")],
       "info_directed": [dict(labels=n[:6], win=curves.win_curve(n[:6], 300.0, 0.2), seed=0, dir="")],

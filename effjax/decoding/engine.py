@@ -7,6 +7,10 @@ commits the accepted tokens (ESP, prompt lookup, lookahead). Strategies append t
 `append_tokens`, which applies EOS, stop sequences and per-row limits the same way for all.
 
 Shapes are static: a fixed cache length, prompts right-padded to length buckets, fixed blocks.
+
+`Engine` holds one model's parameters and compiles per strategy and bucket; `generate_arrays` is the
+same prefill and loop as a pure function of a model and device arrays, for a caller's own jit (RLHF
+rollouts, whose policy parameters change every call).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from flax import nnx, struct
 
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.models.cache import KV_AXES, KVCache
-from effjax.models.sharding import DEFAULT_RULES, ShardingRules, array_sharding, state_shardings
+from effjax.models.config import ModelConfig
+from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain, state_shardings
 from effjax.models.transformer import Steering, Transformer
 
 
@@ -175,6 +180,70 @@ def _stop_hits(tokens, length, n, stop):
   return (match & ~before_start).all(axis=-1).any(axis=-1)
 
 
+def stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
+  """[n_stop, L] stop sequences, left-padded with -1 (an empty list gives [0, 1])."""
+  seqs = [list(s) for s in stop_sequences if len(s)]
+  width = max((len(s) for s in seqs), default=1)
+  arr = np.full((len(seqs), width), -1, np.int32)
+  for i, s in enumerate(seqs):
+    arr[i, width - len(s):] = s
+  return arr
+
+
+def init_state(cfg: ModelConfig, prompt, prompt_len, limit, rng: jax.Array, *, max_new_tokens: int,
+               cache_len: int, eos, stop, strategy: Strategy, mesh=None,
+               rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
+  """A fresh DecodeState from arrays (host or traced): prompts [B, P] right-padded, prompt_len [B],
+  limit [B] or scalar (<= max_new_tokens, which sizes the token buffer), eos [n_eos], stop [n, L]."""
+  b = prompt.shape[0]
+  cache = KVCache.init(cfg, b, cache_len)
+  shard = lambda xs: tuple(constrain(x, KV_AXES, mesh, rules) for x in xs)
+  return DecodeState(
+      prompt=jnp.asarray(prompt, jnp.int32), prompt_len=jnp.asarray(prompt_len, jnp.int32),
+      tokens=jnp.zeros((b, max_new_tokens + strategy.max_step_tokens), jnp.int32),
+      length=jnp.zeros((b,), jnp.int32), last=jnp.zeros((b,), jnp.int32),
+      cache=cache.replace(k=shard(cache.k), v=shard(cache.v)),
+      done=jnp.zeros((b,), bool), limit=jnp.broadcast_to(jnp.asarray(limit, jnp.int32), (b,)),
+      eos=jnp.asarray(eos, jnp.int32).reshape(-1), stop=jnp.asarray(stop, jnp.int32), rng=rng,
+      calls=jnp.zeros((), jnp.int32), extra=())
+
+
+def run_prefill(model: Transformer, strategy: Strategy, state: DecodeState) -> DecodeState:
+  return strategy.prefill(model, state, jax.random.fold_in(state.rng, 0))
+
+
+def run_loop(model: Transformer, strategy: Strategy, state: DecodeState, until) -> DecodeState:
+  """Strategy steps until every row is done or `until` forwards have run since the prefill."""
+
+  def cond(s):
+    return (~s.done.all()) & (s.calls < until)
+
+  def body(s):
+    return strategy.step(model, s, jax.random.fold_in(s.rng, s.calls + 1))
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def generate_arrays(model: Transformer, prompt: jax.Array, prompt_len: jax.Array, rng: jax.Array, *,
+                    max_new_tokens: int, strategy: Strategy | None = None, mesh=None,
+                    rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, jax.Array]:
+  """Engine.generate as a pure, traceable function, for use inside a caller's jit with parameters
+  that change between calls (no input checks; the model's EOS ids, no stop sequences).
+
+  prompt [B, P] right-padded with lengths prompt_len [B]. Returns tokens [B, L] (L = max_new_tokens;
+  cfg.pad_id after each row's end) and mask [B, L], True for generated tokens (EOS included).
+  """
+  strategy = strategy or PLAIN_GREEDY
+  cfg = model.cfg
+  cache_len = prompt.shape[1] + max_new_tokens + strategy.block_size
+  state = init_state(cfg, prompt, prompt_len, max_new_tokens, rng, max_new_tokens=max_new_tokens,
+                     cache_len=cache_len, eos=cfg.eos_ids, stop=stop_array(()), strategy=strategy,
+                     mesh=mesh, rules=rules)
+  state = run_loop(model, strategy, run_prefill(model, strategy, state), max_new_tokens)
+  mask = jnp.arange(max_new_tokens)[None, :] < state.length[:, None]
+  return jnp.where(mask, state.tokens[:, :max_new_tokens], cfg.pad_id), mask
+
+
 @dataclasses.dataclass
 class GenerationResult:
   tokens: list[list[int]]  # generated tokens per row (the EOS / stop sequence included)
@@ -265,34 +334,15 @@ class Engine:
   def _bucket(self, n: int) -> int:
     return next(b for b in self.buckets if b >= n)
 
-  def _stop_array(self, stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
-    seqs = [list(s) for s in stop_sequences if len(s)]
-    width = max((len(s) for s in seqs), default=1)
-    arr = np.full((len(seqs), width), -1, np.int32)
-    for i, s in enumerate(seqs):
-      arr[i, width - len(s):] = s
-    return arr
-
   def initial_state(self, prompts, limits, stop: np.ndarray, seed: int,
                     strategy: Strategy) -> DecodeState:
-    b = len(prompts)
     p = self._bucket(max(len(x) for x in prompts))
-    prompt = np.full((b, p), self.cfg.pad_id, np.int32)
+    prompt = np.full((len(prompts), p), self.cfg.pad_id, np.int32)
     for i, x in enumerate(prompts):
       prompt[i, :len(x)] = x
-    n = int(limits.max()) + strategy.max_step_tokens
-    cache = KVCache.init(self.cfg, b, self.cache_len)
-    if self.mesh is not None:
-      sh = array_sharding(KV_AXES, cache.k[0].shape, self.mesh, self.rules)
-      cache = cache.replace(k=tuple(jax.device_put(x, sh) for x in cache.k),
-                            v=tuple(jax.device_put(x, sh) for x in cache.v))
-    return DecodeState(
-        prompt=jnp.asarray(prompt), prompt_len=jnp.asarray([len(x) for x in prompts], jnp.int32),
-        tokens=jnp.zeros((b, n), jnp.int32), length=jnp.zeros((b,), jnp.int32),
-        last=jnp.zeros((b,), jnp.int32), cache=cache, done=jnp.zeros((b,), bool),
-        limit=jnp.asarray(limits, jnp.int32), eos=jnp.asarray(self.eos_ids, jnp.int32).reshape(-1),
-        stop=jnp.asarray(stop), rng=jax.random.key(seed),
-        calls=jnp.zeros((), jnp.int32), extra=())
+    return init_state(self.cfg, prompt, [len(x) for x in prompts], limits, jax.random.key(seed),
+                      max_new_tokens=int(limits.max()), cache_len=self.cache_len, eos=self.eos_ids,
+                      stop=stop, strategy=strategy, mesh=self.mesh, rules=self.rules)
 
   def _functions(self, strategy: Strategy):
     key = id(strategy)
@@ -301,20 +351,10 @@ class Engine:
     graphdef = self.graphdef
 
     def prefill(params, state):
-      model = nnx.merge(graphdef, params)
-      key = jax.random.fold_in(state.rng, 0)
-      return strategy.prefill(model, state, key)
+      return run_prefill(nnx.merge(graphdef, params), strategy, state)
 
     def decode(params, state, until):
-      model = nnx.merge(graphdef, params)
-
-      def cond(s):
-        return (~s.done.all()) & (s.calls < until)
-
-      def body(s):
-        return strategy.step(model, s, jax.random.fold_in(s.rng, s.calls + 1))
-
-      return jax.lax.while_loop(cond, body, state)
+      return run_loop(nnx.merge(graphdef, params), strategy, state, until)
 
     fns = (jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1))
     self._compiled[key] = (strategy, fns)  # hold the strategy so its id stays unique
@@ -325,7 +365,7 @@ class Engine:
     """Check inputs, then prefill: the state holds the first generated token."""
     strategy = strategy or PLAIN_GREEDY
     limits = self._check(prompts, max_new_tokens, strategy)
-    state = self.initial_state(prompts, limits, self._stop_array(stop_sequences), seed, strategy)
+    state = self.initial_state(prompts, limits, stop_array(stop_sequences), seed, strategy)
     prefill, _ = self._functions(strategy)
     return prefill(self.params, state)
 

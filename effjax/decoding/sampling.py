@@ -44,7 +44,9 @@ class Sampler:
     """Tempered logits with the filtered-out tokens at -inf (float32)."""
     x = logits.astype(jnp.float32) / self.temperature
     if self.top_k:
-      kth = jax.lax.top_k(x, min(self.top_k, x.shape[-1]))[0][..., -1:]
+      # The k-th largest as the min of the top k: slicing top_k's output instead makes XLA:CPU
+      # sort the whole vocabulary ([16, 49152] logits, k=50, 2 CPU cores: 127 ms against 2.5 ms).
+      kth = jax.lax.top_k(x, min(self.top_k, x.shape[-1]))[0].min(axis=-1, keepdims=True)
       x = jnp.where(x >= kth, x, NEG_INF)
     if self.top_p < 1:
       order = jnp.argsort(-x, axis=-1)

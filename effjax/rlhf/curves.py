@@ -42,10 +42,14 @@ def fit_win_curve(n, w) -> tuple[float, float]:
 
 
 def labels_to_reach(w: float, a: float, b: float) -> float:
-  """n at which the fitted curve reaches w (inf when w >= 1)."""
+  """n at which the fitted curve reaches w (inf when w >= 1, or past float range: a near-flat fit,
+  as a few noisy points give, has b ~ 0 and w**(-1/b) overflows)."""
   if w >= 1.0:
     return math.inf
-  return a * (2.0 * (1.0 - w)) ** (-1.0 / b)
+  try:
+    return a * (2.0 * (1.0 - w)) ** (-1.0 / b)
+  except OverflowError:
+    return math.inf
 
 
 def load_runs(dirs: list[str]) -> dict[str, list[dict]]:

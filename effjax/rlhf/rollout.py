@@ -1,11 +1,12 @@
-"""Rollouts and sequence forwards for RLHF: fixed-length top-k sampling over a KV cache.
+"""Rollouts and sequence forwards for RLHF.
 
 Prompts are right-padded [B, P] with lengths [B] (the KV cache's convention: padded tokens get no
 cache slot, so every row's response starts right after its own prompt). Responses are [.., L]; after
 an end-of-sequence token a row emits padding and its response mask turns False.
 
-`sample` is the rollout signature the RLHF agents use (`Sampler`); effjax's decoding engine can
-serve it once it lands, this local `lax.scan` sampler is the reference implementation.
+`sample` is the rollout signature the RLHF agents use (`Sampler`); the decoding engine serves it
+(`engine.generate_arrays`: its prefill and while-loop with top-k sampling, traced inside the
+caller's jit, since the policy's parameters change every batch).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from effjax.models.cache import KVCache
+from effjax.decoding import engine
+from effjax.decoding.sampling import Sampler as TokenSampler
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules
 from effjax.models.transformer import Transformer
 
@@ -28,49 +30,22 @@ class Sampler(Protocol):
     """-> (responses [B, n, L] int32, mask [B, n, L] bool)."""
 
 
-def choose_token(logits: jax.Array, rng: jax.Array, top_k: int, temperature: float) -> jax.Array:
-  """Greedy when temperature == 0, else a draw among the top_k logits (top_k <= 0: all)."""
+def sampling_strategy(top_k: int, temperature: float) -> engine.AutoRegressive:
+  """Greedy when temperature == 0 (whatever top_k), else a draw among the top_k (0: all) logits."""
   if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if 0 < top_k < logits.shape[-1]:
-    vals, idx = jax.lax.top_k(logits, top_k)
-    pick = jax.random.categorical(rng, vals, axis=-1)
-    return jnp.take_along_axis(idx, pick[..., None], axis=-1)[..., 0].astype(jnp.int32)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    return engine.PLAIN_GREEDY
+  return engine.AutoRegressive(sampler=TokenSampler(temperature=temperature, top_k=top_k))
 
 
 def sample(model: Transformer, prompts: jax.Array, prompt_lens: jax.Array, rng: jax.Array, *,
            num_samples: int, length: int, top_k: int, temperature: float, mesh=None,
            rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, jax.Array]:
-  """num_samples responses of `length` tokens per prompt: prefill once, then one token per scan step."""
-  cfg = model.cfg
-  b, p = prompts.shape
-  n = num_samples
-  tokens = jnp.repeat(prompts, n, axis=0)
-  lens = jnp.repeat(prompt_lens.astype(jnp.int32), n, axis=0)
-  cache = KVCache.init(cfg, b * n, p + length)
-  valid = jnp.arange(p)[None, :] < lens[:, None]
-  out = model(tokens, input_mask=valid, cache=cache, mesh=mesh, rules=rules, compute_logits=False)
-  last = jnp.take_along_axis(out.hidden, (lens - 1)[:, None, None], axis=1)[:, 0]
-  logits = model.logits(last)
-  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
-
-  def step(carry, key):
-    cache, logits, done = carry
-    tok = choose_token(logits, key, top_k, temperature)
-    tok = jnp.where(done, cfg.pad_id, tok)
-    alive = ~done
-    done = done | jnp.isin(tok, eos)
-    o = model(tok[:, None], cache=cache, mesh=mesh, rules=rules, compute_logits=False)
-    return (o.cache, model.logits(o.hidden[:, 0]), done), (tok, alive)
-
-  keys = jax.random.split(rng, length)
-  done0 = jnp.zeros((b * n,), bool)
-  _, (toks, alive) = jax.lax.scan(step, (out.cache, logits, done0), keys)
-  resp = toks.T.reshape(b, n, length)
-  mask = alive.T.reshape(b, n, length)
-  return resp, mask
+  """num_samples responses of at most `length` tokens per prompt (each prompt repeated n times)."""
+  b, n = prompts.shape[0], num_samples
+  resp, mask = engine.generate_arrays(
+      model, jnp.repeat(prompts, n, axis=0), jnp.repeat(prompt_lens, n, axis=0), rng,
+      max_new_tokens=length, strategy=sampling_strategy(top_k, temperature), mesh=mesh, rules=rules)
+  return resp.reshape(b, n, length), mask.reshape(b, n, length)
 
 
 def sequence(prompts: jax.Array, prompt_lens: jax.Array, responses: jax.Array,
