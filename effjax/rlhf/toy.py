@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from effjax.checkpoints.orbax_io import VERSION as PARAMS_FORMAT
 from effjax.models.config import ModelConfig, make_config
 from effjax.models.transformer import Transformer
 from effjax.rlhf import rollout
@@ -231,6 +232,7 @@ class ToyEnvironment:
     # The SFT policy depends on the data process only, not on the teacher.
     fields = {k: v for k, v in dataclasses.asdict(self.toy).items()
               if k not in ("teacher_prompt_weight", "teacher_repeat_penalty")}
+    fields["params_format"] = PARAMS_FORMAT  # a new parameter layout needs a new cache entry
     key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     path = (self.cache_dir / f"toy_sft_{key[:12]}").absolute()
     abstract = nnx.eval_shape(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(0)))
