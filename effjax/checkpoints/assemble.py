@@ -35,23 +35,26 @@ _KERNEL, _WEIGHT = ".kernel", ".weight"
 _TABLES = ("embed", "lm_head")  # [D, V] in the model, [V, D] in checkpoints
 
 
-def _checkpoint_name(param: str) -> tuple[str, bool]:
-  """A parameter's name in checkpoints, and whether they store its transpose: a linear map's kernel
-  [in, out] is stored as its weight [out, in], the embedding tables [D, V] as [V, D]."""
-  if param.endswith(_KERNEL):
-    return param[:-len(_KERNEL)] + _WEIGHT, True
-  return param, param in _TABLES
+def _checkpoint_layout(state) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+  """Checkpoint tensor name -> (parameter name, stored shape, stored transposed) for an (abstract)
+  model state: a linear map's kernel [in, out] is stored as its weight [out, in], the embedding
+  tables [D, V] as [V, D], everything else as is."""
+  out = {}
+  for path, v in nnx.to_flat_state(state):
+    param, shape = _key(path), tuple(v.get_value().shape)
+    name, transposed = param, param in _TABLES
+    if param.endswith(_KERNEL):
+      name, transposed = param[:-len(_KERNEL)] + _WEIGHT, True
+    out[name] = (param, shape[::-1] if transposed else shape, transposed)
+  return out
 
 
 def checkpoint_names(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
   """Every tensor of a checkpoint of `cfg`, in the checkpoints' layout: name -> (shape, dtype)."""
   _, state = nnx.split(abstract_model(cfg))
-  out = {}
-  for path, v in nnx.to_flat_state(state):
-    name, transposed = _checkpoint_name(_key(path))
-    shape = tuple(v.get_value().shape)
-    out[name] = (shape[::-1] if transposed else shape, str(v.get_value().dtype))
-  return out
+  flat = dict((_key(p), v) for p, v in nnx.to_flat_state(state))
+  return {name: (shape, str(flat[param].get_value().dtype))
+          for name, (param, shape, _) in _checkpoint_layout(state).items()}
 
 
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
@@ -60,31 +63,30 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], *, sou
   `source` (for messages)."""
   graphdef, abstract = nnx.split(abstract_model(cfg))
   flat = dict((_key(p), v) for p, v in nnx.to_flat_state(abstract))
-  param_of = {_checkpoint_name(k)[0]: k for k in flat}
-  expected = checkpoint_names(cfg)
+  layout = _checkpoint_layout(abstract)
   shardings = None
   if mesh is not None:
     shardings = dict((_key(p), s) for p, s in nnx.to_flat_state(state_shardings(abstract, mesh, rules)))
   filled: dict[str, jax.Array] = {}
   for name, array in tensors:
-    if name not in param_of:
+    if name not in layout:
       raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {tuple(array.shape)}); "
                             f"the {cfg.family} model has no such parameter")
-    param = param_of[name]
+    param, shape, transposed = layout[name]
     if param in filled:
       raise CheckpointError(f"{source}: tensor {name!r} appears twice")
-    if tuple(array.shape) != expected[name][0]:
+    if tuple(array.shape) != shape:
       raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
-                            f"the config expects {expected[name][0]}")
+                            f"the config expects {shape}")
     if not np.all(np.isfinite(array)):
       raise CheckpointError(f"{source}: tensor {name!r} holds NaN or inf values")
-    if _checkpoint_name(param)[1]:
+    if transposed:
       array = np.asarray(array).T
     value = jnp.asarray(array, dtype=flat[param].get_value().dtype)
     if shardings is not None:
       value = jax.device_put(value, shardings[param])
     filled[param] = value
-  missing = sorted(_checkpoint_name(k)[0] for k in set(flat) - set(filled))
+  missing = sorted(name for name, (param, _, _) in layout.items() if param not in filled)
   if missing:
     more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
     raise CheckpointError(f"{source}: missing tensors {missing[:5]}{more}")
