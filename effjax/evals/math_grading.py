@@ -1,10 +1,17 @@
 """Math answer grading: answer extraction and equivalence checking with math-verify.
 
-Extraction: the last \\boxed{...} (or \\fbox{...}) of a response, nested braces included; without
-one, the last number in the text. References: GSM8K solutions end with "#### <answer>"; MATH-500
-records carry the answer itself. Equivalence is math-verify's symbolic comparison of the two
-answers read as LaTeX; a normalised string/number comparison is used only where math-verify raises
-or cannot read one side.
+Extraction is exact: the final answer is read only from the response's answer region, never from
+its reasoning. For a model that thinks inside "<think> ... </think>" the region is the text after
+the thinking span closes (a response still thinking when it stops has none); otherwise it is the
+whole response. In the region the answer is the last \\boxed{...} (or \\fbox{...}, nested braces
+included) or GSM8K-style "#### <answer>" line, whichever comes last. A response without one has no
+answer: it is wrong, and counted as truncated (cut off before it answered) by the evaluations.
+`fallback_last_number` restores the lenient reading (the last number anywhere) for callers that
+score short answers without a marker (the RLHF GSM8K scorer).
+
+References: GSM8K solutions end with "#### <answer>"; MATH-500 records carry the answer itself.
+Equivalence is math-verify's symbolic comparison of the two answers read as LaTeX; a normalised
+string/number comparison is used only where math-verify raises or cannot read one side.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import threading
 from math_verify import parse, verify
 
 GSM8K_MARK = "####"
+GSM8K_LINE = re.compile(r"####[ \t]*([^\n]*\S)")
+THINK_CLOSE = "</think>"
 NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 BOX_COMMANDS = ("\\boxed", "\\fbox")
 TIMEOUT_S = 5
@@ -23,9 +32,13 @@ TIMEOUT_S = 5
 
 @dataclasses.dataclass(frozen=True)
 class Grade:
-  predicted: str | None
+  predicted: str | None  # None: the response never reached an answer (truncated)
   reference: str
   correct: bool
+
+  @property
+  def answered(self) -> bool:
+    return self.predicted is not None
 
 
 def _braced(text: str, open_at: int) -> str | None:
@@ -41,8 +54,8 @@ def _braced(text: str, open_at: int) -> str | None:
   return None
 
 
-def last_boxed(text: str) -> str | None:
-  """Contents of the last \\boxed{...}/\\fbox{...}; also accepts "\\boxed 5"."""
+def _last_boxed_at(text: str) -> tuple[int, str] | None:
+  """Start and contents of the last complete \\boxed{...}/\\fbox{...} (also "\\boxed 5")."""
   at = max(text.rfind(cmd) for cmd in BOX_COMMANDS)
   while at >= 0:
     cmd = next(c for c in BOX_COMMANDS if text.startswith(c, at))
@@ -53,9 +66,15 @@ def last_boxed(text: str) -> str | None:
       m = re.match(r" +([^\s$]+)", text[rest:])
       found = m.group(1) if m else None
     if found is not None:
-      return found.strip()
+      return at, found.strip()
     at = max(text.rfind(c, 0, at) for c in BOX_COMMANDS)  # unbalanced: try an earlier box
   return None
+
+
+def last_boxed(text: str) -> str | None:
+  """Contents of the last \\boxed{...}/\\fbox{...}; also accepts "\\boxed 5"."""
+  found = _last_boxed_at(text)
+  return None if found is None else found[1]
 
 
 def last_number(text: str) -> str | None:
@@ -64,10 +83,33 @@ def last_number(text: str) -> str | None:
   return found[-1].replace(",", "") if found else None
 
 
-def extract_answer(response: str) -> str | None:
-  """The final answer of a model response: last boxed expression, else the last number."""
-  boxed = last_boxed(response)
-  return boxed if boxed is not None else last_number(response)
+def answer_region(response: str, *, thinking: bool = False) -> str | None:
+  """The part of a response that may hold its final answer: after the last "</think>" when the
+  model thinks (None if the span never closed), else the whole response."""
+  if not thinking:
+    return response
+  if THINK_CLOSE not in response:
+    return None
+  return response.rsplit(THINK_CLOSE, 1)[1]
+
+
+def final_answer(region: str) -> str | None:
+  """The last \\boxed{...} or "#### <answer>" line of an answer region, whichever comes last."""
+  boxed = _last_boxed_at(region)
+  marks = list(GSM8K_LINE.finditer(region))
+  if marks and (boxed is None or marks[-1].start() > boxed[0]):
+    return marks[-1].group(1).strip().rstrip(".").replace(",", "")
+  return None if boxed is None else boxed[1]
+
+
+def extract_answer(response: str, *, thinking: bool = False,
+                   fallback_last_number: bool = False) -> str | None:
+  """The final answer of a model response (None: it never reached one), see the module doc."""
+  region = answer_region(response, thinking=thinking)
+  if region is None:
+    return None
+  found = final_answer(region)
+  return last_number(region) if found is None and fallback_last_number else found
 
 
 def reference_answer(reference: str) -> str:
@@ -109,8 +151,14 @@ def equivalent(predicted: str, reference: str) -> bool:
   return _normalise(predicted) == _normalise(reference)
 
 
-def grade(response: str, reference: str) -> Grade:
-  """Grades one response against a reference (a GSM8K solution or a MATH answer)."""
+def grade(response: str, reference: str, *, thinking: bool = False,
+          fallback_last_number: bool = False) -> Grade:
+  """Grades one response against a reference (a GSM8K solution or a MATH answer).
+
+  thinking: the response comes from a model that reasons inside "<think> ... </think>" (the span
+  opened in the prompt or in the response); only the text after it is read.
+  """
   gold = reference_answer(reference)
-  predicted = extract_answer(response)
+  predicted = extract_answer(response, thinking=thinking,
+                             fallback_last_number=fallback_last_number)
   return Grade(predicted, gold, predicted is not None and equivalent(predicted, gold))

@@ -1,5 +1,9 @@
 """Math evaluation of decoding methods (`effjax rebalance eval`): Pass@1 and response length.
 
+Grading is exact (effjax.evals.math_grading): the answer is read only from the answer region (after
+the thinking span of a model with think tags), as the last \\boxed{} or "####" line; a response
+without one is wrong and counted as truncated.
+
 Every method decodes the same batches of problems with the same seeds (batch i uses seed + i), so
 sampled runs differ only by the method. Results are appended per batch to `<out>/<method>.jsonl`
 (one line per problem) and, for ReBalance, `<out>/<method>.trace.jsonl` (one line per step); a
@@ -25,7 +29,8 @@ from effjax.evals.math_grading import grade
 from effjax.rebalance.confidence import TrackerConfig
 from effjax.rebalance.extract import ReBalanceProfile
 from effjax.rebalance.nowait import NoWaitHook, reflection_token_ids
-from effjax.rebalance.prompts import encode_problem, eos_ids, starts_in_span, think_tag_ids
+from effjax.rebalance.prompts import (answer_tokens, encode_problem, eos_ids, starts_in_span,
+                                     think_tag_ids)
 from effjax.rebalance.steering import Delimiters, ReBalanceHook, step_trace, write_trace
 
 METHODS = ("baseline", "nowait", "rebalance")
@@ -109,6 +114,7 @@ def evaluate(loaded: LoadedModel, problems: Sequence[Problem],
   engine = Engine(loaded.model, eos_ids=eos, cache_len=settings.cache_len or cache_len_for(
       [len(p) for p in prompts], settings.max_new_tokens, loaded.cfg.max_position))
   done = {m: {r["id"] for r in _read(out / f"{m}.jsonl")} for m in strategies}
+  think_open, think_close = think_tag_ids(tok)
   decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
   bs = settings.batch_size
   for batch, at in enumerate(range(0, len(problems), bs)):
@@ -125,10 +131,12 @@ def evaluate(loaded: LoadedModel, problems: Sequence[Problem],
         if problem.id in done[method]:
           continue
         text = decode(tokens)
-        g = grade(text, problem.answer or "")
+        region = answer_tokens(prompts[at + i], tokens, think_open, think_close)
+        g = grade("" if region is None else decode(region), problem.answer or "")
         record = {"id": problem.id, "method": method, "seed": seed, "correct": g.correct,
-                  "predicted": g.predicted, "reference": g.reference, "tokens": len(tokens),
-                  "finished": bool(tokens) and tokens[-1] in eos, "response": text}
+                  "predicted": g.predicted, "reference": g.reference, "answered": g.answered,
+                  "tokens": len(tokens), "finished": bool(tokens) and tokens[-1] in eos,
+                  "response": text}
         if trace is not None:
           steps.append((problem.id, step_trace(tokens, trace, i, decode)))
           record["steps"] = len(steps[-1][1])
@@ -163,6 +171,8 @@ def summarize(records: dict[str, list[dict]], ids: set[str] | None = None) -> di
         "mean_tokens": statistics.fmean(tokens) if rs else float("nan"),
         "median_tokens": statistics.median(tokens) if rs else float("nan"),
         "finished": sum(r["finished"] for r in rs) / len(rs) if rs else float("nan"),
+        # No answer reached (records written before exact grading lack the field: not counted).
+        "truncated": sum(not r.get("answered", True) for r in rs),
     }
     if rs and "steps" in rs[0]:
       out[method]["mean_steps"] = statistics.fmean(r["steps"] for r in rs)
@@ -172,11 +182,11 @@ def summarize(records: dict[str, list[dict]], ids: set[str] | None = None) -> di
 
 def table(summaries: dict[str, dict]) -> str:
   """The summaries as a markdown table."""
-  lines = ["| method | problems | Pass@1 | mean tokens | median tokens | ended by EOS |"
-           " steps (steered) |", "|---|---|---|---|---|---|---|"]
+  lines = ["| method | problems | Pass@1 | truncated (no answer) | mean tokens | median tokens |"
+           " ended by EOS | steps (steered) |", "|---|---|---|---|---|---|---|---|"]
   for method, s in summaries.items():
     steps = (f"{s['mean_steps']:.1f} ({s['mean_steered']:.1f})" if "mean_steps" in s else "-")
-    lines.append(f"| {method} | {s['problems']} | {100 * s['pass@1']:.1f}% | "
+    lines.append(f"| {method} | {s['problems']} | {100 * s['pass@1']:.1f}% | {s['truncated']} | "
                  f"{s['mean_tokens']:.1f} | {s['median_tokens']:.0f} | "
                  f"{100 * s['finished']:.0f}% | {steps} |")
   return "\n".join(lines)

@@ -33,6 +33,17 @@ def starts_in_span(prompt: Sequence[int], think_open: int | None, think_close: i
   return last(think_open) > last(think_close)
 
 
+def answer_tokens(prompt: Sequence[int], response: Sequence[int], think_open: int | None,
+                  think_close: int | None) -> list[int] | None:
+  """The response's answer region: the tokens after its thinking span closes, the whole response
+  for a model without think tags or one that never opened the span, None while still thinking."""
+  response = list(response)
+  if think_open is None or starts_in_span(list(prompt) + response, think_open, think_close):
+    return None if think_open is not None else response
+  closes = [i for i, t in enumerate(response) if t == think_close]
+  return response[closes[-1] + 1:] if closes else response
+
+
 def eos_ids(cfg, tokenizer) -> tuple[int, ...]:
   """The model's end-of-sequence ids plus the tokenizer's (chat models end turns with it)."""
   return tuple(sorted(set(cfg.eos_ids) | ({tokenizer.eos_token_id} - {None})))

@@ -123,7 +123,7 @@ def answers_match(response: str, reference: str) -> bool:
     got = final_number(response)
     gold = reference.rsplit("####", 1)[-1].strip()
     return got is not None and got == _normalise(gold)
-  return math_grading.grade(response, reference).correct
+  return math_grading.grade(response, reference, fallback_last_number=True).correct
 
 
 class GSM8KScorer:
