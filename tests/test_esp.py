@@ -76,6 +76,16 @@ def test_esp_checks_its_settings():
     ESP(widths=(1, 1, 1, 1))
   with pytest.raises(ValueError, match="multiple"):
     ESP(widths=None, masks=2, budget=31)
+  # One tree or the other: arguments that contradict each other are an error, never overridden.
+  assert ESP().widths == (4,) and ESP().budget == 10
+  assert ESP(widths=(14,), masks=1, budget=30).budget == 30  # consistent: fine
+  assert ESP(masks=2, budget=60).dynamic and ESP(budget=30).masks == 1
+  for bad in (dict(masks=2, budget=60, widths=(4,)), dict(widths=(4,), masks=2),
+              dict(widths=(14,), budget=60)):
+    with pytest.raises(ValueError, match="implies"):
+      ESP(**bad)
+  with pytest.raises(ValueError, match="needs a budget"):
+    ESP(masks=2)
   with pytest.raises(ValueError, match="preset"):
     ESP.preset(20)
   with pytest.raises(ValueError, match="init"):

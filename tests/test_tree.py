@@ -134,36 +134,60 @@ def _tiny(family):
   return cfg, create_model(cfg, seed=0)
 
 
+def _check_cache_holds(model, cfg, state, prompts, cache_len):
+  """The cache holds exactly prompt + every generated token but the last (the root of the next
+  step), as a plain forward of that text writes it, and nothing after it."""
+  for i, p in enumerate(prompts):
+    text = p + state.tokens[i, :int(state.length[i]) - 1].tolist()
+    plain = model(jnp.array([text]), cache=KVCache.init(cfg, 1, cache_len)).cache
+    n = len(text)
+    assert int(state.cache.index[i]) == n, i
+    np.testing.assert_array_equal(state.cache.pos[i, :n], np.arange(n))
+    assert (np.asarray(state.cache.pos[i, n:]) == -1).all()
+    for layer in range(cfg.num_layers):
+      np.testing.assert_allclose(state.cache.k[layer][i, :n], plain.k[layer][0, :n], atol=2e-5)
+      np.testing.assert_allclose(state.cache.v[layer][i, :n], plain.v[layer][0, :n], atol=2e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_tree_step_commits_exactly_the_accepted_path(family):
+def test_tree_step_commits_exactly_the_appended_path(family):
+  """Rows 0-1: branching trees, partly accepted. Rows 2-4: a 4-token chain that the model accepts
+  whole, cut inside the step by an EOS token (row 2), a stop sequence (row 3) and the row's limit
+  (row 4): only the appended tokens' owners stay in the cache."""
   cfg, model = _tiny(family)
-  prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 1, 4]]
-  eng = Engine(model, cache_len=64)
-  plain = AutoRegressive()
-  greedy = eng.generate(prompts, strategy=plain, max_new_tokens=6).tokens
-  state = eng.start(prompts, strategy=plain, max_new_tokens=8)
+  prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [3, 1, 4], [2, 7, 1, 8, 2, 8], [9, 9, 8, 7],
+             [5, 3, 5, 3, 5]]
+  free = Engine(model, cache_len=64).generate(prompts, max_new_tokens=6).tokens
+  eos, stop = free[2][2], free[3][2:4]
+  # The cuts must hit only their own row: rows 0, 1 append 3 and 2 tokens, row 4 one.
+  appended_by = {0: 3, 1: 2, 2: 4, 3: 4, 4: 1}
+  for i, n in appended_by.items():
+    if i != 2:
+      assert eos not in free[i][1:1 + n]
+    if i != 3:
+      assert all(free[i][j:j + 2] != stop for j in range(n))
+  eng = Engine(model, cache_len=64, eos_ids=[eos])
+  state = eng.start(prompts, strategy=AutoRegressive(), max_new_tokens=[8, 8, 8, 8, 2],
+                    stop_sequences=[stop])
   other = lambda t: (t + 1) % cfg.vocab_size
   # Row 0: the true continuation hangs under node 2, next to a decoy; its depth-3 node misses.
   # Row 1: node 1 is right and has no children; node 2 is a decoy.
-  (r0, a0, b0, c0), (r1, a1) = greedy[0][:4], greedy[1][:2]
-  tree = Tree(tokens=jnp.array([[r0, other(a0), a0, b0, other(c0)], [r1, a1, other(a1), 0, 0]]),
-              parent=jnp.array([[0, 0, 0, 2, 3], [0, 0, 0, 2, 3]]),
-              valid=jnp.ones((2, 5), bool))
-  masks = jnp.full((2, 2, cfg.dim), 0.1)
-  out = nnx.jit(tree_step, static_argnums=(4, 5))(model, state, tree, masks, 3, GREEDY,
+  (r0, a0, b0, c0), (r1, a1) = free[0][:4], free[1][:2]
+  chain = lambda g: [g[0], g[1], g[2], g[3], g[4]]
+  tree = Tree(tokens=jnp.array([[r0, other(a0), a0, b0, other(c0)], [r1, a1, other(a1), 0, 0]]
+                               + [chain(free[i]) for i in (2, 3, 4)]),
+              parent=jnp.array([[0, 0, 0, 2, 3], [0, 0, 0, 2, 3]] + [[0, 0, 1, 2, 3]] * 3),
+              valid=jnp.ones((5, 5), bool))
+  masks = jnp.full((5, 2, cfg.dim), 0.1)
+  out = nnx.jit(tree_step, static_argnums=(4, 5))(model, state, tree, masks, 4, GREEDY,
                                                   jax.random.key(0))
-  np.testing.assert_array_equal(out.accepted, [2, 1])
-  np.testing.assert_array_equal(out.appended, [3, 2])  # accepted nodes + the bonus token
+  np.testing.assert_array_equal(out.accepted, [2, 1, 4, 4, 4])
+  # Accepted nodes + the bonus token, unless cut: EOS (kept) is the 2nd token of row 2's step, the
+  # stop sequence ends at the 3rd of row 3's, and row 4 has room for one more token.
+  np.testing.assert_array_equal(out.appended, [3, 2, 2, 3, 1])
+  np.testing.assert_array_equal(out.state.done, [False, False, True, True, True])
   got = out.state
-  assert got.tokens[0, :4].tolist() == greedy[0][:4] and got.tokens[1, :3].tolist() == greedy[1][:3]
-  # The cache holds exactly prompt + root + accepted nodes, as a plain forward of that text does.
-  for i, p in enumerate(prompts):
-    chain = p + greedy[i][:int(got.length[i]) - 1]
-    plain = model(jnp.array([chain]), cache=KVCache.init(cfg, 1, 64)).cache
-    n = len(chain)
-    assert int(got.cache.index[i]) == n
-    np.testing.assert_array_equal(got.cache.pos[i, :n], np.arange(n))
-    assert (np.asarray(got.cache.pos[i, n:]) == -1).all()
-    for layer in range(cfg.num_layers):
-      np.testing.assert_allclose(got.cache.k[layer][i, :n], plain.k[layer][0, :n], atol=2e-5)
-      np.testing.assert_allclose(got.cache.v[layer][i, :n], plain.v[layer][0, :n], atol=2e-5)
+  for i in range(5):
+    n = int(got.length[i])
+    assert got.tokens[i, :n].tolist() == free[i][:n]
+  _check_cache_holds(model, cfg, got, prompts, 64)

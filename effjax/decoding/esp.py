@@ -38,25 +38,48 @@ class ESPState:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ESP(Strategy):
-  """ESP decoding. widths = static tree [K_1..K_k] with top-1 expansion (then masks = k and
-  budget = (k + 1)(1 + sum K_i) follow from it); or widths=None and the dynamic tree (paper
-  Alg. 1) of `budget` BC tokens per forward with `masks` masks."""
+  """ESP decoding with one of the two trees of ESP.md:
 
-  widths: tuple[int, ...] | None = (4,)
-  masks: int = 1
-  budget: int = 10
+  - static: `widths` [K_1..K_k] with top-1 expansion; the masks (k) and the budget
+    BC = (k + 1)(1 + sum K_i) follow from it;
+  - dynamic (paper Alg. 1): `masks` k and a `budget` of BC tokens per forward, widths None.
+
+  Give one or the other: `ESP(widths=(14,))`, `ESP(masks=2, budget=60)`. Arguments that contradict
+  each other (`ESP(widths=(4,), masks=2)`) are an error, never silently overridden. `ESP()` is the
+  static BC10 tree; `ESP(budget=30)` the dynamic tree with one mask.
+  """
+
+  widths: tuple[int, ...] | None = None
+  masks: int | None = None
+  budget: int | None = None
   init: MaskInit = "mean"
   ema: float = 0.1
   sampler: Sampler = GREEDY
 
   def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    if self.widths is None and self.masks is None and self.budget is None:
+      set_("widths", PRESETS[10])
     if self.widths is not None:
-      object.__setattr__(self, "widths", tuple(self.widths))
-      if not 1 <= len(self.widths) <= 3:
-        raise ValueError(f"a static tree needs 1 to 3 depths (one per mask), got {self.widths}")
-      object.__setattr__(self, "masks", len(self.widths))
-      object.__setattr__(self, "budget", (self.masks + 1) * (1 + sum(self.widths)))
+      set_("widths", tuple(self.widths))
+      if not 1 <= len(self.widths) <= 3 or min(self.widths) < 1:
+        raise ValueError(f"a static tree needs 1 to 3 depths (one per mask) of width >= 1, got "
+                         f"{self.widths}")
+      masks, budget = len(self.widths), (len(self.widths) + 1) * (1 + sum(self.widths))
+      for name, implied in (("masks", masks), ("budget", budget)):
+        given = getattr(self, name)
+        if given is not None and given != implied:
+          raise ValueError(f"the static tree widths={self.widths} implies {name}={implied}, but "
+                           f"{name}={given} was given: give widths alone for the static tree, or "
+                           f"widths=None with masks and budget for the dynamic one")
+      set_("masks", masks)
+      set_("budget", budget)
     else:
+      if self.budget is None:
+        raise ValueError(f"the dynamic tree (widths=None) needs a budget BC, e.g. "
+                         f"ESP(masks={self.masks}, budget=60)")
+      if self.masks is None:
+        set_("masks", 1)
       if not 1 <= self.masks <= 3:
         raise ValueError(f"masks must be 1, 2 or 3, got {self.masks}")
       if self.budget % (self.masks + 1) or self.budget // (self.masks + 1) <= self.masks:
@@ -67,15 +90,18 @@ class ESP(Strategy):
     if not 0 <= self.ema <= 1:
       raise ValueError(f"ema must be in [0, 1], got {self.ema}")
 
+  @property
+  def dynamic(self) -> bool:
+    return self.widths is None
+
   @classmethod
   def preset(cls, bc: int, *, dynamic: bool = False, **kw) -> "ESP":
     """BC10 / BC30 / BC60 (ESP.md); dynamic=True uses Alg. 1 with the preset's k and budget."""
     if bc not in PRESETS:
       raise ValueError(f"no ESP preset for BC{bc}; choose one of {sorted(PRESETS)}")
-    widths = PRESETS[bc]
     if dynamic:
-      return cls(widths=None, masks=len(widths), budget=bc, **kw)
-    return cls(widths=widths, **kw)
+      return cls(masks=len(PRESETS[bc]), budget=bc, **kw)
+    return cls(widths=PRESETS[bc], **kw)
 
   @property
   def num_nodes(self) -> int:

@@ -190,7 +190,7 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   """One speculative step: forward [root | nodes | masks], verify, append, commit.
 
   masks: [B, k, D] input embeddings of the k masks placed after every owner (None: no masks).
-  Rows done before the step keep their cache as it was (count 0).
+  Rows done before the step keep their cache as it was.
   """
   b, o = tree.tokens.shape
   k = 0 if masks is None else masks.shape[1]
@@ -204,16 +204,19 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   choice = model_choices(sampler, model.logits(out.hidden[:, :o]), key)
   path, accepted = verify(tree, choice, max_depth)
   new = jnp.take_along_axis(choice, path, axis=1)
-  active = ~state.done
-  cache = commit_path(out.cache, start, path, jnp.where(active, accepted + 1, 0))
-  after = append_tokens(state.replace(cache=cache, calls=state.calls + 1), new, accepted + 1)
+  after = append_tokens(state.replace(calls=state.calls + 1), new, accepted + 1)
+  # Keep the KV of the owners whose successor token was appended: the root and the accepted nodes
+  # before an EOS, a stop sequence or the row's limit cut the step (none for rows done before it),
+  # so the cache always holds the prompt and every generated token but the last.
+  appended = after.length - state.length
+  after = after.replace(cache=commit_path(out.cache, start, path, appended))
   mask_hidden = None
   if k:
     deepest = jnp.take_along_axis(path, accepted[:, None], axis=1)
     rows = o + deepest * k + jnp.arange(k)[None, :]
     mask_hidden = jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1)
-  return StepOutcome(state=after, path=path, accepted=accepted, tokens=new,
-                     appended=after.length - state.length, mask_hidden=mask_hidden)
+  return StepOutcome(state=after, path=path, accepted=accepted, tokens=new, appended=appended,
+                     mask_hidden=mask_hidden)
 
 
 def count_appended(hist: jax.Array, appended: jax.Array, active: jax.Array) -> jax.Array:
