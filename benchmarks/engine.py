@@ -69,7 +69,7 @@ def torch_decode_tps(model, ids: list[int], new_tokens: int) -> float:
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="smollm2-135m-instruct")
-  ap.add_argument("--data", default=str(ROOT.parent / "shared/data/spec_bench/dev.jsonl"))
+  ap.add_argument("--data", default="sample:spec_bench")
   ap.add_argument("--prompts", type=int, default=4)
   ap.add_argument("--new-tokens", type=int, default=64)
   ap.add_argument("--batches", default="1,8,32,64")

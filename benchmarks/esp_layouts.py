@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -26,7 +25,6 @@ from effjax.decoding.esp import ESP
 from effjax.decoding.hybrid import Hybrid
 from effjax.decoding.pld import PromptLookup
 
-REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ("writing", "math_reasoning", "summarization", "rag", "qa", "translation")
 
 
@@ -66,7 +64,7 @@ def decode(engine: Engine, prompt, strat, max_new: int):
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="smollm2-135m-instruct")
-  ap.add_argument("--data", default=str(REPO.parent / "shared/data/spec_bench/dev.jsonl"))
+  ap.add_argument("--data", default="sample:spec_bench")
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--cache-len", type=int, default=1024)
   ap.add_argument("--methods", default="ar;esp:4;esp:14;esp:15,4;espdyn:2,60;esp:1;esp:1,1;"

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from report import write_section  # noqa: E402
 
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "dev.jsonl"
+GSM8K = "sample:gsm8k"  # the GSM8K dev subset shipped with effjax
 CALIBRATION_SPLIT = 300  # GSM8K dev problems 1..300 calibrate, 301.. evaluate
 HEADING = "## ReBalance (benchmarks/rebalance.py)"
 
@@ -52,7 +52,7 @@ def overhead(args) -> dict:
 
   loaded = load_model(args.model)
   tok, cfg = loaded.tokenizer, loaded.cfg
-  prompts = [encode_problem(tok, p.prompt) for p in load_problems(str(GSM8K), limit=args.batch)]
+  prompts = [encode_problem(tok, p.prompt) for p in load_problems(GSM8K, limit=args.batch)]
   if Path(args.profile).is_file():
     profile = ex.ReBalanceProfile.load(args.profile)
     vector, consts = profile.vector, profile.constants
@@ -110,7 +110,7 @@ def quality(args) -> None:
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
   profile = work / "profile.safetensors"
-  common = ["--model", args.model, "--data", str(GSM8K), "--max-new-tokens",
+  common = ["--model", args.model, "--data", GSM8K, "--max-new-tokens",
             str(args.max_new_tokens), "--batch-size", str(args.batch_size)]
   log = {"command": "python benchmarks/rebalance.py " + " ".join(sys.argv[1:]),
          "started": datetime.datetime.now().isoformat(timespec="seconds")}

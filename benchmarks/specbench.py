@@ -34,13 +34,6 @@ METHODS = ("pld", "lookahead-bc30", "esp-bc10", "esp-bc30", "esp-bc60", "hybrid-
 MODULES = {"pld": "pld", "lookahead": "lookahead", "esp": "esp", "hybrid": "hybrid"}
 
 
-def dev_set() -> Path:
-  for base in (ROOT.parent / "shared" / "data", ROOT / "shared" / "data"):
-    if (base / "spec_bench" / "dev.jsonl").is_file():
-      return base / "spec_bench" / "dev.jsonl"
-  raise FileNotFoundError(f"spec_bench/dev.jsonl not found under {ROOT.parent / 'shared' / 'data'}")
-
-
 def available(methods: list[str]) -> list[str]:
   return [m for m in methods if importlib.util.find_spec(
       f"effjax.decoding.{MODULES[parse_label(m)[0]]}") is not None]
@@ -93,13 +86,13 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   os.chdir(ROOT)  # the commands below, as written into BENCHMARKS.md, run from the repository root
   methods = available(args.methods)
-  data = Path(os.path.relpath(dev_set(), ROOT))
+  data = "sample:spec_bench"  # the Spec-Bench dev subset shipped with effjax
   date = datetime.date.today().isoformat()
   parts = [
       f"Run {date} with `python {' '.join(['benchmarks/specbench.py', *sys.argv[1:]])}`. "
       f"Spec-Bench protocol (chat template, both MT-bench turns with the model's own first answer "
       f"in the conversation, greedy, float32, batch 1, {args.warmup} warm-up conversation(s), "
-      f"compiles untimed) on the shared dev set ({data.name}) with at most {args.limit} "
+      f"compiles untimed) on the Spec-Bench sample set shipped with effjax ({data}) with at most {args.limit} "
       f"question(s) per group, evenly spaced (MT-bench is one group of 8 categories), and "
       f"max_new_tokens={args.max_new_tokens} instead of 1024 to fit a CPU budget. Plain decoding "
       f"('ar') runs interleaved with the other methods per question; speedup = mean tokens/s "
@@ -111,7 +104,7 @@ def main(argv=None) -> int:
   ]
   for model in args.models:
     out = Path(args.runs) / model
-    argv_model = ["bench", "specbench", "--model", model, "--method", *methods, "--data", str(data),
+    argv_model = ["bench", "specbench", "--model", model, "--method", *methods, "--data", data,
                   "--max-new-tokens", str(args.max_new_tokens), "--limit", str(args.limit),
                   "--warmup", str(args.warmup), "--out", str(out)]
     if not (args.reuse and finished(out, argv_model)):

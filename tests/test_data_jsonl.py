@@ -1,20 +1,21 @@
-"""JSONL problem sets: each format on the shared dev files, bad-record reporting, the inspect command."""
+"""JSONL problem sets: each format on the sample sets shipped with effjax, bad-record reporting,
+the inspect command."""
 
+import fnmatch
+import hashlib
 import json
 import logging
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from effjax import cli
-from effjax.data import load_problems
+from effjax.data import load_problems, samples
+from effjax.data.samples import sample_path
 
 REPO = Path(__file__).resolve().parents[1]
-# CI lays shared/ beside the clone; a device copy of the tree may carry it inside.
-SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", REPO / "shared" / "data")
-                    if p.is_dir()), None)
-needs_shared = pytest.mark.skipif(
-    SHARED_DATA is None, reason=f"shared dev data not found at {REPO.parent / 'shared' / 'data'}")
 
 
 def raw_records(path):
@@ -27,9 +28,8 @@ def write_lines(path, lines):
   return path
 
 
-@needs_shared
 def test_spec_bench_dev_file():
-  path = SHARED_DATA / "spec_bench" / "dev.jsonl"
+  path = sample_path("spec_bench")
   raw = raw_records(path)
   problems = load_problems(path)
   assert problems.format == "spec_bench" and not problems.skipped
@@ -47,9 +47,8 @@ def test_spec_bench_dev_file():
   assert all(len(p.turns) == (2 if int(p.id) <= 160 else 1) for p in problems)
 
 
-@needs_shared
 def test_gsm8k_dev_file():
-  path = SHARED_DATA / "gsm8k" / "dev.jsonl"
+  path = sample_path("gsm8k")
   raw = raw_records(path)
   problems = load_problems(path)
   assert problems.format == "gsm8k" and not problems.skipped and len(problems) == len(raw) == 990
@@ -63,9 +62,8 @@ def test_gsm8k_dev_file():
     assert record["answer"].startswith(problem.metadata["solution"])
 
 
-@needs_shared
 def test_math500_dev_file():
-  path = SHARED_DATA / "math500" / "dev.jsonl"
+  path = sample_path("math500")
   raw = raw_records(path)
   problems = load_problems(path)
   assert problems.format == "math500" and not problems.skipped and len(problems) == len(raw) == 400
@@ -80,9 +78,30 @@ def test_math500_dev_file():
                                 "level": record["level"]}
 
 
-@needs_shared
+def test_sample_sets_ship_with_licence_and_provenance():
+  """Each sample set is in the package, matches the checksum SOURCES.txt gives, has its LICENSE,
+  is named by `sample:NAME`, and is covered by pyproject's package-data (so a wheel carries it)."""
+  root = sample_path("gsm8k").parents[1]
+  sources = (root / "SOURCES.txt").read_text()
+  for name in samples.NAMES:
+    path = sample_path(name)
+    digest = re.search(rf"^{name}\s+\d+ of \d+\s+([0-9a-f]{{64}})$", sources, re.M).group(1)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, name
+    assert (path.parent / "LICENSE").read_text().lstrip().startswith(("MIT License", "Apache License"))
+    assert load_problems(f"sample:{name}", limit=2).spec == str(path)
+  with pytest.raises(ValueError, match="unknown sample set 'gsm9k'"):
+    load_problems("sample:gsm9k")
+  package = "effjax.data.samples"
+  patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+  shipped = [f.relative_to(root).as_posix() for f in root.rglob("*") if f.is_file()
+             and f.suffix not in (".py", ".pyc")]
+  assert len(shipped) == 1 + 2 * len(samples.NAMES), shipped
+  for rel in shipped:
+    assert any(fnmatch.fnmatch(rel, pat) for pat in patterns[package]), rel
+
+
 def test_limit_keeps_the_first_records():
-  problems = load_problems(SHARED_DATA / "gsm8k" / "dev.jsonl", limit=5)
+  problems = load_problems(sample_path("gsm8k"), limit=5)
   assert [p.id for p in problems] == [f"gsm8k-{n}" for n in range(1, 6)]
 
 

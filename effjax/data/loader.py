@@ -7,7 +7,7 @@ from pathlib import Path
 
 from effjax.data.jsonl import read_jsonl
 from effjax.data.records import ProblemSet
-from effjax.data import tfds_source
+from effjax.data import samples, tfds_source
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,8 @@ _LOGGED_SKIPS = 10
 def load_problems(spec: str | Path, *, data_dir: str | None = None, limit: int | None = None
                   ) -> ProblemSet:
   """Loads a problem set from a JSONL path (SpecBench, GSM8K, MATH-500 or {"prompt": ...} records,
-  detected from the keys) or from `tfds:NAME[:SPLIT]` (prepared data under `data_dir`).
+  detected from the keys), from `sample:NAME` (a set shipped with effjax: gsm8k, math500, spec_bench)
+  or from `tfds:NAME[:SPLIT]` (prepared data under `data_dir`).
 
   Bad records are skipped, logged with their file and line, and counted in the result; a set with
   no usable record is a ValueError. `limit` stops after that many usable records.
@@ -29,10 +30,12 @@ def load_problems(spec: str | Path, *, data_dir: str | None = None, limit: int |
   if spec.startswith(tfds_source.PREFIX):
     problems = tfds_source.read_tfds(spec, data_dir=data_dir, limit=limit)
   else:
+    spec = str(samples.resolve(spec))
     if data_dir is not None:
       raise ValueError(f"data_dir applies to tfds: specs only, not to {spec}")
     if not Path(spec).is_file():
-      raise FileNotFoundError(f"no such problem file: {spec} (or use tfds:NAME[:SPLIT])")
+      raise FileNotFoundError(
+          f"no such problem file: {spec} (or use sample:NAME or tfds:NAME[:SPLIT])")
     problems = read_jsonl(spec, limit=limit)
   for skip in problems.skipped[:_LOGGED_SKIPS]:
     log.warning("skipped %s", skip)

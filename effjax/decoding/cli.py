@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                       "esp-bc60 (plain decoding 'ar' always runs as the baseline)")
   p.add_argument("--bc", nargs="+", type=int, choices=BC_PRESETS, default=[30],
                  help=f"budgets for {', '.join(sorted(BC_METHODS))} named without one (default 30)")
-  p.add_argument("--data", required=True, help="Spec-Bench question JSONL")
+  p.add_argument("--data", required=True, help="Spec-Bench question JSONL, or sample:spec_bench (shipped with effjax)")
   p.add_argument("--max-new-tokens", type=int, default=1024)
   p.add_argument("--limit", type=int, default=None,
                  help="at most N questions per category group, evenly spaced (default: all)")

@@ -1,10 +1,11 @@
 """`effjax rebalance extract|eval|plot`.
 
 Calibration and evaluation must use disjoint problems. For the embedded models the documented
-split is the shared GSM8K dev file: its first 300 problems calibrate (`extract --n 300`), the rest
-evaluate (`eval --offset 300`); MATH-500 for calibration with GSM8K for evaluation is disjoint by
-construction. `eval` refuses any problem whose statement is in the profile's calibration set, and
-`extract --disjoint-from EVAL.jsonl` refuses to calibrate on evaluation problems.
+split is the GSM8K sample set shipped with effjax (`--data sample:gsm8k`): its first 300 problems
+calibrate (`extract --n 300`), the rest evaluate (`eval --offset 300`); MATH-500 for calibration with
+GSM8K for evaluation is disjoint by construction. `eval` refuses any problem whose statement is in
+the profile's calibration set, and `extract --disjoint-from EVAL.jsonl` refuses to calibrate on
+evaluation problems.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="smollm2-135m-instruct",
                  help="a named model or a GGUF file / HF dir / effjax checkpoint")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--data", required=True, help="problem JSONL (GSM8K, MATH-500, ...)")
+  p.add_argument("--data", required=True, help="problem JSONL (GSM8K, MATH-500, ...), sample:gsm8k / sample:math500 "
+                 "(shipped with effjax) or tfds:NAME[:SPLIT]")
   p.add_argument("--offset", type=int, default=0, help="skip this many problems of --data first")
   p.add_argument("--max-new-tokens", type=int, default=1024)
   p.add_argument("--batch-size", type=int, default=8, help="problems decoded together")

@@ -1,4 +1,4 @@
 """Online RLHF with efficient exploration: ENN reward model, pair selection, nudged policy updates.
 
-See /work/shared/docs/ONLINE_RLHF.md and `effjax rlhf run --config configs/rlhf_toy_*.toml`.
+Run one with `effjax rlhf run --config configs/rlhf_toy.toml` (or configs/rlhf_gsm8k_smollm2.toml).
 """

@@ -120,7 +120,7 @@ class GSM8KConfig:
   """Real-model environment: a named checkpoint as the policy, GSM8K-style prompts."""
 
   model: str = "smollm2-135m-instruct"
-  data: str = "/work/shared/data/gsm8k"
+  data: str = "sample:gsm8k"  # a GSM8K JSONL file, a folder of them, or sample:gsm8k
   max_prompt_len: int = 192
   response_len: int = 128
   num_eval_prompts: int = 32

@@ -20,6 +20,7 @@ class GSM8KEnvironment:
     from effjax.checkpoints.registry import load_model
     from effjax.data.chat import encode_prompt
     from effjax.data.jsonl import read_jsonl
+    from effjax.data.samples import resolve
 
     self.cfg = cfg
     loaded = load_model(cfg.model)
@@ -27,7 +28,7 @@ class GSM8KEnvironment:
     self.tokenizer = loaded.tokenizer
     self.model_cfg = loaded.cfg
     self.response_len = cfg.response_len
-    path = pathlib.Path(cfg.data)
+    path = pathlib.Path(resolve(cfg.data))
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
       raise FileNotFoundError(f"{path}: no GSM8K .jsonl files")
