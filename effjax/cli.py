@@ -10,7 +10,7 @@ from pathlib import Path
 
 # Modules with a `register(subparsers)` function, one per area.
 COMMANDS: tuple[str, ...] = (
-    "effjax.decoding.generate",
+    "effjax.decoding.generate_cli",
     "effjax.decoding.cli",
     "effjax.data.cli",
     "effjax.checkpoints.cli",
@@ -19,8 +19,15 @@ COMMANDS: tuple[str, ...] = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line naming the flag (argparse would print the whole usage first)."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="effjax", description=__doc__)
+  parser = _Parser(prog="effjax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   for name in COMMANDS:
     importlib.import_module(name).register(sub)
@@ -36,14 +43,28 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(cache))
 
 
+def one_line(error: BaseException) -> str:
+  """An error's message on one line (a message of several lines joined with '; ')."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return "; ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  """Runs one command. Bad input (a flag, a file, a checkpoint, a data set) is one line on stderr
+  naming the problem, and exit status 2; so is a missing optional dependency."""
+  try:
+    args = build_parser().parse_args(argv)
+  except SystemExit as e:  # --help (0) or a usage error (2), already printed
+    return int(e.code or 0)
   _enable_compilation_cache()
   try:
     return int(args.func(args) or 0)
-  except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
-    print(f"effjax {args.command}: error: {e}", file=sys.stderr)
+  except (ValueError, OSError, ImportError) as e:  # includes CheckpointError, DataError, JSON errors
+    print(f"effjax {args.command}: error: {one_line(e)}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f"effjax {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pytest
 from effjax import cli
 from effjax.data import load_problems, samples
 from effjax.data.samples import sample_path
+from effjax.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,6 +148,8 @@ def test_bad_records_are_reported_with_file_and_line(tmp_path, caplog):
   assert problems.skipped[4].detail == "Unterminated string starting at: column 12"
   assert sum(problems.skip_counts().values()) == 7
   assert "2 records (plain), 7 skipped" in problems.summary()
+  with pytest.raises(DataError, match=f"^{path}:2: not UTF-8 .*; 7 unusable record"):
+    load_problems(path, strict=True)  # strict: a bad line is an error, not a smaller set
   logged = caplog.text
   assert f"{path}:2: not UTF-8" in logged and f"{path}:8: duplicate id (prompt-1)" in logged
   assert "7 skipped" in logged

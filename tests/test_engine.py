@@ -1,10 +1,13 @@
 """The decoding engine against a naive loop of full forwards, and its input checks."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effjax.decoding.compiled import value_key
 from effjax.decoding.engine import AutoRegressive, Engine, StepHook, cache_len_for
 from effjax.decoding.sampling import Sampler
 from effjax.models import Steering, create_model, make_mesh, tiny_config
@@ -83,12 +86,17 @@ def test_stream_yields_the_same_tokens():
   assert sum(pieces, []) == whole and len(pieces) > 2
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class _ConstantSteer(StepHook):
   """Steers every forward by the same vector; counts forwards it observed."""
 
-  def __init__(self, vector, layer, coef):
-    self.vector, self.layer, self.coef = vector, layer, coef
-    self.hidden_layers = (layer,)
+  vector: jax.Array
+  layer: int
+  coef: float
+
+  @property
+  def hidden_layers(self):
+    return (self.layer,)
 
   def init(self, batch):
     return jnp.zeros((batch,), jnp.int32)
@@ -143,10 +151,29 @@ def test_prompts_in_one_bucket_share_one_compilation():
   eng = Engine(model, cache_len=64, buckets=[16, 64])
   eng.generate([[1, 2, 3]], max_new_tokens=4)
   eng.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], max_new_tokens=4)
-  (_, (prefill, decode)), = eng._compiled.values()  # generate() reuses its default strategy
+  (prefill, decode), = eng._compiled.values()  # generate() reuses its default strategy
   assert prefill._cache_size() == 1 and decode._cache_size() == 1
   eng.generate([[1] * 20], max_new_tokens=4)  # next bucket: one more
   assert prefill._cache_size() == 2
+
+
+def test_strategies_are_cached_by_value_with_a_bound():
+  cfg, model = _model("llama")
+  eng = Engine(model, cache_len=32, buckets=[16, 32], max_strategies=2)
+  vector = np.linspace(-1, 1, cfg.dim, dtype=np.float32)
+  steer = lambda v, coef=1.0: AutoRegressive(Sampler(temperature=0.7), hook=_ConstantSteer(v, 1, coef))
+  first = eng.generate([[1, 2, 3]], strategy=steer(vector), max_new_tokens=4, seed=1)
+  again = eng.generate([[1, 2, 3]], strategy=steer(vector.copy()), max_new_tokens=4, seed=1)
+  assert again.tokens == first.tokens and len(eng._compiled) == 1  # an equal strategy: no compile
+  (prefill, decode), = eng._compiled.values()
+  assert prefill._cache_size() == 1 and decode._cache_size() == 1
+  eng.generate([[1, 2, 3]], strategy=steer(vector * 2), max_new_tokens=4)  # new content
+  assert len(eng._compiled) == 2
+  eng.generate([[1, 2, 3]], strategy=steer(vector, coef=2.0), max_new_tokens=4)
+  assert len(eng._compiled) == 2 and (prefill, decode) not in eng._compiled.values()  # bound: LRU out
+  assert value_key(steer(vector)) == value_key(steer(jnp.asarray(vector)))
+  assert value_key(steer(vector)) != value_key(steer(vector.astype(np.float16)))
+  assert value_key(steer(vector, coef=1)) != value_key(steer(vector, coef=1.0))  # traced apart
 
 
 def test_cache_len_for_sizes_the_cache_to_the_job():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax.checkpoints.assemble import CheckpointError
+from effjax.errors import CheckpointError
 from effjax.checkpoints.gguf_reader import GGUFFile, load_gguf
 from effjax.models import PRESETS, RopeScaling, create_model, tiny_config
 from tiny_gguf import hf_gguf_model, hf_gguf_tokenizer, params_of, real_gguf, tiny_bpe, write_gguf

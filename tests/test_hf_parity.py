@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from effjax.checkpoints.assemble import CheckpointError, assemble
+from effjax.checkpoints.assemble import assemble
+from effjax.errors import CheckpointError
 from effjax.checkpoints.hf import config_from_hf, hf_tensors, load_hf
 from effjax.models import PRESETS, KVCache, RopeScaling, make_mesh
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from effjax.checkpoints.assemble import CheckpointError
+from effjax.errors import CheckpointError
 from effjax.checkpoints.tokenizer import load_tokenizer, tokenizer_from_dir, tokenizer_from_gguf
 from effjax.models import create_model, tiny_config
 from tiny_gguf import CHAT_TEMPLATE, hf_gguf_tokenizer, params_of, real_gguf, tiny_bpe, write_gguf

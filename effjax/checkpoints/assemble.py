@@ -18,13 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from effjax.errors import CheckpointError
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, state_shardings
 from effjax.models.transformer import Transformer, abstract_model
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that does not fit the model: the message names the file and the tensor."""
 
 
 def _key(path) -> str:

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from effjax.checkpoints.assemble import CheckpointError, assemble
+from effjax.checkpoints.assemble import assemble
+from effjax.errors import CheckpointError
 from effjax.models.config import LayerKind, ModelConfig, RopeScaling, make_config
 from effjax.models.transformer import Transformer, rope_inv_freq
 

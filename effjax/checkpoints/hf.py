@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from effjax.checkpoints.assemble import CheckpointError, assemble, checkpoint_names
+from effjax.checkpoints.assemble import assemble, checkpoint_names
+from effjax.errors import CheckpointError
 from effjax.models.config import Family, LayerKind, ModelConfig, RopeScaling, make_config
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules
 from effjax.models.transformer import Transformer
@@ -461,12 +462,18 @@ def hf_tensors(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, np.nda
                           "embeddings but the config ties them (tie_word_embeddings=true)")
 
 
+def hf_config(path: str | Path, *, dtype: str = "float32",
+              allow_unknown_keys: bool = False) -> ModelConfig:
+  """The ModelConfig of a Hugging Face model directory's config.json, strictly."""
+  return config_from_hf(read_config(path), dtype=dtype, source=str(Path(path) / "config.json"),
+                        allow_unknown_keys=allow_unknown_keys)
+
+
 def load_hf(path: str | Path, *, dtype: str = "float32", mesh=None,
             rules: ShardingRules = DEFAULT_RULES,
             allow_unknown_keys: bool = False) -> tuple[ModelConfig, Transformer]:
   """Load a Hugging Face model directory (config.json + *.safetensors) as an effjax Transformer,
   parameters in `dtype`, sharded over `mesh` when given."""
   path = Path(path)
-  cfg = config_from_hf(read_config(path), dtype=dtype, source=str(path / "config.json"),
-                       allow_unknown_keys=allow_unknown_keys)
+  cfg = hf_config(path, dtype=dtype, allow_unknown_keys=allow_unknown_keys)
   return cfg, assemble(cfg, hf_tensors(path, cfg), source=str(path), mesh=mesh, rules=rules)

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from effjax.checkpoints.assemble import CheckpointError
+from effjax.errors import CheckpointError
 from effjax.models.config import ModelConfig, RopeScaling
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, state_shardings
 from effjax.models.transformer import Transformer, abstract_model

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from effjax.checkpoints import orbax_io
-from effjax.checkpoints.assemble import CheckpointError
+from effjax.errors import CheckpointError
 from effjax.models.config import ModelConfig
 from effjax.models.transformer import Transformer
 
@@ -125,9 +125,10 @@ def _load_path(path: Path, dtype: str, mesh) -> LoadedModel:
     cfg, model = orbax_io.restore_checkpoint(path, dtype=dtype, mesh=mesh)
     return LoadedModel(cfg, model, orbax_io.restore_tokenizer(path), f"orbax:{path}")
   if (path / "config.json").is_file():
-    from effjax.checkpoints.hf import load_hf
+    from effjax.checkpoints.hf import hf_config, load_hf
     from effjax.checkpoints.tokenizer import tokenizer_from_dir
 
+    hf_config(path)  # effjax's strict check first: the tokenizer reader would trip on a bad config
     tokenizer = tokenizer_from_dir(path)
     cfg, model = load_hf(path, dtype=dtype, mesh=mesh)
     return LoadedModel(cfg, model, tokenizer, f"hf:{path}")
@@ -168,13 +169,26 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh=
                      f"{target.name} (cache {target.cache_dir})")
 
 
+def _check_output(out: Path, overwrite: bool) -> None:
+  """Refuse an output path that cannot take a checkpoint, before anything is loaded."""
+  if out.exists():
+    if not overwrite:
+      raise ValueError(f"{out} already exists (pass --force to replace it)")
+    if not orbax_io.is_checkpoint(out) and (not out.is_dir() or any(out.iterdir())):
+      raise ValueError(f"{out} exists and is not an effjax checkpoint; --force replaces only one")
+  parent = next(p for p in out.absolute().parents if p.exists())
+  if not parent.is_dir():
+    raise ValueError(f"{out}: {parent} is a file, so no directory can be made under it")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise PermissionError(f"{out}: {parent} is not writable")
+
+
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
             overwrite: bool = False) -> tuple[LoadedModel, Path]:
   """Write `src` (a named model, GGUF file or HF directory) as an effjax checkpoint at `out`."""
   target = _resolve(src)
   path = target.gguf_path() if isinstance(target, NamedModel) else target
-  if Path(out).exists() and not overwrite:
-    raise ValueError(f"{out} already exists (pass --force to replace it)")
+  _check_output(Path(out), overwrite)
   loaded = _load_path(path, dtype, None)
   return loaded, orbax_io.save_checkpoint(out, loaded.cfg, loaded.model, loaded.tokenizer,
                                           source=loaded.source, overwrite=overwrite)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from effjax.checkpoints.assemble import CheckpointError
+from effjax.errors import CheckpointError
 from effjax.checkpoints.gguf_reader import GGUFFile, as_gguf
 
 # llama.cpp token types (gguf.TokenType).

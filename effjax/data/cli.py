@@ -6,6 +6,7 @@ import argparse
 import logging
 import textwrap
 
+from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
 from effjax.data.loader import load_problems
 
 _LISTED_SKIPS = 20
@@ -19,8 +20,9 @@ def register(subparsers) -> None:
   inspect.add_argument("spec", help="a JSONL file, sample:NAME (gsm8k, math500, spec_bench) "
                        "or tfds:NAME[:SPLIT]")
   inspect.add_argument("--data-dir", help="TFDS data dir (a folder or gs:// path)")
-  inspect.add_argument("--limit", type=int, help="read at most this many usable records")
-  inspect.add_argument("--show", type=int, default=3, help="records to print (default 3)")
+  inspect.add_argument("--limit", type=positive_int, help="read at most this many usable records")
+  inspect.add_argument("--show", type=nonnegative_int, default=3, help="records to print (default 3)")
+  add_strict_arg(inspect, default=False)
   inspect.set_defaults(func=_inspect)
 
 
@@ -30,13 +32,13 @@ def _clip(text: str, width: int = 200) -> str:
 
 def _inspect(args: argparse.Namespace) -> int:
   logging.getLogger("effjax.data").setLevel(logging.ERROR)  # the report below says it all
-  problems = load_problems(args.spec, data_dir=args.data_dir, limit=args.limit)
+  problems = load_problems(args.spec, data_dir=args.data_dir, limit=args.limit, strict=args.strict)
   print(problems.summary())
   for skip in problems.skipped[:_LISTED_SKIPS]:
     print(f"  skipped {skip}")
   if len(problems.skipped) > _LISTED_SKIPS:
     print(f"  ... and {len(problems.skipped) - _LISTED_SKIPS} more skipped")
-  for problem in problems[:max(args.show, 0)]:
+  for problem in problems[:args.show]:
     print(f"\n[{problem.id}] {problem.source}")
     for n, turn in enumerate(problem.turns, start=1):
       print(f"  turn {n}: {_clip(turn)}")

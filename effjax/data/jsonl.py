@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from effjax.data.records import BadRecord, Problem, ProblemSet, collect, make_problem, text_field
+from effjax.data.records import Problem, ProblemSet, collect, make_problem, text_field
+from effjax.errors import BadRecord
 
 # A parser turns one JSON object, its line number (ids for sets that have none) and its
 # "path:line" into a Problem.

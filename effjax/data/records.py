@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from effjax.errors import BadRecord
+
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
@@ -26,16 +28,6 @@ class Problem:
   @property
   def prompt(self) -> str:
     return self.turns[0]
-
-
-class BadRecord(ValueError):
-  """A record that cannot be used. `reason` is short and shared by records with the same fault
-  (it is what the skip summary counts); `detail` is specific to this record."""
-
-  def __init__(self, reason: str, detail: str = ""):
-    super().__init__(f"{reason} ({detail})" if detail else reason)
-    self.reason = reason
-    self.detail = detail
 
 
 @dataclasses.dataclass(frozen=True)

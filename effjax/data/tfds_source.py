@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from effjax.data.records import BadRecord, Problem, ProblemSet, as_text, collect, make_problem
+from effjax.data.records import Problem, ProblemSet, as_text, collect, make_problem
+from effjax.errors import BadRecord
 
 PREFIX = "tfds:"
 INSTALL = 'pip install "effjax[tfds]"'

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
 from effjax.decoding.methods import (BC_METHODS, BC_PRESETS, METHODS, label, make_strategy,
                                      parse_label)
 
@@ -24,15 +25,16 @@ def register(subparsers) -> None:
   p.add_argument("--bc", nargs="+", type=int, choices=BC_PRESETS, default=[30],
                  help=f"budgets for {', '.join(sorted(BC_METHODS))} named without one (default 30)")
   p.add_argument("--data", required=True, help="Spec-Bench question JSONL, or sample:spec_bench (shipped with effjax)")
-  p.add_argument("--max-new-tokens", type=int, default=1024)
-  p.add_argument("--limit", type=int, default=None,
+  p.add_argument("--max-new-tokens", type=positive_int, default=1024)
+  add_strict_arg(p, default=True)
+  p.add_argument("--limit", type=positive_int, default=None,
                  help="at most N questions per category group, evenly spaced (default: all)")
-  p.add_argument("--warmup", type=int, default=3, help="warm-up conversations on question 1")
+  p.add_argument("--warmup", type=nonnegative_int, default=3, help="warm-up conversations on question 1")
   p.add_argument("--out", default=None,
                  help="output folder (default runs/specbench/<model>-<time>): results.jsonl, "
                       "summary.json, summary.md")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--cache-len", type=int, default=None,
+  p.add_argument("--cache-len", type=positive_int, default=None,
                  help="KV cache slots (default: enough for the longest conversation)")
   p.add_argument("--buckets", default=None,
                  help="prompt length buckets, comma separated (default: powers of two)")
@@ -63,16 +65,12 @@ def run_specbench(args) -> int:
   from effjax.evals import specbench
 
   t0 = time.perf_counter()
-  if args.max_new_tokens < 1:
-    raise ValueError("--max-new-tokens must be >= 1")
-  if args.limit is not None and args.limit < 1:
-    raise ValueError("--limit must be >= 1")
   methods = {}
   for item in args.method:
     m, own = parse_label(item)
     for bc in ([own] if own is not None or m not in BC_METHODS else args.bc):
       methods[label(m, bc)] = make_strategy(m, bc)  # a missing method module fails here, early
-  problems = load_problems(args.data)
+  problems = load_problems(args.data, strict=args.strict)
   if problems.format != "spec_bench":
     raise ValueError(f"{args.data}: not Spec-Bench questions (format {problems.format})")
   questions = specbench.select(problems.problems, args.limit)

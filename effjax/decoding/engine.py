@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from effjax.decoding.compiled import DEFAULT_MAX_STRATEGIES, StrategyCache
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.models.cache import KV_AXES, KVCache
 from effjax.models.config import ModelConfig
@@ -119,7 +120,7 @@ class AutoRegressive(Strategy):
     return append_tokens(state.replace(extra=hs), tok[:, None], jnp.ones_like(state.length))
 
 
-PLAIN_GREEDY = AutoRegressive()  # the default: one object, so its compiled loops are reused
+PLAIN_GREEDY = AutoRegressive()  # the default strategy
 
 
 def _last_prompt_token(state: DecodeState) -> jax.Array:
@@ -289,11 +290,13 @@ def default_buckets(cache_len: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 class Engine:
-  """Jitted generation for one model. Compiled loops are cached per strategy and shape bucket."""
+  """Jitted generation for one model. Compiled loops are cached per shape bucket and per strategy
+  value (equal strategies share them; at most `max_strategies`, least recently used dropped)."""
 
   def __init__(self, model: Transformer, *, cache_len: int = 2048,
                eos_ids: Sequence[int] | None = None, mesh=None,
-               rules: ShardingRules = DEFAULT_RULES, buckets: Sequence[int] | None = None):
+               rules: ShardingRules = DEFAULT_RULES, buckets: Sequence[int] | None = None,
+               max_strategies: int = DEFAULT_MAX_STRATEGIES):
     cfg = model.cfg
     if cache_len > cfg.max_position:
       raise ValueError(f"cache_len {cache_len} exceeds the model's max_position {cfg.max_position}")
@@ -307,7 +310,7 @@ class Engine:
     if mesh is not None:
       params = jax.device_put(params, state_shardings(params, mesh, rules))
     self.params = params
-    self._compiled: dict = {}
+    self._compiled = StrategyCache(max_strategies)
 
   # -- input checks (before any compilation) --
   def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens, strategy: Strategy):
@@ -345,9 +348,9 @@ class Engine:
                       stop=stop, strategy=strategy, mesh=self.mesh, rules=self.rules)
 
   def _functions(self, strategy: Strategy):
-    key = id(strategy)
-    if key in self._compiled:
-      return self._compiled[key][1]
+    return self._compiled.get(strategy, self._jit)
+
+  def _jit(self, strategy: Strategy):
     graphdef = self.graphdef
 
     def prefill(params, state):
@@ -356,9 +359,7 @@ class Engine:
     def decode(params, state, until):
       return run_loop(nnx.merge(graphdef, params), strategy, state, until)
 
-    fns = (jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1))
-    self._compiled[key] = (strategy, fns)  # hold the strategy so its id stays unique
-    return fns
+    return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
 
   def start(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
             stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0) -> DecodeState:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from effjax.data.records import Problem
+from effjax.decoding.compiled import value_key
 from effjax.decoding.engine import AutoRegressive, Engine, Strategy
 
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem",
@@ -118,15 +119,16 @@ class Runner:
     self.engine = engine
     self.fmt = fmt
     self.max_new_tokens = max_new_tokens
-    self._compiled: set[tuple[int, int]] = set()
+    self._compiled: set[tuple[Hashable, int]] = set()
 
   def _compile(self, strategy: Strategy, prompt: list[int]) -> None:
     bucket = next(b for b in self.engine.buckets if b >= len(prompt))
-    if (id(strategy), bucket) in self._compiled:
+    key = (value_key(strategy), bucket)
+    if key in self._compiled:
       return
     state = self.engine.start([prompt], strategy=strategy, max_new_tokens=self.max_new_tokens)
     jax.block_until_ready(self.engine.advance(state, strategy, 0).length)
-    self._compiled.add((id(strategy), bucket))
+    self._compiled.add(key)
 
   def conversation(self, problem: Problem, strategy: Strategy) -> list[Turn]:
     messages: list[dict[str, str]] = []

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
 from effjax.rebalance.control import PRESETS
 from effjax.rebalance.extract import DEFAULT_H2, DEFAULT_L1, DEFAULT_L2
 
@@ -24,10 +25,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--data", required=True, help="problem JSONL (GSM8K, MATH-500, ...), sample:gsm8k / sample:math500 "
                  "(shipped with effjax) or tfds:NAME[:SPLIT]")
-  p.add_argument("--offset", type=int, default=0, help="skip this many problems of --data first")
-  p.add_argument("--max-new-tokens", type=int, default=1024)
-  p.add_argument("--batch-size", type=int, default=8, help="problems decoded together")
-  p.add_argument("--cache-len", type=int, default=None,
+  add_strict_arg(p, default=True)
+  p.add_argument("--offset", type=nonnegative_int, default=0,
+                 help="skip this many problems of --data first")
+  p.add_argument("--max-new-tokens", type=positive_int, default=1024)
+  p.add_argument("--batch-size", type=positive_int, default=8, help="problems decoded together")
+  p.add_argument("--cache-len", type=positive_int, default=None,
                  help="KV cache slots per row (default: longest prompt + max new tokens)")
 
 
@@ -37,7 +40,7 @@ def register(sub) -> None:
 
   p = cmds.add_parser("extract", help="calibrate a profile (vector, constants, layer) for a model")
   _model_args(p)
-  p.add_argument("--n", type=int, default=500, help="calibration problems (after --offset)")
+  p.add_argument("--n", type=positive_int, default=500, help="calibration problems (after --offset)")
   p.add_argument("--out", required=True, help="profile file to write (.safetensors)")
   p.add_argument("--store", default=None,
                  help="hidden-state store directory (default: OUT.store); an existing one resumes")
@@ -57,14 +60,14 @@ def register(sub) -> None:
   p.add_argument("--method", default="rebalance",
                  help="baseline, nowait, rebalance, or several separated by commas")
   p.add_argument("--profile", default=None, help="profile from `extract` (needed for rebalance)")
-  p.add_argument("--limit", type=int, default=None, help="evaluate this many problems")
+  p.add_argument("--limit", type=positive_int, default=None, help="evaluate this many problems")
   p.add_argument("--out", default="rebalance_eval", help="directory for results (resumable)")
   p.add_argument("--temperature", type=float, default=0.7)
   p.add_argument("--top-p", type=float, default=None, help="default 0.95 when sampling")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--mean", default="arithmetic", choices=["arithmetic", "geometric"],
                  help="step confidence: arithmetic mean (authors' code) or geometric (paper)")
-  p.add_argument("--window", type=int, default=2, help="steps in the confidence-variance window")
+  p.add_argument("--window", type=positive_int, default=2, help="steps in the confidence-variance window")
   p.set_defaults(func=run_eval)
 
   p = cmds.add_parser("plot", help="confidence and alpha over the steps of one traced problem")
@@ -77,18 +80,12 @@ def register(sub) -> None:
 def _problems(args, limit):
   from effjax.data import load_problems
 
-  if args.offset < 0:
-    raise ValueError(f"--offset must be >= 0, got {args.offset}")
-  problems = load_problems(args.data, limit=None if limit is None else args.offset + limit)
+  problems = load_problems(args.data, limit=None if limit is None else args.offset + limit,
+                           strict=args.strict)
   problems = list(problems)[args.offset:]
   if not problems:
     raise ValueError(f"{args.data}: no problems after --offset {args.offset}")
   return problems
-
-
-def _check_lengths(args):
-  if args.max_new_tokens < 1 or args.batch_size < 1:
-    raise ValueError("--max-new-tokens and --batch-size must be >= 1")
 
 
 def run_extract(args) -> int:
@@ -97,13 +94,11 @@ def run_extract(args) -> int:
   from effjax.rebalance import extract as ex
   from effjax.rebalance.calibrate import fill_store
 
-  _check_lengths(args)
-  if args.n < 1:
-    raise ValueError(f"--n must be >= 1, got {args.n}")
   problems = _problems(args, args.n)
   fingerprints = {ex.problem_fingerprint(p.prompt) for p in problems}
   for path in args.disjoint_from:
-    clash = [p.id for p in load_problems(path) if ex.problem_fingerprint(p.prompt) in fingerprints]
+    clash = [p.id for p in load_problems(path, strict=args.strict)
+             if ex.problem_fingerprint(p.prompt) in fingerprints]
     if clash:
       raise ValueError(f"{len(clash)} calibration problems are also in {path} (e.g. {clash[0]}); "
                        "calibrate on disjoint problems")
@@ -140,9 +135,6 @@ def run_eval(args) -> int:
   from effjax.rebalance.extract import ReBalanceProfile
   from effjax.rebalance.prompts import encode_problem
 
-  _check_lengths(args)
-  if args.limit is not None and args.limit < 1:
-    raise ValueError(f"--limit must be >= 1, got {args.limit}")
   methods = [m.strip() for m in args.method.split(",") if m.strip()]
   top_p = args.top_p if args.top_p is not None else (0.95 if args.temperature > 0 else 1.0)
   sampler = Sampler(temperature=args.temperature, top_p=top_p)

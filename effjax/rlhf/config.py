@@ -121,6 +121,7 @@ class GSM8KConfig:
 
   model: str = "smollm2-135m-instruct"
   data: str = "sample:gsm8k"  # a GSM8K JSONL file, a folder of them, or sample:gsm8k
+  strict: bool = True  # an unusable line in the data is an error (False: skipped with a warning)
   max_prompt_len: int = 192
   response_len: int = 128
   num_eval_prompts: int = 32

@@ -19,7 +19,7 @@ class GSM8KEnvironment:
   def __init__(self, cfg: GSM8KConfig, log=print):
     from effjax.checkpoints.registry import load_model
     from effjax.data.chat import encode_prompt
-    from effjax.data.jsonl import read_jsonl
+    from effjax.data import load_problems
     from effjax.data.samples import resolve
 
     self.cfg = cfg
@@ -32,7 +32,7 @@ class GSM8KEnvironment:
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
     if not files:
       raise FileNotFoundError(f"{path}: no GSM8K .jsonl files")
-    problems = [p for f in files for p in read_jsonl(f)]
+    problems = [p for f in files for p in load_problems(f, strict=cfg.strict)]
     encoded = [(encode_prompt(self.tokenizer, p.prompt), p.answer) for p in problems]
     kept = [(ids, ans) for ids, ans in encoded if len(ids) <= cfg.max_prompt_len]
     if len(kept) <= cfg.num_eval_prompts:

@@ -7,12 +7,13 @@ import json
 import sys
 import time
 
+from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
 from effjax.decoding.sampling import Sampler
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off")
   p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
   p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
   p.add_argument("--seed", type=int, default=0)
@@ -28,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="float32 on CPU; bfloat16 on GPU/TPU")
   p.add_argument("--mesh", default=None, help="e.g. 'data=1,fsdp=-1,tensor=1' (default: one device)")
-  p.add_argument("--cache-len", type=int, default=None,
+  p.add_argument("--cache-len", type=positive_int, default=None,
                  help="KV cache slots per row (default: sized to the prompts and --max-new-tokens)")
 
 
@@ -41,8 +42,9 @@ def register(sub) -> None:
   p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                  help="apply the model's chat template (default on)")
   p.add_argument("--system", default=None, help="system message for the chat template")
-  p.add_argument("--max-new-tokens", type=int, default=256)
-  p.add_argument("--batch-size", type=int, default=8, help="rows per batch with --file")
+  p.add_argument("--max-new-tokens", type=positive_int, default=256)
+  p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch with --file")
+  add_strict_arg(p, default=False)
   p.add_argument("--out", default=None, help="with --file: write JSONL results here (default stdout)")
   add_sampling_args(p)
   p.set_defaults(func=run)
@@ -56,19 +58,16 @@ def run(args) -> int:
   from effjax.models.sharding import parse_mesh
 
   strategy = AutoRegressive(sampler_from_args(args))  # bad sampling flags fail here, before loading
-  if args.max_new_tokens < 1:
-    raise ValueError("--max-new-tokens must be >= 1")
   maybe_initialize()
   mesh = parse_mesh(args.mesh)
+  problems = None
+  if args.file is not None:  # read before the model: a bad file fails in a moment
+    from effjax.data import load_problems
+    problems = load_problems(args.file, strict=args.strict)
   loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
   eos = set(loaded.cfg.eos_ids) | {loaded.tokenizer.eos_token_id} - {None}
   encode = lambda text: encode_prompt(loaded.tokenizer, text, chat=args.chat, system=args.system)
-  if args.prompt is not None:
-    problems, prompts = None, [encode(args.prompt)]
-  else:
-    from effjax.data import load_problems
-    problems = load_problems(args.file)
-    prompts = [encode(p.prompt) for p in problems]
+  prompts = [encode(args.prompt)] if problems is None else [encode(p.prompt) for p in problems]
   cache_len = args.cache_len or cache_len_for([len(p) for p in prompts], args.max_new_tokens,
                                               loaded.cfg.max_position)
   engine = Engine(loaded.model, cache_len=cache_len, eos_ids=sorted(eos), mesh=mesh)
