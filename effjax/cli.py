@@ -16,6 +16,7 @@ COMMANDS: tuple[str, ...] = (
     "effjax.checkpoints.cli",
     "effjax.rlhf.cli",
     "effjax.rebalance.cli",
+    "effjax.plan.cli",
 )
 
 

@@ -245,6 +245,20 @@ def generate_arrays(model: Transformer, prompt: jax.Array, prompt_len: jax.Array
   return jnp.where(mask, state.tokens[:, :max_new_tokens], cfg.pad_id), mask
 
 
+def jitted_programs(graphdef: nnx.GraphDef, strategy: Strategy):
+  """The engine's two programs for one model graph and strategy, the decode state donated:
+  prefill(params, state) -> state and decode(params, state, until) -> state. `Engine` runs them;
+  `effjax plan` compiles the same two ahead of time for a TPU topology."""
+
+  def prefill(params, state):
+    return run_prefill(nnx.merge(graphdef, params), strategy, state)
+
+  def decode(params, state, until):
+    return run_loop(nnx.merge(graphdef, params), strategy, state, until)
+
+  return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
+
+
 @dataclasses.dataclass
 class GenerationResult:
   tokens: list[list[int]]  # generated tokens per row (the EOS / stop sequence included)
@@ -348,18 +362,7 @@ class Engine:
                       stop=stop, strategy=strategy, mesh=self.mesh, rules=self.rules)
 
   def _functions(self, strategy: Strategy):
-    return self._compiled.get(strategy, self._jit)
-
-  def _jit(self, strategy: Strategy):
-    graphdef = self.graphdef
-
-    def prefill(params, state):
-      return run_prefill(nnx.merge(graphdef, params), strategy, state)
-
-    def decode(params, state, until):
-      return run_loop(nnx.merge(graphdef, params), strategy, state, until)
-
-    return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
+    return self._compiled.get(strategy, lambda s: jitted_programs(self.graphdef, s))
 
   def start(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
             stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0) -> DecodeState:

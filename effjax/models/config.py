@@ -148,6 +148,25 @@ PRESETS: dict[str, ModelConfig] = {
         "gemma2", vocab_size=256000, dim=2304, mlp_dim=9216, num_layers=26, num_heads=8,
         num_kv_heads=4, head_dim=256, query_scale=256 ** -0.5, max_position=8192,
         tie_embeddings=True),
+    # Paper-scale models (sizes from each model's config.json), for `effjax plan` recipes.
+    "gemma2-9b": make_config(
+        "gemma2", vocab_size=256000, dim=3584, mlp_dim=14336, num_layers=42, num_heads=16,
+        num_kv_heads=8, head_dim=256, query_scale=256 ** -0.5, max_position=8192,
+        tie_embeddings=True),
+    "llama3.1-8b": make_config(
+        "llama", vocab_size=128256, dim=4096, mlp_dim=14336, num_layers=32, num_heads=32,
+        num_kv_heads=8, head_dim=128, rope_theta=500_000.0, max_position=131072,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), tie_embeddings=False),
+    "deepseek-r1-distill-qwen-7b": make_config(
+        "qwen2", vocab_size=152064, dim=3584, mlp_dim=18944, num_layers=28, num_heads=28,
+        num_kv_heads=4, head_dim=128, rope_theta=10_000.0, max_position=131072,
+        tie_embeddings=False),
+    "qwq-32b": make_config(
+        "qwen2", vocab_size=152064, dim=5120, mlp_dim=27648, num_layers=64, num_heads=40,
+        num_kv_heads=8, head_dim=128, norm_eps=1e-5, max_position=40960, tie_embeddings=False),
+    "qwen3-32b": make_config(
+        "qwen3", vocab_size=151936, dim=5120, mlp_dim=25600, num_layers=64, num_heads=64,
+        num_kv_heads=8, head_dim=128, max_position=40960, tie_embeddings=False),
 }
 
 

@@ -76,8 +76,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def parse_mesh(spec: str | None) -> Mesh | None:
-  """'data=2,fsdp=4,tensor=1' -> Mesh; None or '' -> no mesh (single device)."""
+def parse_mesh(spec: str | None, devices=None) -> Mesh | None:
+  """'data=2,fsdp=4,tensor=1' -> Mesh over `devices` (default: all); None or '' -> no mesh."""
   if not spec:
     return None
   kw: dict[str, int] = {}
@@ -86,7 +86,7 @@ def parse_mesh(spec: str | None) -> Mesh | None:
     if name.strip() not in ("data", "fsdp", "tensor") or not value.strip().lstrip("-").isdigit():
       raise ValueError(f"bad mesh spec {spec!r}; expected e.g. 'data=1,fsdp=-1,tensor=1'")
     kw[name.strip()] = int(value)
-  return make_mesh(**{"data": 1, "fsdp": 1, "tensor": 1, **kw})
+  return make_mesh(**{"data": 1, "fsdp": 1, "tensor": 1, **kw}, devices=devices)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:

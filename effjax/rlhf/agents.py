@@ -186,8 +186,9 @@ class Trainer:
   # ---- state -------------------------------------------------------------------------------------
 
   def initial_state(self) -> dict:
-    s = dict(policy=self.theta0, anchor=self.theta0, policy_opt=self.policy_opt.init(self.theta0),
-             rm=self.phi0, rm_opt=self.rm_opt.init(self.phi0))
+    s = dict(policy=self.theta0, anchor=self.theta0,
+             policy_opt=enn.init_optimizer(self.policy_opt, self.theta0),
+             rm=self.phi0, rm_opt=enn.init_optimizer(self.rm_opt, self.phi0))
     if not self.cfg.agent.incremental:
       s["data_policy"] = self.theta0
     # Own copies (one compiled copy): theta0 / phi0 stay the retraining origin.
@@ -353,14 +354,14 @@ class Trainer:
     cfg = self.cfg
     n = len(self.buffer["choice"])
     steps = math.ceil(cfg.enn.retrain_epochs * n / cfg.enn.retrain_batch)
-    rm, rm_opt = self.phi0, self.rm_opt.init(self.phi0)
+    rm, rm_opt = self.phi0, enn.init_optimizer(self.rm_opt, self.phi0)
     gen = np.random.default_rng([cfg.seed, t, RETRAIN_RM])
     m_rm: dict = {}
     for _ in range(math.ceil(steps / RM_CHUNK)):
       idx = gen.integers(0, n, (RM_CHUNK, cfg.enn.retrain_batch))
       rm, rm_opt, m_rm = self.steps.rm_update(rm, self.priors, rm_opt, self.pair_batches(idx))
     pol = anchor = self.theta0
-    popt = self.policy_opt.init(self.theta0)
+    popt = enn.init_optimizer(self.policy_opt, self.theta0)
     m_pol: dict = {}
     for k in range(cfg.policy.retrain_steps):
       group_b = self.fresh_group(t, pol, RETRAIN_PROMPTS, k, RETRAIN_POLICY)

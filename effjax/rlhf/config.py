@@ -120,6 +120,7 @@ class GSM8KConfig:
   """Real-model environment: a named checkpoint as the policy, GSM8K-style prompts."""
 
   model: str = "smollm2-135m-instruct"
+  dtype: Literal["float32", "bfloat16"] = "float32"  # parameters (bfloat16 on TPU / GPU)
   data: str = "sample:gsm8k"  # a GSM8K JSONL file, a folder of them, or sample:gsm8k
   strict: bool = True  # an unusable line in the data is an error (False: skipped with a warning)
   max_prompt_len: int = 192

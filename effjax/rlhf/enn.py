@@ -140,6 +140,12 @@ def rm_optimizer(enn: ENNConfig) -> optax.GradientTransformation:
   )
 
 
+def init_optimizer(optimizer: optax.GradientTransformation, params):
+  """optimizer.init with its state (Adam's moments) in float32 whatever the parameters' dtype:
+  bfloat16 moments lose the small second moments. Updates are applied in the parameters' dtype."""
+  return optimizer.init(jax.tree.map(lambda x: x.astype(jnp.float32), params))
+
+
 def finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -174,6 +180,7 @@ def make_rm_update(graphdef, optimizer: optax.GradientTransformation, mesh=None)
       skipped += 1 - ok.astype(jnp.int32)
     return params, opt_state, dict(metrics, rm_total_loss=loss, rm_skipped=skipped)
 
+  update.gradients, update.apply = gradients, apply  # the jitted parts, for `effjax plan`
   return update
 
 

@@ -23,7 +23,7 @@ class GSM8KEnvironment:
     from effjax.data.samples import resolve
 
     self.cfg = cfg
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, dtype=cfg.dtype)
     self._model = loaded.model
     self.tokenizer = loaded.tokenizer
     self.model_cfg = loaded.cfg

@@ -155,4 +155,5 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
     policy, anchor, opt_state, skipped = apply(policy, anchor, opt_state, grads, loss)
     return policy, anchor, opt_state, dict(metrics, policy_skipped=skipped)
 
+  update.gradients, update.apply = gradients, apply  # the jitted parts, for `effjax plan`
   return update

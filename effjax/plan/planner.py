@@ -1,0 +1,324 @@
+"""Compile a recipe's programs for a TPU slice (or the local CPU mesh) and account for them.
+
+For a TPU slice the devices are libtpu's compile-only topology (jax.experimental.topologies), so a
+CPU host compiles exactly what the slice would run, multi-host slices included; this is what
+maxtext's train_compile.py does. Per program and per device the report gives the bytes of its
+inputs by kind (parameters, optimizer state, KV cache, gradients, other inputs), the long-lived
+state it does not take but that stays in HBM meanwhile ("held"), XLA's temporaries and
+non-aliased outputs, their sum (the peak) against the chip's HBM, and XLA's FLOPs and bytes
+accessed. A recipe step's time at the chip's published peak is, per phase, the larger of
+FLOPs / peak compute and bytes / HBM bandwidth (a roofline: no overlap losses, no collectives),
+with the least bytes a run moves (its inputs read once, its outputs written once) and, as an upper
+estimate, with XLA's bytes accessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+import time
+
+import jax
+
+from effjax.plan.chips import Chip, Slice, parse_slice
+from effjax.plan.programs import (GRADIENTS, INPUTS, KV_CACHE, OPTIMIZER, PARAMS, Plan, Program,
+                                  build_plans)
+from effjax.plan.recipes import Recipe
+
+MARGIN_GOAL = 0.10  # fit with at least 10% of HBM free
+KINDS = (PARAMS, OPTIMIZER, KV_CACHE, GRADIENTS, INPUTS)
+
+
+class PlanError(ValueError):
+  """The recipe does not fit, or cannot be compiled for the slice."""
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+  """File-descriptor-level capture of stderr (libtpu logs its start-up to fd 2). Yields a function
+  that returns what was written."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode="w+b") as f:
+    os.dup2(f.fileno(), 2)
+    try:
+      yield lambda: (f.seek(0), f.read().decode(errors="replace"))[1]
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def _no_local_tpu() -> bool:
+  try:
+    from jax._src import hardware_utils
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0
+  except Exception:  # a jax without this helper: assume a host without TPU chips
+    return True
+
+
+def tpu_devices(sl: Slice) -> list:
+  """The compile-only devices of a TPU topology (libtpu, no TPU needed)."""
+  from jax.experimental import topologies
+
+  if _no_local_tpu():
+    # libtpu takes a lock file for the chips it would drive; compile-only use drives none, and
+    # other processes on this host may hold the lock.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  with _captured_stderr() as logged:
+    try:
+      return list(topologies.get_topology_desc(sl.topology_name, "tpu").devices)
+    except RuntimeError as e:
+      if "not installed" in str(e):
+        raise PlanError("libtpu is not installed: planning for a TPU slice needs it "
+                        "(pip install 'effjax[tpu]'); --topology cpu plans on this host") from None
+      raise PlanError(f"libtpu could not describe {sl.topology_name}: {e}\n{logged()}") from None
+
+
+@dataclasses.dataclass
+class Target:
+  slice: Slice
+  chip: Chip
+  devices: list
+  platform: str  # "tpu" or "cpu"
+
+  @property
+  def num_chips(self) -> int:
+    return len(self.devices)
+
+  @property
+  def num_processes(self) -> int:
+    return len({d.process_index for d in self.devices})
+
+  @property
+  def hbm(self) -> float:
+    """Memory of one device (a CPU mesh's devices share the host's RAM)."""
+    return self.chip.hbm_bytes / (self.num_chips if self.platform == "cpu" else 1)
+
+  def describe(self) -> str:
+    if self.platform == "cpu":
+      return f"CPU mesh of {self.num_chips} device(s) on this host"
+    s = self.slice
+    return (f"{s.accelerator_type} ({s.topology_name}: {self.num_chips} chips, "
+            f"{self.num_processes} processes)")
+
+
+def target_for(text: str) -> Target:
+  sl = parse_slice(text)
+  if sl.chip.name == "cpu":
+    devices = jax.devices("cpu")
+    return Target(dataclasses.replace(sl, chips=len(devices)), sl.chip, devices, "cpu")
+  return Target(sl, sl.chip, tpu_devices(sl), "tpu")
+
+
+def leaf_bytes(x, sharding) -> int:
+  """Bytes of one device's shard of abstract array `x`."""
+  shape = tuple(x.shape)
+  if sharding is not None and hasattr(sharding, "shard_shape"):
+    shape = sharding.shard_shape(shape)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return math.prod(shape) * 8  # threefry: two uint32
+  return math.prod(shape) * x.dtype.itemsize
+
+
+def tree_bytes(tree) -> int:
+  return sum(leaf_bytes(x, getattr(x, "sharding", None)) for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass
+class Compiled:
+  program: Program
+  seconds: float
+  inputs: dict[str, int]  # kind -> bytes per device
+  held: int  # resident state not among the inputs
+  temp: int
+  output: int  # outputs not aliased to inputs
+  code: int
+  flops: float
+  bytes_accessed: float
+  arguments: int = 0  # XLA's own count of the input bytes (tiles padded)
+  kv_inside: int = 0  # KV cache built inside the program (part of temp)
+  out_info: object = None  # abstract outputs with their shardings
+  in_shardings: list = dataclasses.field(default_factory=list)  # per input leaf, as compiled
+
+  @property
+  def peak(self) -> int:
+    return sum(self.inputs.values()) + self.held + self.temp + self.output + self.code
+
+  @property
+  def min_bytes(self) -> int:
+    """HBM traffic of one run at the least: every input (and a KV cache built inside) read once,
+    every output that is not an input's buffer written once."""
+    return sum(self.inputs.values()) + self.kv_inside + self.output
+
+
+def compile_program(program: Program, target: Target, resident: dict, inner_kv=None) -> Compiled:
+  args = tuple(a.value for a in program.args)
+  t0 = time.perf_counter()
+  traced = program.fn.trace(*args)
+  lowered = (traced.lower(lowering_platforms=("tpu",)) if target.platform == "tpu"
+             else traced.lower())
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XLA reports a program over HBM as RESOURCE_EXHAUSTED
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise PlanError(f"{program.name} does not compile for {target.describe()}: {first}") from None
+  seconds = time.perf_counter() - t0
+  in_shardings = jax.tree.leaves(compiled.input_shardings[0])
+  inputs = dict.fromkeys(KINDS, 0)
+  held_names = set(resident)
+  leaves = []
+  for a in program.args:
+    flat, _ = jax.tree_util.tree_flatten_with_path(a.value)
+    leaves += [(a, jax.tree_util.keystr(path), x) for path, x in flat]
+    held_names.discard(a.resident)
+  if len(leaves) != len(in_shardings):
+    # jit dropped unused inputs: count each by the sharding it was given (whole when unspecified)
+    in_shardings = [getattr(x, "sharding", None) for _, _, x in leaves]
+  for (a, path, x), sh in zip(leaves, in_shardings):
+    kind = a.kind(path) if callable(a.kind) else a.kind
+    inputs[kind] += leaf_bytes(x, sh)
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  return Compiled(
+      program=program, seconds=seconds, inputs=inputs,
+      held=sum(tree_bytes(resident[n]) for n in held_names),
+      temp=int(mem.temp_size_in_bytes),
+      output=int(mem.output_size_in_bytes - mem.alias_size_in_bytes),
+      code=int(mem.generated_code_size_in_bytes), arguments=int(mem.argument_size_in_bytes),
+      in_shardings=list(in_shardings),
+      flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+      kv_inside=tree_bytes(inner_kv) if inner_kv is not None else 0,
+      out_info=jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding),
+                            compiled.out_info))
+
+
+@dataclasses.dataclass
+class PhaseCost:
+  """Per run and per device: XLA's FLOPs; `hbm`, the least HBM traffic (programs' inputs read once,
+  outputs written once: the roofline's bytes); `xla_bytes`, XLA's bytes accessed, which counts
+  every operand of every op, on-chip staging copies included (an upper estimate)."""
+
+  name: str
+  count: float
+  flops: float
+  hbm: float
+  xla_bytes: float
+
+  def seconds(self, chip: Chip) -> tuple[float, float]:
+    """(compute-bound, memory-bound) seconds of one run at the chip's peak (the roofline)."""
+    return self.flops / chip.peak_flops, self.hbm / chip.hbm_bandwidth
+
+  def xla_seconds(self, chip: Chip) -> float:
+    return max(self.flops / chip.peak_flops, self.xla_bytes / chip.hbm_bandwidth)
+
+
+@dataclasses.dataclass
+class PlanResult:
+  plan: Plan
+  compiled: list[Compiled]
+  phases: list[PhaseCost]
+  target: Target
+
+  @property
+  def peak(self) -> Compiled:
+    return max(self.compiled, key=lambda c: c.peak)
+
+  @property
+  def margin(self) -> float:
+    return 1.0 - self.peak.peak / self.target.hbm
+
+  def step_seconds(self, xla_bytes: bool = False) -> float:
+    chip = self.target.chip
+    return sum(p.count * (p.xla_seconds(chip) if xla_bytes else max(p.seconds(chip)))
+               for p in self.phases)
+
+  def phase(self, name: str) -> PhaseCost:
+    return next(p for p in self.phases if p.name == name)
+
+
+def run_plan(plan: Plan, target: Target, log=None, only: set[str] | None = None) -> PlanResult:
+  """Compile the programs of `plan` (those in `only`, if given; the phases costed from the others
+  are left out). A decode program takes the state its prefill returns."""
+  log = log or (lambda msg: print(msg, file=sys.stderr))
+  out: list[Compiled] = []
+  by_name: dict[str, Compiled] = {}
+  for program in plan.programs:
+    if only is not None and program.name not in only:
+      continue
+    if program.name.endswith(" decode") and program.name[:-7] + " prefill" in by_name:
+      program.args[1].value = by_name[program.name[:-7] + " prefill"].out_info
+    log(f"  compiling {program.name} for {target.describe()} ...")
+    c = compile_program(program, target, plan.resident, plan.inner_cache.get(program.name))
+    log(f"    {c.seconds:.0f} s; peak {gb(c.peak)} GB per device")
+    out.append(c)
+    by_name[program.name] = c
+  phases = []
+  for ph in plan.phases:
+    if not set(ph.cost) <= set(by_name):
+      continue
+    flops = sum(k * by_name[n].flops for n, k in ph.cost.items())
+    nbytes = sum(k * by_name[n].bytes_accessed for n, k in ph.cost.items())
+    # A cost made as a difference (a loop body = program - its prefill) reads what the first
+    # program reads: the positive terms.
+    hbm = sum(k * by_name[n].min_bytes for n, k in ph.cost.items() if k > 0)
+    phases.append(PhaseCost(ph.name, ph.count, max(flops, 0.0), hbm, max(nbytes, 0.0)))
+  return PlanResult(plan, out, phases, target)
+
+
+def gb(x: float) -> str:
+  return f"{x / 1e9:.2f}"
+
+
+def advice(recipe: Recipe, c: Compiled) -> str:
+  """What to change, by what dominates the program's peak."""
+  state = c.inputs[PARAMS] + c.inputs[OPTIMIZER] + c.held
+  kv = c.inputs[KV_CACHE] + c.kv_inside
+  work = c.temp - c.kv_inside + c.output + c.inputs[INPUTS] + c.inputs[GRADIENTS]
+  parts = {"model state (parameters, optimizer state, held copies)": state, "the KV cache": kv,
+           "activations and temporaries": work}
+  worst = max(parts, key=parts.get)
+  if worst.startswith("model state"):
+    fix = ("more chips (a larger slice) or more FSDP sharding (mesh fsdp=-1 over all chips)")
+  elif worst == "the KV cache":
+    fix = ("a smaller batch or shorter cache (decode.batches, decode.max_new_tokens, "
+           "rlhf.response_len), or more chips to spread the batch over (a larger slice)")
+  elif recipe.kind == "rlhf":
+    fix = ("micro-batching (rlhf.policy.micro_batch), fewer pairs per RM step (rlhf.enn.replay), "
+           "remat, or more chips")
+  else:
+    fix = "a smaller batch (decode.batches) or more chips"
+  shares = ", ".join(f"{k} {gb(v)} GB" for k, v in parts.items())
+  return f"largest: {worst} ({shares}); change: {fix}"
+
+
+def check_fit(recipe: Recipe, result: PlanResult) -> str | None:
+  """None when the plan fits with the margin goal; a warning when it fits with less; raises
+  PlanError when it does not fit."""
+  c = result.peak
+  hbm = result.target.hbm
+  if c.peak > hbm:
+    raise PlanError(f"{result.plan.title} does not fit {result.target.describe()}: "
+                    f"{c.program.name} needs {gb(c.peak)} GB per device, the chip has {gb(hbm)} GB. "
+                    + advice(recipe, c))
+  if result.margin < MARGIN_GOAL:
+    return (f"fits, but with {result.margin:.1%} of HBM free, under the {MARGIN_GOAL:.0%} goal: "
+            + advice(recipe, c))
+  return None
+
+
+def plan_recipe(recipe: Recipe, target: Target, mesh_spec: str | None = None, log=None,
+                only: set[str] | None = None) -> list[PlanResult]:
+  from effjax.models.sharding import parse_mesh
+
+  # Programs compiled for a topology without its devices cannot be reloaded from the persistent
+  # compilation cache: keep them out of it.
+  jax.config.update("jax_enable_compilation_cache", False)
+  mesh = parse_mesh(mesh_spec or recipe.mesh, devices=target.devices)
+  return [run_plan(plan, target, log, only) for plan in build_plans(recipe, mesh)]

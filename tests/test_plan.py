@@ -1,0 +1,166 @@
+"""`effjax plan`: recipes, slices, and the runtime's programs compiled ahead of time for TPU
+topologies (libtpu, no TPU) with memory figures checked against hand computations."""
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+
+from effjax.models.config import tiny_config
+from effjax.plan import planner
+from effjax.plan.chips import parse_slice
+from effjax.plan.programs import GRADIENTS, KV_CACHE, OPTIMIZER, PARAMS
+from effjax.plan.recipes import RECIPE_DIR, DecodeRecipe, Recipe, RLHFRecipe, load_recipe
+from effjax.rlhf.config import AgentConfig, ENNConfig, PolicyConfig
+
+BATCH, PROMPT, NEW = 8, 32, 64
+TINY_DECODE = Recipe(kind="decode", model="tiny:llama", slice="v5e:2x2",
+                     decode=DecodeRecipe(methods=("ar",), batches=(BATCH,), prompt_len=PROMPT,
+                                         max_new_tokens=NEW))
+TINY_RLHF = Recipe(
+    kind="rlhf", model="tiny:llama", slice="v5e:2x2",
+    rlhf=RLHFRecipe(prompt_len=8, response_len=8,
+                    agent=AgentConfig(prompts_per_batch=8, responses_per_prompt=4),
+                    enn=ENNConfig(num_particles=8, point_hidden=(16, 16), prior_hidden=(8, 8),
+                                  diff_hidden=(16, 16), replay=8, steps_per_batch=1),
+                    policy=PolicyConfig(micro_batch=8)))
+
+
+def tpu_target(name: str) -> planner.Target:
+  try:
+    return planner.target_for(name)
+  except planner.PlanError as e:
+    pytest.skip(f"libtpu cannot load on this host, so no TPU topology: {e}")
+
+
+def param_count(cfg) -> int:
+  """Every parameter of a llama-family config, counted by hand (norms included)."""
+  attn = cfg.dim * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  per_layer = attn + 3 * cfg.dim * cfg.mlp_dim + 2 * cfg.dim
+  embed = cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2)
+  return cfg.num_layers * per_layer + embed + cfg.dim
+
+
+def test_slices_parse():
+  assert parse_slice("v5litepod-64").topology_name == "v5e:8x8"
+  assert parse_slice("v5e:8x8").accelerator_type == "v5litepod-64"
+  s = parse_slice("v5p-32")  # 32 TensorCores = 16 chips
+  assert (s.topology_name, s.chips) == ("v5p:2x2x4", 16)
+  assert parse_slice("v6e-16").topology_name == "v6e:4x4"
+  assert parse_slice("v4:2x2x4").accelerator_type == "v4-32"
+  for bad in ("v9:2x2", "v5e:2xq", "v5litepod-12", "tpu"):
+    with pytest.raises(ValueError):
+      parse_slice(bad)
+
+
+def test_recipes_load_and_fit_their_slices():
+  names = sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+  assert names, "no recipes in configs/recipes"
+  for name in names:
+    _, recipe = load_recipe(name)
+    chips = parse_slice(recipe.slice).chips
+    sizes = dict(part.split("=") for part in recipe.mesh.split(","))
+    fixed = math.prod(int(v) for v in sizes.values() if v != "-1")
+    assert chips % fixed == 0, f"{name}: mesh {recipe.mesh} does not divide {chips} chips"
+    assert recipe.launch, f"{name}: no launch commands"
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+  bad = tmp_path / "bad.toml"
+  bad.write_text('kind = "decode"\nmodel = "llama3.1-8b"\nslice = "v5e:2x2"\n[decode]\nbatch = 4\n')
+  with pytest.raises(ValueError, match="decode: unknown key.*batch"):
+    load_recipe(bad)
+  bad.write_text('kind = "decode"\nmodel = "gpt-5"\nslice = "v5e:2x2"\n')
+  with pytest.raises(ValueError, match="not a preset"):
+    load_recipe(bad)
+
+
+def test_cli_registers_without_jax():
+  code = ("import sys, argparse; import effjax.plan.cli as c; c.register(argparse.ArgumentParser()"
+          ".add_subparsers()); print('jax' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
+@pytest.fixture(scope="module")
+def v5e_decode():
+  target = tpu_target("v5e:2x2")
+  return planner.plan_recipe(TINY_DECODE, target, "data=1,fsdp=-1,tensor=1")[0]
+
+
+@pytest.fixture(scope="module")
+def cpu_decode():
+  """The same command on this host's CPU mesh (8 devices in the tests): no libtpu needed."""
+  return planner.plan_recipe(TINY_DECODE, planner.target_for("cpu"), "data=1,fsdp=-1,tensor=1")[0]
+
+
+@pytest.mark.parametrize("where", ["v5e_decode", "cpu_decode"])
+def test_decode_memory_matches_hand_computation(where, request):
+  r = request.getfixturevalue(where)
+  cfg = tiny_config("llama", dtype="bfloat16")
+  n = r.target.num_chips
+  assert (n, r.target.chip.name) == ((4, "v5e") if where == "v5e_decode" else (8, "cpu"))
+  params = param_count(cfg) * 2 // n  # bf16; every parameter has an FSDP-sharded axis
+  cache_len = r.plan.info["ar"]["cache_len"]
+  assert cache_len == 128  # the runtime's sizing: 32 + 64 + 1 rounded up to 128
+  kv = 2 * cfg.num_layers * BATCH * cache_len * cfg.num_kv_heads * cfg.head_dim * 2 // n
+  for c in r.compiled:
+    assert c.inputs[PARAMS] == params, c.program.name
+    assert c.inputs[KV_CACHE] == kv, c.program.name
+    # XLA's own count of the inputs agrees (it pads small arrays to whole tiles)
+    assert params + kv <= c.arguments <= sum(c.inputs.values()) + 64 * 1024, c.program.name
+    assert c.peak < r.target.hbm
+  decode = next(c for c in r.compiled if c.program.name == "ar decode")
+  # one decode step per device: its rows x (2 FLOPs per matmul weight + attention over the cache)
+  rows = BATCH // n
+  matmul = param_count(cfg) - cfg.dim * (2 * cfg.num_layers + 1)
+  attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * cache_len
+  expect = rows * (2 * matmul + attention)
+  assert 0.5 * expect < decode.flops < 2 * expect
+  phase = r.phase("ar decode step")
+  assert phase.count == NEW and phase.hbm == decode.min_bytes
+
+
+def test_plan_that_does_not_fit_names_what_to_change(v5e_decode):
+  small = dataclasses.replace(v5e_decode.target.chip, hbm_bytes=1e5)
+  r = dataclasses.replace(v5e_decode, target=dataclasses.replace(v5e_decode.target, chip=small))
+  with pytest.raises(planner.PlanError, match="does not fit.*change: "):
+    planner.check_fit(TINY_DECODE, r)
+  assert planner.check_fit(TINY_DECODE, v5e_decode) is None  # the real chip: fits, >= 10% free
+
+
+def test_multi_host_topology_uses_the_runtime_sharding_rules():
+  from flax import nnx
+
+  from effjax.models.sharding import parse_mesh, state_shardings
+  from effjax.models.transformer import abstract_model
+
+  target = tpu_target("v5e:4x4")
+  assert target.num_chips == 16 and target.num_processes == 4
+  r = planner.plan_recipe(TINY_DECODE, target, "data=2,fsdp=-1,tensor=2")[0]
+  mesh = parse_mesh("data=2,fsdp=-1,tensor=2", devices=target.devices)
+  _, params = nnx.split(abstract_model(tiny_config("llama", dtype="bfloat16")))
+  expected = [s.spec for s in __import__("jax").tree.leaves(state_shardings(params, mesh))]
+  for c in r.compiled:
+    got = [s.spec for s in c.in_shardings[:len(expected)]]
+    assert got == expected, c.program.name  # compiled with the runtime's rules, no resharding
+
+
+def test_rlhf_state_float32_optimizer_and_held_copies():
+  target = tpu_target("v5e:2x2")
+  r = planner.plan_recipe(TINY_RLHF, target, "data=1,fsdp=-1,tensor=1",
+                          only={"rollout", "policy apply"})[0]
+  n = param_count(tiny_config("llama"))
+  by_name = {c.program.name: c for c in r.compiled}
+  rollout, apply = by_name["rollout"], by_name["policy apply"]
+  assert rollout.inputs[PARAMS] == n * 2 // 4  # the bf16 policy
+  assert rollout.kv_inside > 0
+  # policy + anchor in bf16; Adam's two moments in float32 (+ its int32 step count); bf16 gradients
+  assert apply.inputs[PARAMS] == 2 * (n * 2 // 4)
+  assert apply.inputs[OPTIMIZER] == 2 * (n * 4 // 4) + 4
+  assert apply.inputs[GRADIENTS] == n * 2 // 4
+  # held meanwhile: theta_0 and the reward model with its optimizer state, phi_0 and the priors
+  assert apply.held > (n * 2 // 4) * 3
+  assert [p.name for p in r.phases] == ["policy apply + anchor EMA"]
