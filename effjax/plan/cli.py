@@ -24,6 +24,9 @@ def register(subparsers) -> None:
   p.add_argument("--program", action="append", default=None, metavar="NAME",
                  help="compile only this program (repeatable; e.g. 'rollout'): a partial plan")
   p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+  p.add_argument("--no-cache", action="store_true",
+                 help="compile every program again (by default a program's figures are kept in "
+                      "$EFFJAX_CACHE/plan, keyed by its StableHLO, and reused while it is unchanged)")
   p.set_defaults(func=run)
 
 
@@ -41,7 +44,8 @@ def run(args) -> int:
   target = planner.target_for(args.topology or recipe.slice)
   print(f"recipe {name}: {recipe.description}" if recipe.description else f"recipe {name}")
   results = planner.plan_recipe(recipe, target, args.mesh,
-                                only=set(args.program) if args.program else None)
+                                only=set(args.program) if args.program else None,
+                                cache_dir=None if args.no_cache else planner.default_cache_dir())
   failures, warnings = [], []
   for r in results:
     print(report.format_result(recipe, r))

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -142,8 +145,8 @@ class Compiled:
   bytes_accessed: float
   arguments: int = 0  # XLA's own count of the input bytes (tiles padded)
   kv_inside: int = 0  # KV cache built inside the program (part of temp)
-  out_info: object = None  # abstract outputs with their shardings
   in_shardings: list = dataclasses.field(default_factory=list)  # per input leaf, as compiled
+  cached: bool = False  # figures from the plan cache (compiled by an earlier run)
 
   @property
   def peak(self) -> int:
@@ -156,12 +159,29 @@ class Compiled:
     return sum(self.inputs.values()) + self.kv_inside + self.output
 
 
-def compile_program(program: Program, target: Target, resident: dict, inner_kv=None) -> Compiled:
+FIGURES = ("seconds", "inputs", "temp", "output", "code", "arguments", "flops", "bytes_accessed")
+
+
+def compile_program(program: Program, target: Target, resident: dict, inner_kv=None,
+                    cache_dir: pathlib.Path | None = None) -> Compiled:
+  """Compile one program and read its figures. With `cache_dir`, figures are kept per lowered
+  program (a hash of its StableHLO and the target): an unchanged program is not compiled again."""
   args = tuple(a.value for a in program.args)
   t0 = time.perf_counter()
   traced = program.fn.trace(*args)
   lowered = (traced.lower(lowering_platforms=("tpu",)) if target.platform == "tpu"
              else traced.lower())
+  held = sum(tree_bytes(resident[n]) for n in set(resident) - {a.resident for a in program.args})
+  kv_inside = tree_bytes(inner_kv) if inner_kv is not None else 0
+  path = None
+  if cache_dir is not None:
+    key = hashlib.sha256("\n".join([
+        lowered.as_text(), target.platform, target.slice.topology_name, str(target.num_chips),
+        jax.__version__, _libtpu_version()]).encode()).hexdigest()[:32]
+    path = cache_dir / f"{key}.json"
+    if path.exists():
+      figures = json.loads(path.read_text())
+      return Compiled(program=program, held=held, kv_inside=kv_inside, cached=True, **figures)
   try:
     compiled = lowered.compile()
   except Exception as e:  # XLA reports a program over HBM as RESOURCE_EXHAUSTED
@@ -169,34 +189,38 @@ def compile_program(program: Program, target: Target, resident: dict, inner_kv=N
     raise PlanError(f"{program.name} does not compile for {target.describe()}: {first}") from None
   seconds = time.perf_counter() - t0
   in_shardings = jax.tree.leaves(compiled.input_shardings[0])
-  inputs = dict.fromkeys(KINDS, 0)
-  held_names = set(resident)
   leaves = []
   for a in program.args:
     flat, _ = jax.tree_util.tree_flatten_with_path(a.value)
-    leaves += [(a, jax.tree_util.keystr(path), x) for path, x in flat]
-    held_names.discard(a.resident)
+    leaves += [(a, jax.tree_util.keystr(p), x) for p, x in flat]
   if len(leaves) != len(in_shardings):
     # jit dropped unused inputs: count each by the sharding it was given (whole when unspecified)
     in_shardings = [getattr(x, "sharding", None) for _, _, x in leaves]
-  for (a, path, x), sh in zip(leaves, in_shardings):
-    kind = a.kind(path) if callable(a.kind) else a.kind
-    inputs[kind] += leaf_bytes(x, sh)
+  inputs = dict.fromkeys(KINDS, 0)
+  for (a, p, x), sh in zip(leaves, in_shardings):
+    inputs[a.kind(p) if callable(a.kind) else a.kind] += leaf_bytes(x, sh)
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):  # older jax: one dict per computation
     cost = cost[0] if cost else {}
-  return Compiled(
-      program=program, seconds=seconds, inputs=inputs,
-      held=sum(tree_bytes(resident[n]) for n in held_names),
-      temp=int(mem.temp_size_in_bytes),
+  figures = dict(
+      seconds=seconds, inputs=inputs, temp=int(mem.temp_size_in_bytes),
       output=int(mem.output_size_in_bytes - mem.alias_size_in_bytes),
       code=int(mem.generated_code_size_in_bytes), arguments=int(mem.argument_size_in_bytes),
-      in_shardings=list(in_shardings),
-      flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      kv_inside=tree_bytes(inner_kv) if inner_kv is not None else 0,
-      out_info=jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding),
-                            compiled.out_info))
+      flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+  if path is not None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures))
+  return Compiled(program=program, held=held, kv_inside=kv_inside,
+                  in_shardings=list(in_shardings), **figures)
+
+
+def _libtpu_version() -> str:
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return version("libtpu")
+  except PackageNotFoundError:
+    return os.environ.get("TPU_LIBRARY_PATH", "")
 
 
 @dataclasses.dataclass
@@ -243,20 +267,21 @@ class PlanResult:
     return next(p for p in self.phases if p.name == name)
 
 
-def run_plan(plan: Plan, target: Target, log=None, only: set[str] | None = None) -> PlanResult:
+def run_plan(plan: Plan, target: Target, log=None, only: set[str] | None = None,
+             cache_dir: pathlib.Path | None = None) -> PlanResult:
   """Compile the programs of `plan` (those in `only`, if given; the phases costed from the others
-  are left out). A decode program takes the state its prefill returns."""
+  are left out)."""
   log = log or (lambda msg: print(msg, file=sys.stderr))
   out: list[Compiled] = []
   by_name: dict[str, Compiled] = {}
   for program in plan.programs:
     if only is not None and program.name not in only:
       continue
-    if program.name.endswith(" decode") and program.name[:-7] + " prefill" in by_name:
-      program.args[1].value = by_name[program.name[:-7] + " prefill"].out_info
     log(f"  compiling {program.name} for {target.describe()} ...")
-    c = compile_program(program, target, plan.resident, plan.inner_cache.get(program.name))
-    log(f"    {c.seconds:.0f} s; peak {gb(c.peak)} GB per device")
+    c = compile_program(program, target, plan.resident, plan.inner_cache.get(program.name),
+                        cache_dir)
+    log(f"    {'from the plan cache' if c.cached else f'{c.seconds:.0f} s'}; "
+        f"peak {gb(c.peak)} GB per device")
     out.append(c)
     by_name[program.name] = c
   phases = []
@@ -313,12 +338,17 @@ def check_fit(recipe: Recipe, result: PlanResult) -> str | None:
   return None
 
 
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("EFFJAX_CACHE", pathlib.Path.home() / ".cache" / "effjax")) / "plan"
+
+
 def plan_recipe(recipe: Recipe, target: Target, mesh_spec: str | None = None, log=None,
-                only: set[str] | None = None) -> list[PlanResult]:
+                only: set[str] | None = None,
+                cache_dir: pathlib.Path | None = None) -> list[PlanResult]:
   from effjax.models.sharding import parse_mesh
 
   # Programs compiled for a topology without its devices cannot be reloaded from the persistent
   # compilation cache: keep them out of it.
   jax.config.update("jax_enable_compilation_cache", False)
   mesh = parse_mesh(mesh_spec or recipe.mesh, devices=target.devices)
-  return [run_plan(plan, target, log, only) for plan in build_plans(recipe, mesh)]
+  return [run_plan(plan, target, log, only, cache_dir) for plan in build_plans(recipe, mesh)]

@@ -164,18 +164,29 @@ def decode_cache_len(cfg: ModelConfig, strategy, prompt_len: int, max_new_tokens
 
 
 def engine_programs(cfg: ModelConfig, graphdef, params, strategy, mesh, *, label: str, rows: int,
-                    prompt_len: int, max_new_tokens: int, cache_len: int) -> list[Program]:
-  """The Engine's prefill and decode-loop programs for `strategy` at `rows` x `prompt_len`."""
+                    prompt_len: int, max_new_tokens: int, cache_len: int,
+                    with_prefill: bool = True) -> list[Program]:
+  """The Engine's prefill and decode-loop programs for `strategy` at `rows` x `prompt_len`.
+
+  The decode program takes the state the compiled prefill returns (run_plan passes it on); without
+  the prefill, the state's shapes come from tracing it and its KV cache keeps init_state's sharding.
+  """
   from effjax.decoding.engine import jitted_programs
 
   prefill, decode = jitted_programs(graphdef, strategy)
   state = decode_state(cfg, strategy, mesh, rows=rows, prompt_len=prompt_len,
                        max_new_tokens=max_new_tokens, cache_len=cache_len)
   until = jax.ShapeDtypeStruct((), jnp.int32)
-  return [Program(f"{label} prefill", prefill, [Arg(params, PARAMS, "params"), Arg(state, cache_kind)]),
-          Program(f"{label} decode", decode,
-                  [Arg(params, PARAMS, "params"), Arg(state, cache_kind), Arg(until, INPUTS)],
-                  note="state from the prefill (its output shardings)")]
+  after = state
+  if not with_prefill:
+    after = jax.eval_shape(prefill, params, state)
+    after = after.replace(cache=after.cache.replace(k=state.cache.k, v=state.cache.v))
+  out = [Program(f"{label} decode", decode,
+                 [Arg(params, PARAMS, "params"), Arg(after, cache_kind), Arg(until, INPUTS)])]
+  if with_prefill:
+    out.insert(0, Program(f"{label} prefill", prefill,
+                          [Arg(params, PARAMS, "params"), Arg(state, cache_kind)]))
+  return out
 
 
 def decode_plan(recipe: Recipe, mesh, batch: int) -> Plan:
@@ -189,14 +200,15 @@ def decode_plan(recipe: Recipe, mesh, batch: int) -> Plan:
     strategy = decode_strategy(recipe, cfg, method)
     cache_len = decode_cache_len(cfg, strategy, d.prompt_len, d.max_new_tokens)
     label = method_label(method, d.bc)
+    # The step: one prefill, then max_new_tokens / tau decode steps (the loop runs until the
+    # longest row is done). The other methods are references for the decode step (0 runs).
     programs += engine_programs(cfg, graphdef, params, strategy, mesh, label=label, rows=batch,
                                 prompt_len=d.prompt_len, max_new_tokens=d.max_new_tokens,
-                                cache_len=cache_len)
-    # The step: one prefill, then max_new_tokens / tau decode steps (the loop runs until the
-    # longest row is done). The other methods are references outside the step (0 runs).
-    runs = (1, d.max_new_tokens / tau) if i == 0 else (0, 0)
-    phases += [Phase(f"{label} prefill", runs[0], {f"{label} prefill": 1.0}),
-               Phase(f"{label} decode step", runs[1], {f"{label} decode": 1.0})]
+                                cache_len=cache_len, with_prefill=i == 0)
+    if i == 0:
+      phases.append(Phase(f"{label} prefill", 1, {f"{label} prefill": 1.0}))
+    phases.append(Phase(f"{label} decode step", d.max_new_tokens / tau if i == 0 else 0,
+                        {f"{label} decode": 1.0}))
     info["labels"].append(label)
     info[label] = dict(cache_len=cache_len, block=strategy.block_size)
   main = method_label(d.methods[0], d.bc)
