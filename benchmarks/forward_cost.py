@@ -1,14 +1,22 @@
-"""How the cost of one forward grows with the number of tokens it carries (tree verification).
+"""How the cost of one forward grows with the number of tokens it carries, and what a speculative
+step costs over the bare forward of its tokens.
 
-For each k, a jitted forward of k new tokens over a KV cache of `--cache-len` slots holding a
-`--context`-token prefix (advance=False, as a tree step does), timed as the median and the minimum
-of `--reps` calls after a warm-up, in wall-clock and in process CPU time (all threads; the steadier
-number on a shared machine). The calls go round-robin over all settings, so a load change hits
-every k alike. Two variants: the layers plus logits at every token, and the
-layers plus logits at one token (what a tree step needs per owner is in between). Prints a markdown
-table: ms per forward and the ratios to k = 1.
+Forward table: for each k, a jitted forward of k new tokens over a KV cache of `--cache-len` slots
+holding a `--context`-token prefix (advance=False, as a tree step does), timed as the median and the
+minimum of `--reps` calls after a warm-up, in wall-clock and in process CPU time (all threads; the
+steadier number on a shared machine). The calls go round-robin over all settings, so a load change
+hits every k alike. Two variants: the layers plus logits at every token, and the layers plus logits
+at one token (what a tree step needs per owner is in between). Ratios are to k = 1.
+
+Step table (`--methods`): for each decoding method, the cost of one step of its real decode loop
+(`--steps` loop iterations after an untimed prefill of the README prompt, divided by the model
+calls they made) in an engine whose cache has `--cache-len` slots, against the bare forward of the
+step's block (its BC tokens; layers plus logits at one token) over a cache of the same length. A
+step attends over every cache slot whatever its fill, so both pay the same attention. Plain
+decoding ('ar') is the 1-token reference. Round-robin with the forwards, as above.
 
   python benchmarks/forward_cost.py --model smollm2-135m-instruct --ks 1,4,10,16,30,60
+  python benchmarks/forward_cost.py --ks 1 --methods ar,esp-bc10,esp-bc30,esp-bc60,hybrid-bc30
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from flax import nnx
 from effjax.checkpoints.registry import load_model
 from effjax.models.cache import KVCache
 
+PROMPT = "Explain what a KV cache is in two sentences."  # README's main command
+
 
 def make_forward(graphdef, all_logits: bool):
   def forward(params, cache, tokens, positions):
@@ -36,19 +46,48 @@ def make_forward(graphdef, all_logits: bool):
   return jax.jit(forward)
 
 
-def time_round_robin(calls: list, reps: int) -> list[tuple[float, float, float]]:
-  """(median wall ms, min wall ms, median CPU ms) per (fn, args), one call of each per round."""
-  for fn, args in calls:  # compile + warm-up
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-  wall = [[] for _ in calls]
-  cpu = [[] for _ in calls]
+def forward_timer(fwd, params, cache, k: int, context: int):
+  """A timer: (wall s, CPU s) of one k-token forward."""
+  tokens, positions = jnp.ones((1, k), jnp.int32), context + jnp.arange(k)[None, :]
+
+  def timer():
+    t, c = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fwd(params, cache, tokens, positions))
+    return time.perf_counter() - t, time.process_time() - c
+
+  return timer
+
+
+def step_timer(engine, strategy, prompt: list[int], steps: int):
+  """A timer: (wall s, CPU s) per model call of `steps` decode-loop steps after a prefill."""
+
+  def timer():
+    state = engine.start([prompt], strategy=strategy,
+                         max_new_tokens=steps * strategy.max_step_tokens)
+    calls0 = int(jax.device_get(state.calls))
+    t, c = time.perf_counter(), time.process_time()
+    state = engine.advance(state, strategy, steps)
+    jax.block_until_ready(state.length)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    n = max(int(jax.device_get(state.calls)) - calls0, 1)
+    return wall / n, cpu / n
+
+  return timer
+
+
+def time_round_robin(timers: list, reps: int) -> list[tuple[float, float, float]]:
+  """(median wall ms, min wall ms, median CPU ms) per timer, one call of each per round after two
+  warm-up calls each (the first compiles)."""
+  for timer in timers:
+    timer()
+    timer()
+  wall = [[] for _ in timers]
+  cpu = [[] for _ in timers]
   for _ in range(reps):
-    for i, (fn, args) in enumerate(calls):
-      t, c = time.perf_counter(), time.process_time()
-      jax.block_until_ready(fn(*args))
-      wall[i].append(time.perf_counter() - t)
-      cpu[i].append(time.process_time() - c)
+    for i, timer in enumerate(timers):
+      w, c = timer()
+      wall[i].append(w)
+      cpu[i].append(c)
   return [(statistics.median(w) * 1e3, min(w) * 1e3, statistics.median(c) * 1e3)
           for w, c in zip(wall, cpu)]
 
@@ -60,8 +99,17 @@ def main(argv=None) -> int:
   ap.add_argument("--cache-len", type=int, default=512)
   ap.add_argument("--context", type=int, default=256, help="filled prefix of the cache")
   ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--methods", default="",
+                  help="comma-separated decoding methods (ar, pld, esp-bc10, hybrid-bc30, ...) "
+                       "whose step cost to compare with the bare forward of their block")
+  ap.add_argument("--steps", type=int, default=16, help="decode-loop steps per timed call")
   args = ap.parse_args(argv)
-  ks = [int(k) for k in args.ks.split(",")]
+  from effjax.data.chat import encode_prompt
+  from effjax.decoding.engine import Engine
+  from effjax.decoding.methods import make_strategy, parse_label
+
+  strategies = {m: make_strategy(*parse_label(m)) for m in args.methods.split(",") if m}
+  ks = sorted({int(k) for k in args.ks.split(",") if k} | {s.block_size for s in strategies.values()})
 
   loaded = load_model(args.model)
   cfg = loaded.cfg
@@ -70,18 +118,20 @@ def main(argv=None) -> int:
   fill = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, cache=c, compute_logits=False).cache)
   cache = fill(params, cache, jnp.ones((1, args.context), jnp.int32))
 
-  settings, calls = [], []
+  settings, timers = [], []
   for all_logits in (True, False):
     fwd = make_forward(graphdef, all_logits)
     for k in ks:
       settings.append((k, "every token" if all_logits else "one token"))
-      calls.append((fwd, (params, cache, jnp.ones((1, k), jnp.int32),
-                          args.context + jnp.arange(k)[None, :])))
-  timed = time_round_robin(calls, args.reps)
-  rows = []
-  for (k, where), (med, best, cpu) in zip(settings, timed):
-    _, base_min, base_cpu = timed[settings.index((ks[0], where))]
-    rows.append((k, where, med, best, cpu, best / base_min, cpu / base_cpu))
+      timers.append(forward_timer(fwd, params, cache, k, args.context))
+  if strategies:
+    engine = Engine(loaded.model, cache_len=args.cache_len)
+    prompt = encode_prompt(loaded.tokenizer, PROMPT,
+                           chat=bool(getattr(loaded.tokenizer, "chat_template", None)))
+    for name, strategy in strategies.items():
+      settings.append((name, strategy.block_size))
+      timers.append(step_timer(engine, strategy, prompt, args.steps))
+  timed = dict(zip(settings, time_round_robin(timers, args.reps)))
 
   print(f"{args.model}, {cfg.dtype}, batch 1, cache {args.cache_len} slots with a "
         f"{args.context}-token prefix, {jax.devices()[0].platform} "
@@ -89,8 +139,24 @@ def main(argv=None) -> int:
   print("| k tokens | logits at | wall median ms | wall min ms | CPU median ms | wall min / k=1 "
         "| CPU / k=1 |")
   print("|---|---|---|---|---|---|---|")
-  for k, where, med, best, cpu, rbest, rcpu in rows:
-    print(f"| {k} | {where} | {med:.1f} | {best:.1f} | {cpu:.1f} | {rbest:.2f}x | {rcpu:.2f}x |")
+  for where in ("every token", "one token"):
+    _, base_min, base_cpu = timed[(ks[0], where)]
+    for k in ks:
+      med, best, cpu = timed[(k, where)]
+      print(f"| {k} | {where} | {med:.1f} | {best:.1f} | {cpu:.1f} | {best / base_min:.2f}x "
+            f"| {cpu / base_cpu:.2f}x |")
+  if strategies:
+    print(f"\nStep of the decode loop ({args.steps} steps after the prefill of the README prompt) "
+          f"against the bare forward of its block (logits at one token):\n")
+    print("| method | block tokens | step wall min ms | forward wall min ms | step / forward "
+          "(wall min) | step CPU ms | forward CPU ms | step / forward (CPU) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, strategy in strategies.items():
+      t = strategy.block_size
+      _, s_best, s_cpu = timed[(name, t)]
+      _, f_best, f_cpu = timed[(t, "one token")]
+      print(f"| {name} | {t} | {s_best:.1f} | {f_best:.1f} | {s_best / f_best:.2f} | {s_cpu:.1f} "
+            f"| {f_cpu:.1f} | {s_cpu / f_cpu:.2f} |")
   return 0
 
 

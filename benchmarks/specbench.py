@@ -116,7 +116,9 @@ def main(argv=None) -> int:
     meta = summary["meta"]
     parts.append(
         f"### {model}\n\n`{meta['command']}` ({meta['questions']} questions, "
-        f"{meta['prompt_format']}, cache {meta['cache_len']}, {meta['minutes']:.0f} min)\n\n"
+        f"{meta['prompt_format']}, cache "
+        f"{'per turn, at most ' if meta.get('cache_per_turn') else ''}{meta['cache_len']}, "
+        f"{meta['minutes']:.0f} min)\n\n"
         f"{(out / 'summary.md').read_text().strip()}\n\n"
         + "\n".join(f"- {line}" for line in goals(summary["table"])))
   write_section(Path(args.out), HEADING, "\n\n".join(parts))

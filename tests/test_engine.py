@@ -180,3 +180,14 @@ def test_cache_len_for_sizes_the_cache_to_the_job():
   assert cache_len_for([10, 100], 28, 4096) == 256  # 100 + 28 + 1 = 129 slots -> next 128
   assert cache_len_for([99], 28, 4096) == 128
   assert cache_len_for([4000], 200, 4096) == 4096  # capped; the engine then refuses the prompt
+
+
+def test_fit_cache_sizes_each_call_to_its_prompt_bucket():
+  _, model = _model("llama")
+  want = Engine(model, cache_len=512).generate(PROMPTS, max_new_tokens=12).tokens
+  eng = Engine(model, cache_len=512, fit_cache=True)
+  assert eng.generate(PROMPTS, max_new_tokens=12).tokens == want
+  state = eng.start(PROMPTS, max_new_tokens=12)  # bucket 16 + 12 + 1 slots -> 128
+  assert state.cache.length == 128
+  state = eng.start([[5] * 199], max_new_tokens=100)  # bucket 256 + 101 -> 384
+  assert state.cache.length == 384

@@ -12,7 +12,8 @@ import pytest
 from scipy import stats
 
 from effjax.decoding.engine import AutoRegressive, Engine
-from effjax.decoding.esp import (ESP, dynamic_candidates, ema_update, init_masks, static_tree)
+from effjax.decoding.esp import (ESP, dynamic_candidates, ema_update, init_masks,
+                                 prefill_with_masks, static_tree)
 from effjax.decoding.hybrid import Hybrid
 from effjax.decoding.pld import PromptLookup
 from effjax.decoding.sampling import Sampler
@@ -116,6 +117,25 @@ def test_mask_init_and_ema_follow_their_definitions():
     want = want + 0.1 * (e - want)
   np.testing.assert_allclose(got[0], want, rtol=1e-5)
   np.testing.assert_array_equal(got[1], m[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_prefill_with_masks_equals_a_forward_of_prompt_then_masks(family):
+  """The folded prefill (masks in each row's padding, one forward) gives the logits of a causal
+  forward of [prompt, m_1..m_k] alone, and a cache holding only the prompt."""
+  cfg, model = tiny(family)
+  eng = Engine(model, cache_len=40)
+  prompts, k = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [7, 8, 9]], 2
+  state = eng.initial_state(prompts, np.array([4, 4]), np.zeros((0, 1), np.int32), 0, ESP())
+  masks = jax.random.normal(jax.random.key(0), (2, k, cfg.dim))
+  logits, mask_logits, cache = prefill_with_masks(model, state, masks)
+  for i, p in enumerate(prompts):
+    emb = jnp.concatenate([model.embed_tokens(jnp.array([p])), masks[i:i + 1]], axis=1)
+    want = model(embeddings=emb).logits[0]
+    np.testing.assert_allclose(logits[i], want[len(p) - 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mask_logits[i], want[len(p):], rtol=1e-5, atol=1e-5)
+    assert int(cache.index[i]) == len(p)
+    np.testing.assert_array_equal(cache.pos[i], np.where(np.arange(40) < len(p), np.arange(40), -1))
 
 
 def test_static_tree_top1_expansion_and_pruning():

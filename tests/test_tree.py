@@ -9,8 +9,8 @@ from flax import nnx
 
 from effjax.decoding.engine import AutoRegressive, Engine
 from effjax.decoding.sampling import GREEDY
-from effjax.decoding.tree import (Layout, Tree, block_mask, block_positions, select_tree,
-                                  tree_step, verify)
+from effjax.decoding.tree import (Layout, Tree, block_attention, block_mask, block_positions,
+                                  first_child_path, layout_tables, select_tree, tree_step, verify)
 from effjax.models import KVCache, create_model, tiny_config
 
 
@@ -62,6 +62,31 @@ def test_block_mask_and_positions_match_brute_force(k):
     want_mask, want_pos = _reference(p, v, k, int(root_pos[b]))
     np.testing.assert_array_equal(got_mask[b], want_mask)
     np.testing.assert_array_equal(got_pos[b], want_pos)
+
+
+@pytest.mark.parametrize("layout", [Layout.top1((4,)), Layout.top1((15, 4)), Layout.top1((3, 2, 2)),
+                                    Layout.chain(10)], ids=str)
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_static_layout_tables_equal_the_per_step_computation(layout, k):
+  o = layout.num_nodes + 1
+  tree = Tree(tokens=jnp.zeros((2, o), jnp.int32), parent=layout.parent_array(2),
+              valid=jnp.ones((2, o), bool))
+  root_pos = jnp.array([3, 40])
+  mask, offsets = layout_tables(layout, k)
+  np.testing.assert_array_equal(np.asarray(block_mask(tree, k))[0], mask)
+  np.testing.assert_array_equal(np.asarray(block_positions(tree, k, root_pos)),
+                                np.asarray(root_pos)[:, None] + offsets[None])
+  got_mask, got_pos = block_attention(Tree(tree.tokens, tree.parent, tree.valid, layout), k,
+                                      root_pos)
+  np.testing.assert_array_equal(got_mask, block_mask(tree, k))
+  np.testing.assert_array_equal(got_pos, block_positions(tree, k, root_pos))
+
+
+def test_first_child_path_follows_the_first_child_and_stops_at_leaves():
+  tree = Tree(tokens=jnp.zeros((2, 6), jnp.int32),
+              parent=jnp.array([[0, 0, 0, 2, 2, 4], [0, 0, 1, 2, 3, 4]]),
+              valid=jnp.array([[True] * 6, [True, True, True, False, False, False]]))
+  np.testing.assert_array_equal(first_child_path(tree, 4), [[0, 1, 1, 1, 1], [0, 1, 2, 2, 2]])
 
 
 def test_layouts():
@@ -186,6 +211,15 @@ def test_tree_step_commits_exactly_the_appended_path(family):
   # stop sequence ends at the 3rd of row 3's, and row 4 has room for one more token.
   np.testing.assert_array_equal(out.appended, [3, 2, 2, 3, 1])
   np.testing.assert_array_equal(out.state.done, [False, False, True, True, True])
+  # Mask logits of the deepest accepted node: row 0's (node 3) is off the first-child path and
+  # takes the second head pass, the others' are on it. All equal the block forward's own.
+  block = model(embeddings=jnp.concatenate([model.embed_tokens(tree.tokens),
+                                            jnp.tile(masks, (1, 5, 1))], axis=1),
+                positions=block_positions(tree, 2, state.cache.index),
+                attn_mask=block_mask(tree, 2), cache=state.cache, advance=False).logits
+  for i, deepest in enumerate([3, 1, 4, 4, 4]):
+    np.testing.assert_allclose(out.mask_logits[i], block[i, 5 + 2 * deepest + np.arange(2)],
+                               rtol=1e-5, atol=1e-5)
   got = out.state
   for i in range(5):
     n = int(got.length[i])

@@ -35,7 +35,9 @@ def register(subparsers) -> None:
                       "summary.json, summary.md")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--cache-len", type=positive_int, default=None,
-                 help="KV cache slots (default: enough for the longest conversation)")
+                 help="the most KV cache slots (default: enough for the longest conversation); "
+                      "each turn gets its prompt bucket + max_new_tokens + the block, rounded up "
+                      "to 128 slots")
   p.add_argument("--buckets", default=None,
                  help="prompt length buckets, comma separated (default: powers of two)")
   p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
@@ -80,7 +82,7 @@ def run_specbench(args) -> int:
   block = max(s.block_size for s in methods.values()) if methods else 1
   cache_len = args.cache_len or specbench.cache_len_for(fmt, questions, args.max_new_tokens, block)
   buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else None
-  engine = Engine(loaded.model, cache_len=cache_len, buckets=buckets)
+  engine = Engine(loaded.model, cache_len=cache_len, buckets=buckets, fit_cache=True)
 
   stamp = time.strftime("%Y%m%d-%H%M%S")
   out = Path(args.out or f"runs/specbench/{Path(args.model).name}-{stamp}")
@@ -88,10 +90,10 @@ def run_specbench(args) -> int:
   meta = {"model": args.model, "source": loaded.source, "methods": ["ar", *methods],
           "data": args.data, "questions": len(questions), "per_group_limit": args.limit,
           "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "dtype": args.dtype,
-          "cache_len": cache_len, "prompt_format": fmt.name, "started": stamp,
+          "cache_len": cache_len, "cache_per_turn": True, "prompt_format": fmt.name, "started": stamp,
           "command": command_line(args, out)}
   print(f"{len(questions)} questions, methods ar + {', '.join(methods)}; {fmt.name}; "
-        f"cache {cache_len}; writing {out}", flush=True)
+        f"cache per turn, at most {cache_len}; writing {out}", flush=True)
   with (out / "results.jsonl").open("w") as f:
     def emit(rec):
       f.write(json.dumps(rec) + "\n")

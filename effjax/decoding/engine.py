@@ -310,7 +310,10 @@ class Engine:
   def __init__(self, model: Transformer, *, cache_len: int = 2048,
                eos_ids: Sequence[int] | None = None, mesh=None,
                rules: ShardingRules = DEFAULT_RULES, buckets: Sequence[int] | None = None,
-               max_strategies: int = DEFAULT_MAX_STRATEGIES):
+               max_strategies: int = DEFAULT_MAX_STRATEGIES, fit_cache: bool = False):
+    """fit_cache: give each call a cache of its prompt bucket + max_new_tokens + the strategy's
+    block, rounded up to 128 slots (at most cache_len), instead of cache_len slots: every step
+    attends over all slots, so a job of short prompts runs faster, at one compile per bucket."""
     cfg = model.cfg
     if cache_len > cfg.max_position:
       raise ValueError(f"cache_len {cache_len} exceeds the model's max_position {cfg.max_position}")
@@ -320,6 +323,7 @@ class Engine:
     self.mesh = mesh
     self.rules = rules
     self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(cache_len)
+    self.fit_cache = fit_cache
     self.graphdef, params = nnx.split(model)
     if mesh is not None:
       params = jax.device_put(params, state_shardings(params, mesh, rules))
@@ -357,8 +361,11 @@ class Engine:
     prompt = np.full((len(prompts), p), self.cfg.pad_id, np.int32)
     for i, x in enumerate(prompts):
       prompt[i, :len(x)] = x
+    cache_len = self.cache_len
+    if self.fit_cache:
+      cache_len = min(cache_len, -(-(p + int(limits.max()) + strategy.block_size) // 128) * 128)
     return init_state(self.cfg, prompt, [len(x) for x in prompts], limits, jax.random.key(seed),
-                      max_new_tokens=int(limits.max()), cache_len=self.cache_len, eos=self.eos_ids,
+                      max_new_tokens=int(limits.max()), cache_len=cache_len, eos=self.eos_ids,
                       stop=stop, strategy=strategy, mesh=self.mesh, rules=self.rules)
 
   def _functions(self, strategy: Strategy):

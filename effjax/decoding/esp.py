@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from effjax.decoding.engine import DecodeState, Strategy, append_tokens, prefill_forward
+from effjax.decoding.engine import DecodeState, Strategy, append_tokens
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.decoding.tree import Layout, Tree, count_appended, select_tree, tree_step
-from effjax.models.cache import rollback
+from effjax.models.cache import rollback, write_rows
 from effjax.models.transformer import Transformer
 
 MaskInit = Literal["mean", "sample", "last"]
@@ -126,10 +126,9 @@ class ESP(Strategy):
 
   def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     k_init, k_tok = jax.random.split(key)
-    logits, _, state = prefill_forward(model, state)
     masks = init_masks(model.embed_tokens(state.prompt), state.prompt_len, self.masks, self.init,
                        k_init)
-    mask_logits, cache = prefill_masks(model, state, masks)
+    logits, mask_logits, cache = prefill_with_masks(model, state, masks)
     if mask_logits.shape[-1] < self.num_candidates:
       raise ValueError(f"the tree needs {self.num_candidates} candidates per mask, more than the "
                        f"vocabulary of {mask_logits.shape[-1]} tokens")
@@ -160,7 +159,7 @@ def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sam
   ex = state.extra
   active = ~state.done
   out = tree_step(model, state, tree, ex.masks, depth, sampler, key)
-  tok, logp = candidates(model.logits(out.mask_hidden), num_candidates)
+  tok, logp = candidates(out.mask_logits, num_candidates)
   masks = ema_update(ex.masks, model.embed_tokens(out.tokens), out.appended, ema)
   keep = active[:, None, None]
   extra = ESPState(masks=jnp.where(keep, masks, ex.masks),
@@ -202,15 +201,25 @@ def ema_update(masks: jax.Array, new: jax.Array, count: jax.Array, lam: float) -
   return (masks.astype(jnp.float32) * decay[:, None, None] + mixed[:, None, :]).astype(masks.dtype)
 
 
-def prefill_masks(model: Transformer, state: DecodeState, masks: jax.Array):
-  """Forward the k masks after the prompt (mask i at position prompt_len - 1 + i, seeing the whole
-  prompt and masks 1..i): the same attention as appending them to the prompt forward. Returns
-  their logits [B, k, V] and the cache without them."""
+def prefill_with_masks(model: Transformer, state: DecodeState, masks: jax.Array):
+  """One causal forward of each row's prompt followed by its k masks (ESP.md, Prefill): mask i
+  takes the slot and position of x_{t+i} and so sees the whole prompt and masks 1..i. The masks go
+  into the padding after each row's prompt (the input is widened by k columns where the cache has
+  room; the engine's checks leave room either way: t + k < t + 1 + BC <= cache length).
+
+  Returns the logits at the last prompt token [B, V] and at the masks [B, k, V] (one LM-head pass
+  over those rows only) and the cache holding the prompt alone.
+  """
+  b, p = state.prompt.shape
   k = masks.shape[1]
-  start = state.cache.index
-  pos = start[:, None] - 1 + jnp.arange(1, k + 1)[None, :]
-  out = model(embeddings=masks, positions=pos, cache=state.cache, advance=False)
-  return out.logits, rollback(out.cache, start)
+  width = min(p + k, state.cache.length)
+  tokens = jnp.pad(state.prompt, ((0, 0), (0, width - p)))
+  emb = write_rows(model.embed_tokens(tokens), masks, state.prompt_len)
+  valid = jnp.arange(width)[None, :] < (state.prompt_len + k)[:, None]
+  out = model(embeddings=emb, input_mask=valid, cache=state.cache, compute_logits=False)
+  rows = state.prompt_len[:, None] - 1 + jnp.arange(k + 1)[None, :]
+  logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
+  return logits[:, 0], logits[:, 1:], rollback(out.cache, state.prompt_len)
 
 
 def candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
@@ -232,7 +241,8 @@ def static_tree(root: jax.Array, cand_tokens: jax.Array, widths: tuple[int, ...]
     parent_tok = chosen[:, 0]
   layout = Layout.top1(widths)
   tokens = jnp.concatenate([root[:, None]] + levels, axis=1).astype(jnp.int32)
-  return Tree(tokens=tokens, parent=layout.parent_array(b), valid=jnp.ones(tokens.shape, bool))
+  return Tree(tokens=tokens, parent=layout.parent_array(b), valid=jnp.ones(tokens.shape, bool),
+              layout=layout)
 
 
 def dynamic_candidates(root: jax.Array, cand_tokens: jax.Array, cand_logp: jax.Array, owners: int):

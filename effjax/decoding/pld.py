@@ -68,9 +68,10 @@ def lookup(ctx: jax.Array, length: jax.Array, max_ngram: int, draft_len: int, mi
 
 def chain_tree(root: jax.Array, draft: jax.Array, valid_len: jax.Array) -> Tree:
   b, n = draft.shape
+  layout = Layout.chain(n)
   return Tree(tokens=jnp.concatenate([root[:, None], draft], axis=1).astype(jnp.int32),
-              parent=Layout.chain(n).parent_array(b),
-              valid=jnp.arange(n + 1)[None, :] <= valid_len[:, None])
+              parent=layout.parent_array(b), valid=jnp.arange(n + 1)[None, :] <= valid_len[:, None],
+              layout=layout)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -16,6 +16,7 @@ output is the model's own decoding: lossless.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -34,6 +35,9 @@ class Tree:
   tokens: jax.Array  # [B, O] token of each owner; tokens[:, 0] is the root
   parent: jax.Array  # [B, O] owner index of each owner's parent (the root's entry is unused)
   valid: jax.Array  # [B, O] whether the slot holds a node (the root always does)
+  # The static shape every row has (parent == layout's parents; invalid slots only at the end of
+  # a chain), whose attention tables are built once; None for trees built per step.
+  layout: "Layout | None" = struct.field(pytree_node=False, default=None)
 
   @property
   def num_owners(self) -> int:
@@ -117,14 +121,20 @@ def owner_depths(tree: Tree) -> jax.Array:
   return ancestors(tree).sum(axis=-1).astype(jnp.int32) - 1
 
 
+def _mask_columns(num_owners: int, num_masks: int) -> np.ndarray:
+  """[T, O * k]: mask j of owner b sees masks 1..j of b; nothing else sees a mask."""
+  owner, j = _block_index(num_owners, num_masks)
+  o = num_owners
+  return (owner[:, None] == owner[None, o:]) & (j[:, None] >= 0) & (j[None, o:] <= j[:, None])
+
+
 def block_mask(tree: Tree, num_masks: int) -> jax.Array:
   """[B, T, T] tree attention over the block: a node sees the root, its ancestors and itself; mask
   j of owner b sees what b sees, b itself and masks 1..j of b. Nothing sees other owners' masks."""
   o = tree.num_owners
-  owner, j = _block_index(o, num_masks)
-  anc = ancestors(tree)
-  to_owners = anc[:, owner, :]  # [B, T, O]
-  mask_cols = (owner[:, None] == owner[None, o:]) & (j[:, None] >= 0) & (j[None, o:] <= j[:, None])
+  owner, _ = _block_index(o, num_masks)
+  to_owners = ancestors(tree)[:, owner, :]  # [B, T, O]
+  mask_cols = _mask_columns(o, num_masks)
   b = tree.tokens.shape[0]
   return jnp.concatenate([to_owners, jnp.broadcast_to(mask_cols, (b,) + mask_cols.shape)], axis=-1)
 
@@ -134,6 +144,45 @@ def block_positions(tree: Tree, num_masks: int, root_pos: jax.Array) -> jax.Arra
   owner, j = _block_index(tree.num_owners, num_masks)
   depth = owner_depths(tree)
   return root_pos[:, None] + depth[:, owner] + (j + 1)[None, :]
+
+
+@functools.lru_cache(maxsize=None)
+def layout_tables(layout: Layout, num_masks: int) -> tuple[np.ndarray, np.ndarray]:
+  """The block mask [T, T] and position offsets from the root [T] of a static layout, built once
+  (block_mask and block_positions of a tree of that shape with every slot valid)."""
+  o = layout.num_nodes + 1
+  parents = (0,) + layout.parents
+  anc = np.eye(o, dtype=bool)
+  for i in range(1, o):
+    anc[i] |= anc[parents[i]]
+  owner, j = _block_index(o, num_masks)
+  mask = np.concatenate([anc[owner], _mask_columns(o, num_masks)], axis=1)
+  return mask, (np.asarray(layout.depths)[owner] + j + 1).astype(np.int32)
+
+
+def block_attention(tree: Tree, num_masks: int, root_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The block's attention mask [B, T, T] and position ids [B, T]: from the layout's tables when
+  the tree has a static layout, else from its parents. A chain's invalid tail slots may see and be
+  placed as in the full chain: no valid slot sees them and they are never committed."""
+  if tree.layout is None:
+    return block_mask(tree, num_masks), block_positions(tree, num_masks, root_pos)
+  mask, offsets = layout_tables(tree.layout, num_masks)
+  b = tree.tokens.shape[0]
+  return jnp.broadcast_to(mask, (b,) + mask.shape), root_pos[:, None] + offsets[None, :]
+
+
+def first_child_path(tree: Tree, max_depth: int) -> jax.Array:
+  """[B, max_depth + 1] owners from the root down through each owner's first child (the most
+  probable node at each depth in every tree effjax builds); it stays put at a leaf."""
+  b, o = tree.tokens.shape
+  nodes = jnp.arange(o)[None, :] > 0
+  cur = jnp.zeros((b,), jnp.int32)
+  path = [cur]
+  for _ in range(max_depth):
+    child = tree.valid & nodes & (tree.parent == cur[:, None])
+    cur = jnp.where(child.any(axis=1), jnp.argmax(child, axis=1).astype(jnp.int32), cur)
+    path.append(cur)
+  return jnp.stack(path, axis=1)
 
 
 def model_choices(sampler: Sampler, logits: jax.Array, key: jax.Array) -> jax.Array:
@@ -182,7 +231,7 @@ class StepOutcome:
   accepted: jax.Array  # [B] accepted nodes
   tokens: jax.Array  # [B, D + 1] the model's choices along the path; the first `appended` went in
   appended: jax.Array  # [B] tokens appended this step (0 for rows done before it)
-  mask_hidden: jax.Array | None  # [B, k, D] final hidden at the masks of the deepest accepted node
+  mask_logits: jax.Array | None  # [B, k, V] logits at the masks of the deepest accepted node
 
 
 def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Array | None,
@@ -191,6 +240,11 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
 
   masks: [B, k, D] input embeddings of the k masks placed after every owner (None: no masks).
   Rows done before the step keep their cache as it was.
+
+  One LM-head pass serves the step: the owners (all of which the walk may read) and the masks of
+  the owners on the first-child path, where the deepest accepted node almost always is (the root
+  when nothing is accepted; the chain or the best candidates otherwise). Only when a row's deepest
+  accepted node is off that path does a second pass compute its k mask rows.
   """
   b, o = tree.tokens.shape
   k = 0 if masks is None else masks.shape[1]
@@ -198,10 +252,16 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   if k:
     emb = jnp.concatenate([emb, jnp.tile(masks.astype(emb.dtype), (1, o, 1))], axis=1)
   start = state.cache.index
-  out = model(embeddings=emb, positions=block_positions(tree, k, start),
-              attn_mask=block_mask(tree, k), cache=state.cache, advance=False,
-              compute_logits=False)
-  choice = model_choices(sampler, model.logits(out.hidden[:, :o]), key)
+  attn_mask, positions = block_attention(tree, k, start)
+  out = model(embeddings=emb, positions=positions, attn_mask=attn_mask, cache=state.cache,
+              advance=False, compute_logits=False)
+  rows = jnp.broadcast_to(jnp.arange(o), (b, o))
+  if k:
+    spine = first_child_path(tree, max_depth)  # [B, D + 1]
+    spine_rows = o + spine[:, :, None] * k + jnp.arange(k)[None, None, :]
+    rows = jnp.concatenate([rows, spine_rows.reshape(b, -1)], axis=1)
+  logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
+  choice = model_choices(sampler, logits[:, :o], key)
   path, accepted = verify(tree, choice, max_depth)
   new = jnp.take_along_axis(choice, path, axis=1)
   after = append_tokens(state.replace(calls=state.calls + 1), new, accepted + 1)
@@ -210,13 +270,23 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   # so the cache always holds the prompt and every generated token but the last.
   appended = after.length - state.length
   after = after.replace(cache=commit_path(out.cache, start, path, appended))
-  mask_hidden = None
+  mask_logits = None
   if k:
-    deepest = jnp.take_along_axis(path, accepted[:, None], axis=1)
-    rows = o + deepest * k + jnp.arange(k)[None, :]
-    mask_hidden = jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1)
+    at = accepted[:, None]
+    deepest = jnp.take_along_axis(path, at, axis=1)[:, 0]
+    on_spine = jnp.take_along_axis(spine, at, axis=1)[:, 0] == deepest
+    spine_logits = logits[:, o:].reshape(b, max_depth + 1, k, -1)
+    mask_logits = jnp.take_along_axis(spine_logits, at[:, :, None, None], axis=1)[:, 0]
+    off = ~state.done & ~on_spine
+
+    def second_pass(mask_logits):
+      idx = o + deepest[:, None] * k + jnp.arange(k)[None, :]
+      hidden = jnp.take_along_axis(out.hidden, idx[:, :, None], axis=1)
+      return jnp.where(off[:, None, None], model.logits(hidden), mask_logits)
+
+    mask_logits = jax.lax.cond(off.any(), second_pass, lambda x: x, mask_logits)
   return StepOutcome(state=after, path=path, accepted=accepted, tokens=new, appended=appended,
-                     mask_hidden=mask_hidden)
+                     mask_logits=mask_logits)
 
 
 def count_appended(hist: jax.Array, appended: jax.Array, active: jax.Array) -> jax.Array:

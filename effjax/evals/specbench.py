@@ -6,7 +6,8 @@ stays in the conversation for the next turn (MT-bench has two turns). Plain deco
 runs too, interleaved question by question with the other methods so that machine noise hits all
 of them alike; speedups are against it, and every method's tokens are compared with its tokens.
 A few warm-up conversations on the first question come first, and each (method, prompt bucket) is
-compiled before it is timed.
+compiled before it is timed. Each turn runs in a cache sized to its prompt bucket (the engine's
+`fit_cache`), since every decode step attends over all cache slots.
 
 Reported per group (MT-bench's eight categories form one group) and overall, as Spec-Bench does:
 tau = accepted tokens per decode forward (pooled; plain decoding = 1), tokens/s = the mean over
