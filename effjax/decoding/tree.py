@@ -224,6 +224,12 @@ def commit_path(cache: KVCache, start: jax.Array, path: jax.Array, count: jax.Ar
   return commit(cache, start, path, count)
 
 
+# Depth to which the first head pass of a tree step includes mask rows (see tree_step): a mask row
+# costs about 7% of a whole head pass on a CPU (the head's weights are read once per pass), and
+# deeper acceptances are rare except in copied text, where speculation pays anyway.
+SPINE_DEPTH = 4
+
+
 @struct.dataclass
 class StepOutcome:
   state: DecodeState
@@ -242,9 +248,10 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   Rows done before the step keep their cache as it was.
 
   One LM-head pass serves the step: the owners (all of which the walk may read) and the masks of
-  the owners on the first-child path, where the deepest accepted node almost always is (the root
-  when nothing is accepted; the chain or the best candidates otherwise). Only when a row's deepest
-  accepted node is off that path does a second pass compute its k mask rows.
+  the owners on the first-child path down to depth SPINE_DEPTH, where the deepest accepted node
+  mostly is (the root when nothing is accepted, else the best candidate or the lookup chain at
+  each depth). Only when a row's deepest accepted node is elsewhere does a second pass compute its
+  k mask rows.
   """
   b, o = tree.tokens.shape
   k = 0 if masks is None else masks.shape[1]
@@ -257,7 +264,7 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
               advance=False, compute_logits=False)
   rows = jnp.broadcast_to(jnp.arange(o), (b, o))
   if k:
-    spine = first_child_path(tree, max_depth)  # [B, D + 1]
+    spine = first_child_path(tree, min(max_depth, SPINE_DEPTH))  # [B, d + 1]
     spine_rows = o + spine[:, :, None] * k + jnp.arange(k)[None, None, :]
     rows = jnp.concatenate([rows, spine_rows.reshape(b, -1)], axis=1)
   logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
@@ -272,10 +279,10 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   after = after.replace(cache=commit_path(out.cache, start, path, appended))
   mask_logits = None
   if k:
-    at = accepted[:, None]
-    deepest = jnp.take_along_axis(path, at, axis=1)[:, 0]
+    deepest = jnp.take_along_axis(path, accepted[:, None], axis=1)[:, 0]
+    at = jnp.minimum(accepted, spine.shape[1] - 1)[:, None]
     on_spine = jnp.take_along_axis(spine, at, axis=1)[:, 0] == deepest
-    spine_logits = logits[:, o:].reshape(b, max_depth + 1, k, -1)
+    spine_logits = logits[:, o:].reshape(b, spine.shape[1], k, -1)
     mask_logits = jnp.take_along_axis(spine_logits, at[:, :, None, None], axis=1)[:, 0]
     off = ~state.done & ~on_spine
 
