@@ -225,9 +225,9 @@ def test_mesh_load(hf_model):
   path, _, want = hf_model("gemma2")
   mesh = make_mesh(data=1, fsdp=2, tensor=4)
   _, model = load_hf(path, mesh=mesh)
-  q = model.layers[0].attn.q.kernel[...]
-  assert q.sharding.mesh.shape == mesh.shape
-  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  o = model.layers[0].attn.o.kernel[...]
+  assert o.sharding.mesh.shape == mesh.shape
+  assert o.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   logits = nnx.jit(lambda m, t: m(t, mesh=mesh).logits)(model, jnp.asarray(_tokens()))
   np.testing.assert_allclose(np.asarray(logits), want, atol=ATOL, rtol=0)
 

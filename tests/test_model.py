@@ -198,5 +198,5 @@ def test_sharded_forward_equals_unsharded():
 
   got = fwd(state, toks)
   np.testing.assert_allclose(got, want, atol=1e-5)
-  q = state["layers"][0]["attn"]["q"]["kernel"].get_value()
-  assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  qkv = state["layers"][0]["attn"]["qkv"]["kernel"].get_value()  # [D, Kh, g + 2, Dh]
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None, None)

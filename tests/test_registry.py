@@ -56,9 +56,9 @@ def test_cache_restores_into_a_mesh_and_another_dtype(smollm2_loads):
   _, first, _ = smollm2_loads
   mesh = make_mesh(data=1, fsdp=4, tensor=2)
   sharded = load_model(SMOL, mesh=mesh)
-  gate = sharded.model.layers[0].mlp.gate.kernel[...]
-  assert tuple(gate.sharding.spec) == ("fsdp", "tensor") and len(gate.sharding.device_set) == 8
-  want = first.model.layers[0].mlp.gate.kernel[...]
+  gate = sharded.model.layers[0].mlp.gate_up.kernel[...]  # [D, 2, F]
+  assert tuple(gate.sharding.spec) == ("fsdp", None, "tensor") and len(gate.sharding.device_set) == 8
+  want = first.model.layers[0].mlp.gate_up.kernel[...]
   np.testing.assert_array_equal(np.asarray(gate), np.asarray(want))
   half = load_model(SMOL, dtype="bfloat16")
   assert half.cfg.dtype == "bfloat16" and half.model.embed[...].dtype == jnp.bfloat16

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-from flax import nnx
-
+from effjax.checkpoints.assemble import checkpoint_tensors
 from effjax.models.config import ModelConfig
 
 _TOP = {"embed": "token_embd.weight", "lm_head": "output.weight",
@@ -36,17 +35,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def params_of(model) -> dict[str, np.ndarray]:
-  """The model's parameters as checkpoints store them: linear kernels [in, out] as weights
-  [out, in], the embedding tables [D, V] as [V, D]."""
-  out = {}
-  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, value = ".".join(map(str, path)), np.asarray(v.get_value())
-    if name in ("embed", "lm_head"):
-      value = np.ascontiguousarray(value.T)
-    elif name.endswith(".kernel"):
-      name, value = name.removesuffix(".kernel") + ".weight", np.ascontiguousarray(value.T)
-    out[name] = value
-  return out
+  """The model's parameters as checkpoints store them: separate [out, in] weights, [V, D] tables."""
+  return dict(checkpoint_tensors(model))
 
 
 def gguf_name(name: str) -> str:

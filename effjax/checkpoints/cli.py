@@ -27,10 +27,11 @@ def _models(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
   from effjax.checkpoints.registry import convert
 
-  loaded, out = convert(args.src, args.out, dtype=args.dtype, overwrite=args.force)
+  loaded, out = convert(args.src, args.out, dtype=args.dtype, quant=args.quant, overwrite=args.force)
   cfg = loaded.cfg
+  weights = f", {cfg.quant} weights" if cfg.quant else ""
   print(f"wrote {out}: {cfg.family}, {cfg.num_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, "
-        f"{cfg.dtype}, from {loaded.source}")
+        f"{cfg.dtype}{weights}, from {loaded.source}")
   return 0
 
 
@@ -42,5 +43,8 @@ def register(subparsers) -> None:
   p.add_argument("src", help="GGUF file, Hugging Face directory, or a named model")
   p.add_argument("out", help="output directory (must not exist unless --force)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--quant", default=None, choices=("int8",),
+                 help="save weight-only int8 weights with per-channel scales (Q8_0 GGUF tensors are "
+                      "rescaled, not dequantized)")
   p.add_argument("--force", action="store_true", help="replace OUT if it exists")
   p.set_defaults(func=_convert)

@@ -18,6 +18,7 @@ import numpy as np
 from effjax.checkpoints.assemble import assemble
 from effjax.errors import CheckpointError
 from effjax.models.config import LayerKind, ModelConfig, RopeScaling, make_config
+from effjax.models.quant import Int8Rows, from_q8_0
 from effjax.models.transformer import Transformer, rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
@@ -100,6 +101,15 @@ class GGUFFile:
     except NotImplementedError as e:
       raise CheckpointError(f"{self.path}: tensor {name!r} has block type {t.tensor_type.name}, "
                             f"which the gguf package cannot dequantize") from e
+
+  def int8_rows(self, name: str) -> Int8Rows | None:
+    """A Q8_0 matrix as int8 codes with one scale per row (None for other block types)."""
+    import gguf
+
+    t = self.tensors[name]
+    if t.tensor_type != gguf.GGMLQuantizationType.Q8_0 or len(t.shape) != 2:
+      return None
+    return from_q8_0(t.data, (int(t.shape[1]), int(t.shape[0])))  # GGUF lists the fastest dim first
 
 
 def as_gguf(src: str | os.PathLike | GGUFFile) -> GGUFFile:
@@ -217,11 +227,6 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
   return make_config(arch, **kw)
 
 
-def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-  """Invert llama.cpp's Q/K permutation: per head it interleaves the two RoPE halves row-wise."""
-  return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def effjax_name(gguf_name: str, source: str) -> str:
   if gguf_name in _TOP_TENSORS:
     return _TOP_TENSORS[gguf_name]
@@ -231,16 +236,24 @@ def effjax_name(gguf_name: str, source: str) -> str:
   raise CheckpointError(f"{source}: tensor {gguf_name!r} has no counterpart in effjax models")
 
 
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Invert llama.cpp's Q/K permutation: per head it interleaves the two RoPE halves row-wise."""
+  rows = np.arange(w.shape[0]).reshape(n_head, w.shape[0] // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
+  return w.take_rows(rows) if isinstance(w, Int8Rows) else w[rows]
+
+
 def gguf_tensors(src: str | os.PathLike | GGUFFile,
-                 cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-  """(effjax name, float32 array) for every tensor of the file, one at a time."""
+                 cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray | Int8Rows]]:
+  """(effjax name, float32 array) for every tensor of the file, one at a time. With cfg.quant
+  "int8", Q8_0 matrices come as Int8Rows, their codes rescaled per row, never dequantized."""
   f = as_gguf(src)
   source = str(f.path)
   for name in f.tensors:
     if name == _ROPE_FREQS:  # read into cfg.rope_scaling
       continue
     target = effjax_name(name, source)
-    w = f.array(name)
+    w = f.int8_rows(name) if cfg.quant == "int8" else None
+    w = f.array(name) if w is None else w
     if f.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
       w = _unpermute_rows(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
     if cfg.norm_plus_one and name.endswith("norm.weight"):
@@ -248,9 +261,10 @@ def gguf_tensors(src: str | os.PathLike | GGUFFile,
     yield target, w
 
 
-def load_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32",
-              mesh=None) -> tuple[ModelConfig, Transformer]:
-  """Config and model from a GGUF file; tensors are dequantized and placed one at a time."""
+def load_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32", mesh=None,
+              quant: str | None = None) -> tuple[ModelConfig, Transformer]:
+  """Config and model from a GGUF file; tensors are dequantized (or, for quant="int8", Q8_0 ones
+  rescaled) and placed one at a time."""
   f = as_gguf(src)
-  cfg = config_from_gguf(f, dtype=dtype)
+  cfg = config_from_gguf(f, dtype=dtype).replace(quant=quant)
   return cfg, assemble(cfg, gguf_tensors(f, cfg), source=str(f.path), mesh=mesh)

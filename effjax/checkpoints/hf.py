@@ -470,10 +470,10 @@ def hf_config(path: str | Path, *, dtype: str = "float32",
 
 
 def load_hf(path: str | Path, *, dtype: str = "float32", mesh=None,
-            rules: ShardingRules = DEFAULT_RULES,
-            allow_unknown_keys: bool = False) -> tuple[ModelConfig, Transformer]:
+            rules: ShardingRules = DEFAULT_RULES, allow_unknown_keys: bool = False,
+            quant: str | None = None) -> tuple[ModelConfig, Transformer]:
   """Load a Hugging Face model directory (config.json + *.safetensors) as an effjax Transformer,
-  parameters in `dtype`, sharded over `mesh` when given."""
+  parameters in `dtype` (weights int8 with quant="int8"), sharded over `mesh` when given."""
   path = Path(path)
-  cfg = hf_config(path, dtype=dtype, allow_unknown_keys=allow_unknown_keys)
+  cfg = hf_config(path, dtype=dtype, allow_unknown_keys=allow_unknown_keys).replace(quant=quant)
   return cfg, assemble(cfg, hf_tensors(path, cfg), source=str(path), mesh=mesh, rules=rules)

@@ -28,7 +28,9 @@ from effjax.models.sharding import DEFAULT_RULES, ShardingRules, state_shardings
 from effjax.models.transformer import Transformer, abstract_model
 
 FORMAT = "effjax-orbax"
-VERSION = 2  # 2: linear kernels [in, out] and embedding tables [D, V] (1: as in checkpoints)
+# 3: fused QKV and gate+up kernels, int8 weights when the config says so (models/layout.py, quant.py)
+# 2: linear kernels [in, out] and embedding tables [D, V] (1: as in checkpoints)
+VERSION = 3
 MARKER = "effjax.json"
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from effjax.checkpoints import orbax_io
+from effjax.checkpoints.assemble import quantize_model
 from effjax.errors import CheckpointError
 from effjax.models.config import ModelConfig
 from effjax.models.transformer import Transformer
@@ -109,28 +110,37 @@ class LoadedModel:
   source: str  # where the weights came from, for logs and reports
 
 
-def _load_gguf_file(path: Path, dtype: str, mesh) -> LoadedModel:
+def _load_gguf_file(path: Path, dtype: str, mesh, quant: str | None = None) -> LoadedModel:
   from effjax.checkpoints.gguf_reader import GGUFFile, load_gguf
   from effjax.checkpoints.tokenizer import tokenizer_from_gguf
 
   f = GGUFFile(path)  # parsed once for the weights and the tokenizer
-  cfg, model = load_gguf(f, dtype=dtype, mesh=mesh)
+  cfg, model = load_gguf(f, dtype=dtype, mesh=mesh, quant=quant)
   return LoadedModel(cfg, model, tokenizer_from_gguf(f), f"gguf:{path}")
 
 
-def _load_path(path: Path, dtype: str, mesh) -> LoadedModel:
+def _quantized(loaded: LoadedModel, quant: str | None, mesh) -> LoadedModel:
+  """`quant` applied to a model loaded as stored (None: keep what is stored)."""
+  if quant is None or loaded.cfg.quant == quant:
+    return loaded
+  model = quantize_model(loaded.model, mesh=mesh)
+  return dataclasses.replace(loaded, cfg=model.cfg, model=model, source=f"{loaded.source}, {quant}")
+
+
+def _load_path(path: Path, dtype: str, mesh, quant: str | None = None) -> LoadedModel:
   if path.is_file():
-    return _load_gguf_file(path, dtype, mesh)
+    return _load_gguf_file(path, dtype, mesh, quant)
   if orbax_io.is_checkpoint(path):
     cfg, model = orbax_io.restore_checkpoint(path, dtype=dtype, mesh=mesh)
-    return LoadedModel(cfg, model, orbax_io.restore_tokenizer(path), f"orbax:{path}")
+    loaded = LoadedModel(cfg, model, orbax_io.restore_tokenizer(path), f"orbax:{path}")
+    return _quantized(loaded, quant, mesh)
   if (path / "config.json").is_file():
     from effjax.checkpoints.hf import hf_config, load_hf
     from effjax.checkpoints.tokenizer import tokenizer_from_dir
 
     hf_config(path)  # effjax's strict check first: the tokenizer reader would trip on a bad config
     tokenizer = tokenizer_from_dir(path)
-    cfg, model = load_hf(path, dtype=dtype, mesh=mesh)
+    cfg, model = load_hf(path, dtype=dtype, mesh=mesh, quant=quant)
     return LoadedModel(cfg, model, tokenizer, f"hf:{path}")
   raise CheckpointError(f"{path}: neither a GGUF file, an effjax checkpoint ({orbax_io.MARKER}) nor a "
                         "Hugging Face directory (config.json)")
@@ -154,19 +164,24 @@ def _convert_named(m: NamedModel) -> LoadedModel:
   return loaded
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh=None) -> LoadedModel:
-  """Config, model, tokenizer of a named model or of a path (GGUF file, HF dir, effjax checkpoint)."""
+def load_model(name_or_path: str | os.PathLike, *, dtype: str = "float32", mesh=None,
+               quant: str | None = None) -> LoadedModel:
+  """Config, model, tokenizer of a named model or of a path (GGUF file, HF dir, effjax checkpoint).
+
+  quant: "int8" for weight-only int8 weights (models/quant.py), None for the weights as stored."""
   target = _resolve(name_or_path)
   if isinstance(target, Path):
-    return _load_path(target, dtype, mesh)
+    return _load_path(target, dtype, mesh, quant)
   if not target.cached():
     loaded = _convert_named(target)
     if dtype == "float32" and mesh is None:
-      return dataclasses.replace(loaded, source=f"{target.name} (converted from {loaded.source})")
+      loaded = dataclasses.replace(loaded, source=f"{target.name} (converted from {loaded.source})")
+      return _quantized(loaded, quant, mesh)
   # The cache holds float32 weights; Orbax casts and shards them on restore.
   cfg, model = orbax_io.restore_checkpoint(target.cache_dir, dtype=dtype, mesh=mesh)
-  return LoadedModel(cfg, model, orbax_io.restore_tokenizer(target.cache_dir),
-                     f"{target.name} (cache {target.cache_dir})")
+  loaded = LoadedModel(cfg, model, orbax_io.restore_tokenizer(target.cache_dir),
+                       f"{target.name} (cache {target.cache_dir})")
+  return _quantized(loaded, quant, mesh)
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -184,11 +199,12 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "float32",
-            overwrite: bool = False) -> tuple[LoadedModel, Path]:
-  """Write `src` (a named model, GGUF file or HF directory) as an effjax checkpoint at `out`."""
+            quant: str | None = None, overwrite: bool = False) -> tuple[LoadedModel, Path]:
+  """Write `src` (a named model, GGUF file or HF directory) as an effjax checkpoint at `out`
+  (quant="int8": saved quantized)."""
   target = _resolve(src)
   path = target.gguf_path() if isinstance(target, NamedModel) else target
   _check_output(Path(out), overwrite)
-  loaded = _load_path(path, dtype, None)
+  loaded = _load_path(path, dtype, None, quant)
   return loaded, orbax_io.save_checkpoint(out, loaded.cfg, loaded.model, loaded.tokenizer,
                                           source=loaded.source, overwrite=overwrite)

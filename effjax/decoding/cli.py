@@ -34,6 +34,8 @@ def register(subparsers) -> None:
                  help="output folder (default runs/specbench/<model>-<time>): results.jsonl, "
                       "summary.json, summary.md")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--quant", default=None, choices=["int8"],
+                 help="weight-only int8 weights with per-channel scales (default: as stored)")
   p.add_argument("--cache-len", type=positive_int, default=None,
                  help="the most KV cache slots (default: enough for the longest conversation); "
                       "each turn gets its prompt bucket + max_new_tokens + the block, rounded up "
@@ -53,7 +55,8 @@ def command_line(args, out: Path) -> str:
            f"--max-new-tokens {args.max_new_tokens}", f"--warmup {args.warmup}",
            f"--dtype {args.dtype}", f"--out {out}"]
   parts += [f"--{k.replace('_', '-')} {v}" for k, v in
-            (("limit", args.limit), ("cache_len", args.cache_len), ("buckets", args.buckets))
+            (("limit", args.limit), ("cache_len", args.cache_len), ("buckets", args.buckets),
+             ("quant", args.quant))
             if v is not None]
   if args.chat is not None:
     parts.append("--chat" if args.chat else "--no-chat")
@@ -77,7 +80,7 @@ def run_specbench(args) -> int:
     raise ValueError(f"{args.data}: not Spec-Bench questions (format {problems.format})")
   questions = specbench.select(problems.problems, args.limit)
 
-  loaded = load_model(args.model, dtype=args.dtype)
+  loaded = load_model(args.model, dtype=args.dtype, quant=args.quant)
   fmt = specbench.PromptFormat.for_tokenizer(loaded.tokenizer, args.chat)
   block = max(s.block_size for s in methods.values()) if methods else 1
   cache_len = args.cache_len or specbench.cache_len_for(fmt, questions, args.max_new_tokens, block)

@@ -28,6 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                  help="a named model (see `effjax models`) or a GGUF file / HF dir / effjax checkpoint")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="float32 on CPU; bfloat16 on GPU/TPU")
+  p.add_argument("--quant", default=None, choices=["int8"],
+                 help="weight-only int8 weights with per-channel scales (default: as stored)")
   p.add_argument("--mesh", default=None, help="e.g. 'data=1,fsdp=-1,tensor=1' (default: one device)")
   p.add_argument("--cache-len", type=positive_int, default=None,
                  help="KV cache slots per row (default: sized to the prompts and --max-new-tokens)")
@@ -64,7 +66,7 @@ def run(args) -> int:
   if args.file is not None:  # read before the model: a bad file fails in a moment
     from effjax.data import load_problems
     problems = load_problems(args.file, strict=args.strict)
-  loaded = load_model(args.model, dtype=args.dtype, mesh=mesh)
+  loaded = load_model(args.model, dtype=args.dtype, mesh=mesh, quant=args.quant)
   eos = set(loaded.cfg.eos_ids) | {loaded.tokenizer.eos_token_id} - {None}
   encode = lambda text: encode_prompt(loaded.tokenizer, text, chat=args.chat, system=args.system)
   prompts = [encode(args.prompt)] if problems is None else [encode(p.prompt) for p in problems]

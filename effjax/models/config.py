@@ -58,6 +58,11 @@ class ModelConfig:
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   dtype: str = "float32"  # activations and parameters; "bfloat16" on TPU/GPU
+  # How the weights are stored (models/layout.py, models/quant.py), not what the model computes:
+  # one QKV and one gate+up kernel per layer (False: separate kernels, as checkpoints store them),
+  # and "int8" for weight-only int8 kernels with per-output-channel scales.
+  fused_projections: bool = True
+  quant: Literal["int8"] | None = None
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -68,6 +73,8 @@ class ModelConfig:
       raise ValueError("sliding layers need sliding_window")
     if self.dtype not in ("float32", "bfloat16", "float16"):
       raise ValueError(f"unsupported dtype {self.dtype!r}")
+    if self.quant not in (None, "int8"):
+      raise ValueError(f"unsupported quant {self.quant!r}; supported: int8 (or none)")
 
   @property
   def jnp_dtype(self):

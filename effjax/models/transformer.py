@@ -1,9 +1,10 @@
 """The decoder family as one Flax NNX implementation.
 
-Projection kernels are stored [in, out] and the embedding table [D, V], the transposes of the
+Float projection kernels are stored [in, out] and the embedding table [D, V], the transposes of the
 checkpoints' layouts (`checkpoints.assemble` converts): on XLA:CPU a product of a few rows with
 such a matrix costs about what one row does, with the checkpoint layout 1.3x, and a speculative
-verification forward is exactly such a product (BENCHMARKS.md, "Forward cost of k tokens").
+verification forward is exactly such a product (BENCHMARKS.md, "Forward cost of k tokens"). Each
+layer holds one QKV and one gate+up kernel (models/layout.py); int8 weights are in models/quant.py.
 
 What the techniques need is an explicit input of `Transformer.__call__`, never a hook:
 token ids or input embeddings, position ids, a mask over the new block (tree attention), a KV cache
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from effjax.models import layout
+from effjax.models import quant as quant_lib
 from effjax.models.cache import KV_AXES, KVCache, write_rows
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain
@@ -47,32 +50,42 @@ class ModelOutput:
   cache: KVCache | None
 
 
-def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, *,
-           transposed: bool = False):
-  """N(0, scale^2), scale 1/sqrt(fan-in) by default. `transposed`: drawn in the checkpoints' layout
-  (shape reversed), then transposed, so a seed gives the same random model in either layout (tests
-  pick seeds for the behaviour of their tiny models)."""
-  drawn = shape[::-1] if transposed else shape
-  scale = (1.0 / math.sqrt(drawn[-1])) if scale is None else scale
-  value = jax.random.normal(rngs.params(), drawn, dtype) * scale
-  return nnx.Param(value.T if transposed else value, axes=axes)
+def _rows(rngs: nnx.Rngs, d_out: int, d_in: int, dtype, scale: float | None = None) -> jax.Array:
+  """A random [out, in] matrix, N(0, scale^2) with scale 1/sqrt(in) by default: drawn in the
+  checkpoints' layout whatever the model stores, so a seed gives the same random model in every
+  layout (tests pick seeds for the behaviour of their tiny models)."""
+  scale = (1.0 / math.sqrt(d_in)) if scale is None else scale
+  return jax.random.normal(rngs.params(), (d_out, d_in), dtype) * scale
 
 
 class Linear(nnx.Module):
-  """y = x @ W (+ b), W stored [in, out].
+  """y [..., *out] = x [..., in] . W (+ b), built from W's rows [*out, in] (checkpoint orientation).
 
-  [in, out] rather than the checkpoints' [out, in] (`assemble` transposes on load): XLA:CPU's
-  product of a few rows with an [out, in] matrix costs 1.3x its matrix-vector product, with [in, out]
-  ~1.0x, and a speculative verification forward is exactly such a few-row product.
+  Float weights are stored `kernel` [in, *out]: XLA:CPU's product of a few rows with an [out, in]
+  matrix costs 1.3x its matrix-vector product, with [in, out] ~1.0x, and a speculative verification
+  forward is exactly such a few-row product. Int8 weights (`quant="int8"`) are stored `kernel`
+  [*out, in] int8 with `kernel_scales` [*out] (models/quant.py), the orientation their per-row
+  scales and int8 products want.
   """
 
-  def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, dtype,
-               rngs: nnx.Rngs):
-    self.kernel = _param(rngs, (d_in, d_out), axes, dtype, transposed=True)
-    self.bias = nnx.Param(jnp.zeros((d_out,), dtype), axes=axes[1:]) if bias else None
+  def __init__(self, rows: jax.Array, in_axis: str, out_axes: tuple[str | None, ...], *, bias: bool,
+               dtype, quant: str | None = None):
+    out_shape = tuple(rows.shape[:-1])
+    if quant == "int8":
+      codes, scales = quant_lib.quantize(rows)
+      self.kernel = nnx.Param(codes, axes=(*out_axes, in_axis))
+      self.kernel_scales = nnx.Param(scales, axes=out_axes)
+    else:
+      self.kernel = nnx.Param(jnp.moveaxis(rows, -1, 0).astype(dtype), axes=(in_axis, *out_axes))
+      self.kernel_scales = None
+    self.bias = nnx.Param(jnp.zeros(out_shape, dtype), axes=out_axes) if bias else None
 
   def __call__(self, x):
-    y = jnp.einsum("...i,io->...o", x, self.kernel[...])
+    w = self.kernel[...]
+    if self.kernel_scales is not None:
+      y = quant_lib.matmul(x, w, self.kernel_scales[...])
+    else:
+      y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
     return y if self.bias is None else y + self.bias[...]
 
 
@@ -126,10 +139,17 @@ class Attention(nnx.Module):
     self.cfg = cfg
     self.kind = cfg.layer_kind(layer)
     h, kh, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q = Linear(cfg.dim, h * dh, ("embed", "heads"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
-    self.k = Linear(cfg.dim, kh * dh, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
-    self.v = Linear(cfg.dim, kh * dh, ("embed", "kv_heads"), bias=cfg.qkv_bias, dtype=dt, rngs=rngs)
-    self.o = Linear(h * dh, cfg.dim, ("heads", "embed"), bias=False, dtype=dt, rngs=rngs)
+    kw = dict(bias=cfg.qkv_bias, dtype=dt, quant=cfg.quant)
+    q, k, v = (_rows(rngs, n * dh, cfg.dim, dt) for n in (h, kh, kh))
+    self.fused = cfg.fused_projections
+    if self.fused:
+      self.qkv = Linear(layout.fuse(cfg, "attn.qkv", (q, k, v)), "embed", layout.QKV_AXES, **kw)
+    else:
+      self.q = Linear(q, "embed", ("heads",), **kw)
+      self.k = Linear(k, "embed", ("kv_heads",), **kw)
+      self.v = Linear(v, "embed", ("kv_heads",), **kw)
+    self.o = Linear(_rows(rngs, cfg.dim, h * dh, dt), "heads", ("embed",), bias=False, dtype=dt,
+                    quant=cfg.quant)
     if cfg.qk_norm:
       kw = dict(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, dtype=dt)
       self.q_norm = RMSNorm(dh, "head_dim", **kw)
@@ -143,9 +163,15 @@ class Attention(nnx.Module):
     """x [B, T, D]; mask [B, T, S] over the keys (cache slots, or the block itself)."""
     cfg = self.cfg
     b, t, _ = x.shape
-    q = self.q(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
-    k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    g = cfg.num_heads // cfg.num_kv_heads
+    if self.fused:
+      qkv = self.qkv(x)  # [B, T, Kh, g + 2, Dh]
+      q, k, v = qkv[:, :, :, :g], qkv[:, :, :, g], qkv[:, :, :, g + 1]
+      q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    else:
+      q = self.q(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+      k = self.k(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+      v = self.v(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     theta = cfg.rope_local_theta if self.local_rope else cfg.rope_theta
@@ -157,7 +183,6 @@ class Attention(nnx.Module):
       k = constrain(write_rows(ck, k, start), KV_AXES, mesh, rules)
       v = constrain(write_rows(cv, v, start), KV_AXES, mesh, rules)
     new_kv = (k, v)
-    g = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
@@ -172,15 +197,26 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = cfg.jnp_dtype
-    self.gate = Linear(cfg.dim, cfg.mlp_dim, ("embed", "mlp"), bias=False, dtype=dt, rngs=rngs)
-    self.up = Linear(cfg.dim, cfg.mlp_dim, ("embed", "mlp"), bias=False, dtype=dt, rngs=rngs)
-    self.down = Linear(cfg.mlp_dim, cfg.dim, ("mlp", "embed"), bias=False, dtype=dt, rngs=rngs)
+    kw = dict(bias=False, dtype=dt, quant=cfg.quant)
+    gate, up = (_rows(rngs, cfg.mlp_dim, cfg.dim, dt) for _ in range(2))
+    self.fused = cfg.fused_projections
+    if self.fused:
+      self.gate_up = Linear(layout.fuse(cfg, "mlp.gate_up", (gate, up)), "embed",
+                            layout.GATE_UP_AXES, **kw)
+    else:
+      self.gate = Linear(gate, "embed", ("mlp",), **kw)
+      self.up = Linear(up, "embed", ("mlp",), **kw)
+    self.down = Linear(_rows(rngs, cfg.dim, cfg.mlp_dim, dt), "mlp", ("embed",), **kw)
     self.activation = cfg.activation
 
   def __call__(self, x):
-    g = self.gate(x)
+    if self.fused:
+      gate_up = self.gate_up(x)  # [..., 2, F]
+      g, u = gate_up[..., 0, :], gate_up[..., 1, :]
+    else:
+      g, u = self.gate(x), self.up(x)
     g = jax.nn.silu(g) if self.activation == "silu" else jax.nn.gelu(g, approximate=True)
-    return self.down(g * self.up(x))
+    return self.down(g * u)
 
 
 class Block(nnx.Module):
@@ -233,27 +269,41 @@ def key_mask(block_mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array, start: j
   return mask
 
 
+def _table(rows: jax.Array, cfg: ModelConfig) -> tuple[nnx.Param, nnx.Param | None]:
+  """An embedding table from its rows [V, D]: float as [D, V], the transpose, so the logits product
+  is [in, out] too (SmolLM2's tied head on CPU: 4.2 vs 6.9 ms per decode step) and a lookup reads D
+  values; int8 as [V, D] codes with one scale per token (per output channel of the logits)."""
+  if cfg.quant == "int8":
+    codes, scales = quant_lib.quantize(rows)
+    return nnx.Param(codes, axes=("vocab", "embed")), nnx.Param(scales, axes=("vocab",))
+  return nnx.Param(rows.T, axes=("embed", "vocab")), None
+
+
 class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = cfg.jnp_dtype
     self.cfg = cfg
-    # [D, V], the transpose of the checkpoints' [V, D]: the logits product is then [in, out] too
-    # (SmolLM2's tied head on CPU: 4.2 vs 6.9 ms per decode step), and a lookup reads D values.
-    self.embed = _param(rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, scale=1.0,
-                        transposed=True)
+    self.embed, self.embed_scales = _table(_rows(rngs, cfg.vocab_size, cfg.dim, dt, scale=1.0), cfg)
     self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.dim, "embed", eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                               dtype=dt)
-    self.lm_head = None if cfg.tie_embeddings else _param(
-        rngs, (cfg.dim, cfg.vocab_size), ("embed", "vocab"), dt, transposed=True)
+    self.lm_head, self.lm_head_scales = ((None, None) if cfg.tie_embeddings else
+                                         _table(_rows(rngs, cfg.vocab_size, cfg.dim, dt), cfg))
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     """Rows of the input embedding table (unscaled; __call__ applies the family's scale)."""
+    if self.embed_scales is not None:
+      rows = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
+      return rows * jnp.take(self.embed_scales[...], tokens, axis=0)[..., None].astype(rows.dtype)
     return jnp.moveaxis(jnp.take(self.embed[...], tokens, axis=1), 0, -1)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    w = self.embed[...] if self.lm_head is None else self.lm_head[...]
-    out = jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
+    w, scales = ((self.embed, self.embed_scales) if self.lm_head is None
+                 else (self.lm_head, self.lm_head_scales))
+    if scales is not None:
+      out = quant_lib.matmul(hidden, w[...], scales[...], out_dtype=jnp.float32)
+    else:
+      out = jnp.einsum("...d,dv->...v", hidden, w[...], preferred_element_type=jnp.float32)
     if self.cfg.final_softcap is not None:
       out = jnp.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
     return out
