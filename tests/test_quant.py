@@ -185,32 +185,3 @@ def test_int8_checkpoint_saves_quantized_and_restores(tmp_path):
   np.testing.assert_array_equal(np.asarray(floats.model(toks).logits),
                                 np.asarray(restored.model(toks).logits))
 
-
-TEXT = ("In 1905 Albert Einstein published four papers that changed physics: the photoelectric effect, "
-        "Brownian motion, special relativity and mass-energy equivalence.\n"
-        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n")
-# Documented tolerance of int8 weights against float32 on the embedded models (teacher-forced over
-# TEXT): mean KL(float32 || int8) of the next-token distributions and the share of positions whose
-# top token agrees. Measured: SmolLM2 0.0047 nats / 96%, Gemma 3 270M see quant.py.
-MAX_MEAN_KL, MIN_TOP1 = 0.02, 0.9
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
-def test_embedded_int8_logits_and_greedy_agree_with_float32(name):
-  from effjax.data.chat import encode_prompt
-  from effjax.decoding.engine import Engine
-
-  loaded = load_model(name)
-  int8 = quantize_model(loaded.model)
-  ids = jnp.asarray([loaded.tokenizer(TEXT).input_ids])
-  logits = nnx.jit(lambda m, t: jax.nn.log_softmax(m(t).logits[0]))
-  lf, lq = np.asarray(logits(loaded.model, ids)), np.asarray(logits(int8, ids))
-  kl = (np.exp(lf) * (lf - lq)).sum(-1)
-  top1 = (lf.argmax(-1) == lq.argmax(-1)).mean()
-  assert kl.mean() <= MAX_MEAN_KL and top1 >= MIN_TOP1, (kl.mean(), top1)
-  # Greedy agreement: the first 16 tokens of a chat answer are the same.
-  prompt = encode_prompt(loaded.tokenizer, "What is the capital of France?")
-  want = Engine(loaded.model, cache_len=128, eos_ids=[]).generate([prompt], max_new_tokens=16)
-  got = Engine(int8, cache_len=128, eos_ids=[]).generate([prompt], max_new_tokens=16)
-  assert got.tokens == want.tokens

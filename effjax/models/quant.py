@@ -13,7 +13,12 @@ The product x @ W.T is computed where the weights are read, without a float copy
   digits per row, x ~= a * (d0 + d1 / 254 + ...), a = max |x| / 127, and one exact int8 x int8 ->
   int32 product of the digit rows with the codes reads each weight once (XLA:CPU runs it through
   YNNPACK). Two digits represent x to max |x| / 64516, a 250x smaller error than the weights'
-  own rounding (max |W[o]| / 254).
+  own rounding (max |W[o]| / 254). The result is not bit-reproducible across shardings: a last-bit
+  change of an activation can move a digit by one step, within the same error bound.
+
+Tolerance against float32 (tests/test_quant.py, teacher-forced next-token distributions): mean
+KL(float32 || int8) <= 0.03 nats and >= 90% top-1 agreement on the embedded models (measured:
+SmolLM2-135M-Instruct 0.0047 / 96%, Gemma 3 270M 0.0137 / 94%), and the same greedy tokens.
 """
 
 from __future__ import annotations
