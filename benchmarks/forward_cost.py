@@ -6,7 +6,9 @@ holding a `--context`-token prefix (advance=False, as a tree step does), timed a
 minimum of `--reps` calls after a warm-up, in wall-clock and in process CPU time (all threads; the
 steadier number on a shared machine). The calls go round-robin over all settings, so a load change
 hits every k alike. Two variants: the layers plus logits at every token, and the layers plus logits
-at one token (what a tree step needs per owner is in between). Ratios are to k = 1.
+at one token (what a tree step needs per owner is in between). Ratios are to k = 1. Each weight
+layout in --layouts runs in the same round robin from the same weights: "fused" (one QKV and one
+gate+up kernel per layer, the default), "unfused" (separate projections), "int8" (weight-only int8).
 
 Step table (`--methods`): for each decoding method, the cost of one step of its real decode loop
 (`--steps` loop iterations after an untimed prefill of the README prompt, divided by the model
@@ -22,6 +24,7 @@ decoding ('ar') is the 1-token reference. Round-robin with the forwards, as abov
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from effjax.checkpoints.assemble import assemble, checkpoint_tensors, quantize_model
 from effjax.checkpoints.registry import load_model
 from effjax.models.cache import KVCache
 
@@ -44,6 +48,18 @@ def make_forward(graphdef, all_logits: bool):
     return model.logits(hidden), out.cache
 
   return jax.jit(forward)
+
+
+def layouts(model, names: list[str]) -> dict:
+  """The same weights in each named layout."""
+  make = {"fused": lambda: model,
+          "unfused": lambda: assemble(model.cfg.replace(fused_projections=False),
+                                      checkpoint_tensors(model), source="forward_cost"),
+          "int8": lambda: quantize_model(model)}
+  unknown = sorted(set(names) - set(make))
+  if unknown:
+    raise SystemExit(f"unknown layouts {unknown}; known: {', '.join(make)}")
+  return {name: make[name]() for name in names}
 
 
 def forward_timer(fwd, params, cache, k: int, context: int):
@@ -103,6 +119,8 @@ def main(argv=None) -> int:
                   help="comma-separated decoding methods (ar, pld, esp-bc10, hybrid-bc30, ...) "
                        "whose step cost to compare with the bare forward of their block")
   ap.add_argument("--steps", type=int, default=16, help="decode-loop steps per timed call")
+  ap.add_argument("--layouts", default="fused",
+                  help="weight layouts side by side: fused, unfused, int8 (steps use the first)")
   args = ap.parse_args(argv)
   from effjax.data.chat import encode_prompt
   from effjax.decoding.engine import Engine
@@ -113,38 +131,41 @@ def main(argv=None) -> int:
 
   loaded = load_model(args.model)
   cfg = loaded.cfg
-  graphdef, params = nnx.split(loaded.model)
-  cache = KVCache.init(cfg, 1, args.cache_len)
-  fill = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, cache=c, compute_logits=False).cache)
-  cache = fill(params, cache, jnp.ones((1, args.context), jnp.int32))
-
+  names = args.layouts.split(",")
   settings, timers = [], []
-  for all_logits in (True, False):
-    fwd = make_forward(graphdef, all_logits)
-    for k in ks:
-      settings.append((k, "every token" if all_logits else "one token"))
-      timers.append(forward_timer(fwd, params, cache, k, args.context))
+  for layout, model in layouts(loaded.model, names).items():
+    graphdef, params = nnx.split(model)
+    cache = KVCache.init(cfg, 1, args.cache_len)
+    fill = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, cache=c, compute_logits=False).cache)
+    cache = fill(params, cache, jnp.ones((1, args.context), jnp.int32))
+    for all_logits in (True, False):
+      fwd = make_forward(graphdef, all_logits)
+      for k in ks:
+        settings.append((layout, k, "every token" if all_logits else "one token"))
+        timers.append(forward_timer(fwd, params, cache, k, args.context))
   if strategies:
     engine = Engine(loaded.model, cache_len=args.cache_len)
     prompt = encode_prompt(loaded.tokenizer, PROMPT,
                            chat=bool(getattr(loaded.tokenizer, "chat_template", None)))
     for name, strategy in strategies.items():
-      settings.append((name, strategy.block_size))
+      settings.append((name, strategy.block_size, "step"))
       timers.append(step_timer(engine, strategy, prompt, args.steps))
   timed = dict(zip(settings, time_round_robin(timers, args.reps)))
 
   print(f"{args.model}, {cfg.dtype}, batch 1, cache {args.cache_len} slots with a "
         f"{args.context}-token prefix, {jax.devices()[0].platform} "
-        f"({platform.processor() or 'cpu'}, {jax.device_count()} device(s)), {args.reps} reps\n")
-  print("| k tokens | logits at | wall median ms | wall min ms | CPU median ms | wall min / k=1 "
-        "| CPU / k=1 |")
-  print("|---|---|---|---|---|---|---|")
-  for where in ("every token", "one token"):
-    _, base_min, base_cpu = timed[(ks[0], where)]
-    for k in ks:
-      med, best, cpu = timed[(k, where)]
-      print(f"| {k} | {where} | {med:.1f} | {best:.1f} | {cpu:.1f} | {best / base_min:.2f}x "
-            f"| {cpu / base_cpu:.2f}x |")
+        f"({platform.processor() or 'cpu'}, {jax.device_count()} device(s)), {args.reps} reps, "
+        f"1-minute load average {os.getloadavg()[0]:.1f}\n")
+  print("| layout | k tokens | logits at | wall median ms | wall min ms | CPU median ms "
+        "| wall min / k=1 | CPU / k=1 |")
+  print("|---|---|---|---|---|---|---|---|")
+  for layout in names:
+    for where in ("every token", "one token"):
+      _, base_min, base_cpu = timed[(layout, ks[0], where)]
+      for k in ks:
+        med, best, cpu = timed[(layout, k, where)]
+        print(f"| {layout} | {k} | {where} | {med:.1f} | {best:.1f} | {cpu:.1f} "
+              f"| {best / base_min:.2f}x | {cpu / base_cpu:.2f}x |")
   if strategies:
     print(f"\nStep of the decode loop ({args.steps} steps after the prefill of the README prompt) "
           f"against the bare forward of its block (logits at one token):\n")
@@ -153,8 +174,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, strategy in strategies.items():
       t = strategy.block_size
-      _, s_best, s_cpu = timed[(name, t)]
-      _, f_best, f_cpu = timed[(t, "one token")]
+      _, s_best, s_cpu = timed[(name, t, "step")]
+      _, f_best, f_cpu = timed[(names[0], t, "one token")]
       print(f"| {name} | {t} | {s_best:.1f} | {f_best:.1f} | {s_best / f_best:.2f} | {s_cpu:.1f} "
             f"| {f_cpu:.1f} | {s_cpu / f_cpu:.2f} |")
   return 0
