@@ -185,3 +185,39 @@ def test_int8_checkpoint_saves_quantized_and_restores(tmp_path):
   np.testing.assert_array_equal(np.asarray(floats.model(toks).logits),
                                 np.asarray(restored.model(toks).logits))
 
+
+
+TEXT = ("In 1905 Albert Einstein published four papers that changed physics: the photoelectric effect, "
+        "Brownian motion, special relativity and mass-energy equivalence.\n"
+        "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n")
+# Documented tolerance of int8 weights against float32 on the embedded models (quant.py), teacher-
+# forced over TEXT: mean KL(float32 || int8) of the next-token distributions and the share of
+# positions whose top token agrees. Measured: SmolLM2-135M-Instruct 0.0047 nats / 96%, Gemma 3 270M
+# 0.0137 / 94%.
+MAX_MEAN_KL, MIN_TOP1 = 0.03, 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_embedded_int8_logits_and_greedy_agree_with_float32(name):
+  from effjax.decoding.engine import Engine
+
+  loaded = load_model(name)
+  int8 = quantize_model(loaded.model)
+  log_probs = nnx.jit(lambda m, t: jax.nn.log_softmax(m(t).logits[0]))
+  ids = jnp.asarray([loaded.tokenizer(TEXT).input_ids])
+  lf, lq = np.asarray(log_probs(loaded.model, ids)), np.asarray(log_probs(int8, ids))
+  kl = (np.exp(lf) * (lf - lq)).sum(-1)
+  top1 = (lf.argmax(-1) == lq.argmax(-1)).mean()
+  assert kl.mean() <= MAX_MEAN_KL and top1 >= MIN_TOP1, (kl.mean(), top1)
+  # Greedy agreement: along float32's 16 greedy tokens (one forward), int8 picks float32's token at
+  # every step, except at near ties of float32 itself (measured on Gemma 3: two steps where its top
+  # two tokens are 0.013 nats apart and int8 swaps them).
+  prompt = loaded.tokenizer("The capital of France is").input_ids
+  want = Engine(loaded.model, cache_len=128, eos_ids=[]).generate([prompt], max_new_tokens=16)
+  seq = jnp.asarray([prompt + want.tokens[0]])
+  lf, lq = (np.asarray(log_probs(m, seq))[len(prompt) - 1:-1] for m in (loaded.model, int8))
+  picks = lq.argmax(-1)
+  margin = lf.max(-1) - np.take_along_axis(lf, picks[:, None], -1)[:, 0]
+  assert np.all((picks == lf.argmax(-1)) | (margin < 0.05)), margin
+  assert (picks == lf.argmax(-1)).mean() >= 0.75
