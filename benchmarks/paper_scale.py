@@ -28,9 +28,8 @@ HEADING = "## Paper scale (benchmarks/paper_scale.py)"
 # phases of a step. --all compiles every program of every recipe (the plan cache keeps the ones
 # already compiled, so adding programs later costs only the new ones).
 PROGRAMS = {
-    "rlhf_gemma2_9b": ["rollout", "rollout prefill", "rm gradients", "policy gradients",
-                       "policy apply"],
-    "rebalance_r1_qwen_7b": ["rebalance prefill", "rebalance decode", "ar decode"],
+    "rlhf_gemma2_9b": ["rollout", "policy gradients", "policy apply", "rollout prefill"],
+    "rebalance_r1_qwen_7b": ["rebalance prefill", "rebalance decode"],
     "rebalance_qwq_32b": ["rebalance prefill", "rebalance decode"],
     "esp_llama31_8b": ["esp-bc60 prefill", "esp-bc60 decode", "ar decode"],
     "esp_qwen3_32b": ["esp-bc60 prefill", "esp-bc60 decode"],

@@ -277,7 +277,7 @@ def run_plan(plan: Plan, target: Target, log=None, only: set[str] | None = None,
   for program in plan.programs:
     if only is not None and program.name not in only:
       continue
-    log(f"  compiling {program.name} for {target.describe()} ...")
+    log(f"  {program.name}: lowering and compiling for {target.describe()} ...")
     c = compile_program(program, target, plan.resident, plan.inner_cache.get(program.name),
                         cache_dir)
     log(f"    {'from the plan cache' if c.cached else f'{c.seconds:.0f} s'}; "
@@ -310,17 +310,15 @@ def advice(recipe: Recipe, c: Compiled) -> str:
            "activations and temporaries": work}
   worst = max(parts, key=parts.get)
   if worst.startswith("model state"):
-    fix = ("more chips (a larger slice) or more FSDP sharding (mesh fsdp=-1 over all chips)")
+    fix = "more chips (a larger slice) or more FSDP sharding (mesh fsdp=-1 over all chips)"
   elif worst == "the KV cache":
-    fix = ("a smaller batch or shorter cache (decode.batches, decode.max_new_tokens, "
-           "rlhf.response_len), or more chips to spread the batch over (a larger slice)")
-  elif recipe.kind == "rlhf":
-    fix = ("micro-batching (rlhf.policy.micro_batch), fewer pairs per RM step (rlhf.enn.replay), "
-           "remat, or more chips")
+    fix = ("a smaller batch or a shorter cache (" + ("rlhf.response_len, rlhf.prompt_len"
+           if recipe.kind == "rlhf" else "decode.batches, decode.max_new_tokens") +
+           "), or more chips to spread the batch over (a larger slice)")
   else:
-    fix = "a smaller batch (decode.batches) or more chips"
+    fix = f"{c.program.shrink or 'smaller batches'}, or more chips (a larger slice)"
   shares = ", ".join(f"{k} {gb(v)} GB" for k, v in parts.items())
-  return f"largest: {worst} ({shares}); change: {fix}"
+  return f"largest in {c.program.name}: {worst} ({shares}); change: {fix}"
 
 
 def check_fit(recipe: Recipe, result: PlanResult) -> str | None:

@@ -53,6 +53,7 @@ class Program:
   fn: Callable  # a jax.jit-wrapped function of the runtime
   args: list[Arg]
   note: str = ""
+  shrink: str = ""  # the recipe settings that shrink this program's activations and temporaries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +182,13 @@ def engine_programs(cfg: ModelConfig, graphdef, params, strategy, mesh, *, label
   if not with_prefill:
     after = jax.eval_shape(prefill, params, state)
     after = after.replace(cache=after.cache.replace(k=state.cache.k, v=state.cache.v))
+  shrink = "a smaller batch (decode.batches) or shorter prompts (decode.prompt_len)"
   out = [Program(f"{label} decode", decode,
-                 [Arg(params, PARAMS, "params"), Arg(after, cache_kind), Arg(until, INPUTS)])]
+                 [Arg(params, PARAMS, "params"), Arg(after, cache_kind), Arg(until, INPUTS)],
+                 shrink=shrink)]
   if with_prefill:
     out.insert(0, Program(f"{label} prefill", prefill,
-                          [Arg(params, PARAMS, "params"), Arg(state, cache_kind)]))
+                          [Arg(params, PARAMS, "params"), Arg(state, cache_kind)], shrink=shrink))
   return out
 
 
@@ -277,10 +280,23 @@ def rlhf_plan(recipe: Recipe, mesh) -> Plan:
   prefill = engine_programs(cfg, policy_graphdef, theta, strategy, mesh, label="rollout",
                             rows=b * n, prompt_len=p, max_new_tokens=length, cache_len=cache_len)[0]
   prefill.args[0].resident = "policy"
+  prefill.shrink = "shorter prompts or responses (rlhf.prompt_len, rlhf.response_len)"
+  # Memory-critical programs first (a partial plan with --program keeps this order).
   programs = [
       Program("rollout", steps.sample, [Arg(theta, PARAMS, "policy"), Arg(prompts, INPUTS),
                                         Arg(lens, INPUTS), Arg(key, INPUTS)],
-              note=f"{b} prompts x {n} responses of {length} tokens"),
+              note=f"{b} prompts x {n} responses of {length} tokens",
+              shrink="shorter prompts or responses (rlhf.prompt_len, rlhf.response_len), fewer "
+                     "rows per rollout (rlhf.agent.prompts_per_batch x responses_per_prompt)"),
+      Program("policy gradients", steps.policy_update.gradients,
+              [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"), Arg(phi, PARAMS, "rm"),
+               Arg(priors, PARAMS, "priors"), Arg(group_a, INPUTS), Arg(group_b, INPUTS)],
+              note=f"micro_batch={pcfg.micro_batch}",
+              shrink="smaller policy micro-batches (rlhf.policy.micro_batch)"),
+      Program("policy apply", steps.policy_update.apply,
+              [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"),
+               Arg(policy_opt, OPTIMIZER, "policy_opt"), Arg(pol_grads, GRADIENTS),
+               Arg(pol_loss, INPUTS)]),
       prefill,
       Program("rm score", steps.score, [Arg(phi, PARAMS, "rm"), Arg(priors, PARAMS, "priors"),
                                         Arg(prompts, INPUTS), Arg(lens, INPUTS), Arg(resp, INPUTS),
@@ -289,18 +305,11 @@ def rlhf_plan(recipe: Recipe, mesh) -> Plan:
                                                Arg(key, INPUTS)]),
       Program("rm gradients", steps.rm_update.gradients,
               [Arg(phi, PARAMS, "rm"), Arg(priors, PARAMS, "priors"), Arg(pairs, INPUTS)],
-              note=f"{m} labelled pairs (new + replay)"),
+              note=f"{m} labelled pairs (new + replay)",
+              shrink="fewer pairs per RM step (rlhf.enn.replay)"),
       Program("rm apply", steps.rm_update.apply,
               [Arg(phi, PARAMS, "rm"), Arg(rm_opt, OPTIMIZER, "rm_opt"),
                Arg(rm_grads, GRADIENTS), Arg(rm_loss, INPUTS)]),
-      Program("policy gradients", steps.policy_update.gradients,
-              [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"), Arg(phi, PARAMS, "rm"),
-               Arg(priors, PARAMS, "priors"), Arg(group_a, INPUTS), Arg(group_b, INPUTS)],
-              note=f"micro_batch={pcfg.micro_batch}"),
-      Program("policy apply", steps.policy_update.apply,
-              [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"),
-               Arg(policy_opt, OPTIMIZER, "policy_opt"), Arg(pol_grads, GRADIENTS),
-               Arg(pol_loss, INPUTS)]),
   ]
   rows = 4 * b  # ordered pairs per group (policy.ordered_pairs_a / _b)
   chunk = pcfg.micro_batch if 0 < pcfg.micro_batch < rows else rows
