@@ -179,3 +179,18 @@ def test_rlhf_state_float32_optimizer_and_held_copies():
   # held meanwhile: theta_0 and the reward model with its optimizer state, phi_0 and the priors
   assert apply.held > (n * 2 // 4) * 3
   assert [p.name for p in r.phases] == ["policy apply + anchor EMA"]
+
+
+def test_layer_extrapolation_matches_the_full_compile(cpu_decode):
+  """Compiles with 1 and 2 layers, taken linearly to the model's 4, agree with the 4-layer compile:
+  exactly for what the plan shards itself, closely for XLA's FLOPs and bytes."""
+  r = planner.plan_recipe(TINY_DECODE, planner.target_for("cpu"), "data=1,fsdp=-1,tensor=1",
+                          layers=(1, 2))[0]
+  full = {c.program.name: c for c in cpu_decode.compiled}
+  assert [c.program.name for c in r.compiled] == list(full)
+  for c in r.compiled:
+    f = full[c.program.name]
+    assert c.extrapolated_from == (1, 2)
+    assert (c.inputs[PARAMS], c.inputs[KV_CACHE]) == (f.inputs[PARAMS], f.inputs[KV_CACHE])
+    assert c.flops == pytest.approx(f.flops, rel=0.05), c.program.name
+    assert c.bytes_accessed == pytest.approx(f.bytes_accessed, rel=0.25), c.program.name

@@ -147,6 +147,7 @@ class Compiled:
   kv_inside: int = 0  # KV cache built inside the program (part of temp)
   in_shardings: list = dataclasses.field(default_factory=list)  # per input leaf, as compiled
   cached: bool = False  # figures from the plan cache (compiled by an earlier run)
+  extrapolated_from: tuple[int, ...] = ()  # layer counts compiled, when extrapolated
 
   @property
   def peak(self) -> int:
@@ -283,7 +284,12 @@ def run_plan(plan: Plan, target: Target, log=None, only: set[str] | None = None,
     log(f"    {'from the plan cache' if c.cached else f'{c.seconds:.0f} s'}; "
         f"peak {gb(c.peak)} GB per device")
     out.append(c)
-    by_name[program.name] = c
+  return PlanResult(plan, out, phase_costs(plan, out), target)
+
+
+def phase_costs(plan: Plan, compiled: list[Compiled]) -> list[PhaseCost]:
+  """The plan's phases from its compiled programs' costs (phases of missing programs left out)."""
+  by_name = {c.program.name: c for c in compiled}
   phases = []
   for ph in plan.phases:
     if not set(ph.cost) <= set(by_name):
@@ -294,7 +300,53 @@ def run_plan(plan: Plan, target: Target, log=None, only: set[str] | None = None,
     # program reads: the positive terms.
     hbm = sum(k * by_name[n].min_bytes for n, k in ph.cost.items() if k > 0)
     phases.append(PhaseCost(ph.name, ph.count, max(flops, 0.0), hbm, max(nbytes, 0.0)))
-  return PlanResult(plan, out, phases, target)
+  return phases
+
+
+def _explicit_bytes(program: Program) -> dict[str, int]:
+  """Per kind, the bytes of the inputs whose sharding the plan fixes (exact without compiling)."""
+  out = dict.fromkeys(KINDS, 0)
+  for a in program.args:
+    for p, x in jax.tree_util.tree_flatten_with_path(a.value)[0]:
+      if getattr(x, "sharding", None) is not None:
+        out[a.kind(jax.tree_util.keystr(p)) if callable(a.kind) else a.kind] += leaf_bytes(
+            x, x.sharding)
+  return out
+
+
+def extrapolate(plan: Plan, small: tuple[PlanResult, PlanResult], layers: tuple[int, int],
+                num_layers: int) -> PlanResult:
+  """`plan` (the full model, not compiled) with figures from compiles of the same programs with
+  fewer decoder layers, taken linearly to the model's `num_layers`: XLA's temporaries, outputs,
+  code, FLOPs and bytes, and inputs whose sharding jit chose. What the plan fixes is exact: the
+  parameters, optimizer state and KV cache it shards, the state held meanwhile, a KV cache built
+  inside a program."""
+  (l1, l2), (r1, r2) = layers, small
+  t = (num_layers - l1) / (l2 - l1)
+  lin = lambda a, b: max(a + (b - a) * t, 0.0)
+  by1 = {c.program.name: c for c in r1.compiled}
+  by2 = {c.program.name: c for c in r2.compiled}
+  out = []
+  for program in plan.programs:
+    if program.name not in by1 or program.name not in by2:
+      continue
+    c1, c2 = by1[program.name], by2[program.name]
+    exact = _explicit_bytes(program)
+    e1, e2 = _explicit_bytes(c1.program), _explicit_bytes(c2.program)
+    inputs = {k: exact[k] + int(lin(c1.inputs[k] - e1[k], c2.inputs[k] - e2[k])) for k in KINDS}
+    held = set(plan.resident) - {a.resident for a in program.args}
+    inner = plan.inner_cache.get(program.name)
+    out.append(Compiled(
+        program=program, seconds=c1.seconds + c2.seconds, inputs=inputs,
+        held=sum(tree_bytes(plan.resident[n]) for n in held),
+        temp=int(lin(c1.temp - c1.kv_inside, c2.temp - c2.kv_inside)) + (
+            tree_bytes(inner) if inner is not None else 0),
+        output=int(lin(c1.output, c2.output)), code=int(lin(c1.code, c2.code)),
+        arguments=int(lin(c1.arguments, c2.arguments)), flops=lin(c1.flops, c2.flops),
+        bytes_accessed=lin(c1.bytes_accessed, c2.bytes_accessed),
+        kv_inside=tree_bytes(inner) if inner is not None else 0, cached=c1.cached and c2.cached,
+        extrapolated_from=layers))
+  return PlanResult(plan, out, phase_costs(plan, out), r1.target)
 
 
 def gb(x: float) -> str:
@@ -341,12 +393,26 @@ def default_cache_dir() -> pathlib.Path:
 
 
 def plan_recipe(recipe: Recipe, target: Target, mesh_spec: str | None = None, log=None,
-                only: set[str] | None = None,
-                cache_dir: pathlib.Path | None = None) -> list[PlanResult]:
+                only: set[str] | None = None, cache_dir: pathlib.Path | None = None,
+                layers: tuple[int, int] | None = None) -> list[PlanResult]:
+  """Compile the recipe's programs for `target`; with `layers` (l1 < l2), compile them with l1 and
+  l2 decoder layers and extrapolate to the model's (see `extrapolate`): a full compile of a 9B-32B
+  program can take an hour of a shared CPU, one of a few layers minutes."""
   from effjax.models.sharding import parse_mesh
+  from effjax.plan.programs import model_config
 
   # Programs compiled for a topology without its devices cannot be reloaded from the persistent
   # compilation cache: keep them out of it.
   jax.config.update("jax_enable_compilation_cache", False)
   mesh = parse_mesh(mesh_spec or recipe.mesh, devices=target.devices)
-  return [run_plan(plan, target, log, only, cache_dir) for plan in build_plans(recipe, mesh)]
+  full = build_plans(recipe, mesh)
+  if layers is None:
+    return [run_plan(plan, target, log, only, cache_dir) for plan in full]
+  l1, l2 = layers
+  num_layers = model_config(recipe).num_layers
+  if not 0 < l1 < l2 < num_layers:
+    raise ValueError(f"layers {l1},{l2}: need 0 < l1 < l2 < the model's {num_layers} layers")
+  small = [build_plans(recipe, mesh, n) for n in layers]
+  return [extrapolate(plan, (run_plan(a, target, log, only, cache_dir),
+                             run_plan(b, target, log, only, cache_dir)), layers, num_layers)
+          for plan, a, b in zip(full, *small)]

@@ -80,11 +80,16 @@ class Plan:
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def model_config(recipe: Recipe) -> ModelConfig:
-  """The recipe's model preset in its dtype; 'tiny:FAMILY' is the tests' small model of a family."""
+def model_config(recipe: Recipe, layers: int | None = None) -> ModelConfig:
+  """The recipe's model preset in its dtype ('tiny:FAMILY': the tests' small model of a family);
+  with `layers`, its first `layers` decoder layers (for layer extrapolation, planner.py)."""
   if recipe.model.startswith("tiny:"):
-    return tiny_config(recipe.model[5:], dtype=recipe.dtype)
-  return PRESETS[recipe.model].replace(dtype=recipe.dtype)
+    cfg = tiny_config(recipe.model[5:], dtype=recipe.dtype)
+  else:
+    cfg = PRESETS[recipe.model].replace(dtype=recipe.dtype)
+  if layers is None:
+    return cfg
+  return cfg.replace(num_layers=layers, layer_kinds=cfg.layer_kinds[:layers])
 
 
 def place(tree, shardings):
@@ -192,9 +197,9 @@ def engine_programs(cfg: ModelConfig, graphdef, params, strategy, mesh, *, label
   return out
 
 
-def decode_plan(recipe: Recipe, mesh, batch: int) -> Plan:
+def decode_plan(recipe: Recipe, mesh, batch: int, layers: int | None = None) -> Plan:
   d = recipe.decode
-  cfg = model_config(recipe)
+  cfg = model_config(recipe, layers)
   graphdef, params = nnx.split(abstract_model(cfg))
   params = placed_state(params, mesh)
   tau = recipe.paper.tokens_per_call or 1.0
@@ -227,12 +232,12 @@ def method_label(method: str, bc: int | None) -> str:
 # ---- online RLHF ---------------------------------------------------------------------------------
 
 
-def rlhf_plan(recipe: Recipe, mesh) -> Plan:
+def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
   """One batch of the incremental agents (ONLINE_RLHF.md "one online step"), as Trainer runs it."""
   from effjax.rlhf import agents, enn, labels, policy, rollout
 
   r = recipe.rlhf
-  cfg = model_config(recipe)
+  cfg = model_config(recipe, layers)
   agent, ecfg, pcfg = r.agent, r.enn, r.policy
   b, n, p, length = agent.prompts_per_batch, agent.responses_per_prompt, r.prompt_len, r.response_len
   policy_graphdef, theta = nnx.split(abstract_model(cfg))
@@ -355,8 +360,8 @@ def _kv_init(cfg: ModelConfig, rows: int, cache_len: int) -> dict:
   return dict(k=c.k, v=c.v)
 
 
-def build_plans(recipe: Recipe, mesh) -> list[Plan]:
+def build_plans(recipe: Recipe, mesh, layers: int | None = None) -> list[Plan]:
   if recipe.kind == "rlhf":
-    return [rlhf_plan(recipe, mesh)]
-  return [decode_plan(recipe, mesh, batch) for batch in recipe.decode.batches]
+    return [rlhf_plan(recipe, mesh, layers)]
+  return [decode_plan(recipe, mesh, batch, layers) for batch in recipe.decode.batches]
 

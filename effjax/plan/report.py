@@ -23,7 +23,9 @@ def _ms(s: float) -> str:
 
 def format_result(recipe: Recipe, r: PlanResult) -> str:
   t, chip = r.target, r.target.chip
-  lines = [f"== {r.plan.title} on {t.describe()}",
+  ext = r.compiled[0].extrapolated_from if r.compiled else ()
+  lines = [f"== {r.plan.title} on {t.describe()}" + (
+      f" [extrapolated from compiles with {ext[0]} and {ext[1]} layers]" if ext else ""),
            f"   chip {chip.device_kind}: {gb(t.hbm)} GB memory, {chip.peak_flops / 1e12:.0f} TFLOP/s "
            f"bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s"]
   header = ["program (GB per device)"] + [SHORT[k] for k in KINDS] + [
@@ -97,6 +99,7 @@ def to_dict(recipe: Recipe, r: PlanResult) -> dict:
              peak_flops=t.chip.peak_flops, hbm_bandwidth=t.chip.hbm_bandwidth,
              margin=r.margin, peak_program=r.peak.program.name, peak=r.peak.peak,
              step_seconds=r.step_seconds(), step_seconds_xla_bytes=r.step_seconds(xla_bytes=True),
+             extrapolated_from=list(r.compiled[0].extrapolated_from) if r.compiled else [],
              info=r.plan.info,
              programs=[dict(name=c.program.name, compile_seconds=c.seconds, inputs=c.inputs,
                             held=c.held, temp=c.temp, output=c.output, code=c.code, peak=c.peak,
