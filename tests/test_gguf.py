@@ -34,8 +34,7 @@ def _tiny(family: str):
 
 def _with_token_ids(cfg):
   tokens = tiny_bpe()[1]
-  return cfg.replace(bos_id=tokens.index("<|im_start|>"), eos_ids=(tokens.index("<|im_end|>"),),
-                     pad_id=tokens.index("<|endoftext|>"))
+  return cfg.replace(eos_ids=(tokens.index("<|im_end|>"),), pad_id=tokens.index("<|endoftext|>"))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3"])
@@ -72,7 +71,7 @@ def smollm2():
 def test_smollm2_config_matches_preset(smollm2):
   f, cfg, _ = smollm2
   assert f.metadata["general.architecture"] == "llama"
-  assert cfg == PRESETS["smollm2-135m"].replace(bos_id=1, eos_ids=(2,), pad_id=2)
+  assert cfg == PRESETS["smollm2-135m"].replace(eos_ids=(2,), pad_id=2)
 
 
 def _logits(model, ids: list[int]) -> np.ndarray:
@@ -104,7 +103,7 @@ def gemma3():  # ~30 s: the reader parses 262k vocabulary entries one by one
 @pytest.mark.slow
 def test_gemma3_config_and_stored_norms(gemma3):
   f, cfg, model = gemma3
-  assert cfg == PRESETS["gemma3-270m"].replace(bos_id=2, eos_ids=(1,), pad_id=0)
+  assert cfg == PRESETS["gemma3-270m"].replace(eos_ids=(1,), pad_id=0)
   # llama.cpp stores Gemma's RMSNorm weights as 1 + w; the model holds w (it scales by 1 + w).
   stored = f.array("blk.0.post_ffw_norm.weight")
   np.testing.assert_allclose(np.asarray(model.layers[0].mlp_post_norm.scale[...]), stored - 1.0)
@@ -194,9 +193,18 @@ def test_missing_tensor_is_named(tmp_path):
     load_gguf(path)
 
 
-def test_foreign_rope_freqs_are_refused(tmp_path):
-  cfg = _tiny("llama").replace(rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 1024))
-  path = write_gguf(tmp_path / "rope.gguf", cfg, params_of(create_model(cfg)))
+def test_llama3_rope_scaling_is_read_from_the_file(tmp_path):
+  """Factor and low / high frequency factors come from the stored divisors, the original length
+  from the metadata; divisors of another form are refused."""
+  scaling = RopeScaling("llama3", 16.0, 2.0, 8.0, 1024)  # none of Llama 3's own values
+  cfg = _tiny("llama").replace(rope_theta=10_000.0, head_dim=32, rope_scaling=scaling)
+  params = params_of(create_model(cfg))
+  path = write_gguf(tmp_path / "rope.gguf", cfg, params,
+                    extra={"llama.rope.scaling.original_context_length": 1024})
+  assert load_gguf(path)[0].rope_scaling == scaling
+  bent = tmp_path / "bent.gguf"
+  write_gguf(bent, cfg, params, extra={"llama.rope.scaling.original_context_length": 1024},
+             rope_factors=lambda f: f * np.linspace(1, 1.2, len(f), dtype=np.float32))
   with pytest.raises(CheckpointError, match=r"rope_freqs.weight.*not Llama 3 scaling"):
-    load_gguf(path)
+    load_gguf(bent)
 

@@ -91,7 +91,8 @@ def tiny_bpe():
 def write_gguf(path: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray], *,
                arch: str | None = None, tokenizer: bool = True, pre: str = "gpt-2",
                qtypes: dict[str, gguf.GGMLQuantizationType] | None = None,
-               extra: dict[str, int | float | str] | None = None) -> Path:
+               extra: dict[str, int | float | str] | None = None,
+               rope_factors=lambda factors: factors) -> Path:
   """Write `params` (effjax names) as llama.cpp would convert the matching HF checkpoint."""
   arch = arch or cfg.family
   path = Path(path)
@@ -122,7 +123,7 @@ def write_gguf(path: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray]
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(cfg.rope_scaling.factor)
   if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "llama3":
-    w.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
+    w.add_tensor("rope_freqs.weight", rope_factors(llama3_rope_factors(cfg)))
   for key, value in (extra or {}).items():
     {int: w.add_uint32, float: w.add_float32, str: w.add_string}[type(value)](key, value)
   if tokenizer:

@@ -18,15 +18,14 @@ import numpy as np
 from effjax.checkpoints.assemble import assemble
 from effjax.errors import CheckpointError
 from effjax.models.config import LayerKind, ModelConfig, RopeScaling, make_config
+from effjax.models.families import FAMILIES, FamilyTable
 from effjax.models.quant import Int8Rows, from_q8_0
 from effjax.models.transformer import Transformer, rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
-_GEMMA = ("gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)  # GGUF architecture names are effjax's family names
 
 # Architecture metadata (after "<arch>.") that the config reads; anything else is an error, because it
 # would describe behaviour the model does not implement (experts, partial RoPE, YaRN, ...).
-# rope.scaling.original_context_length only informs linear scaling, which does not use it.
 _COMMON_KEYS = frozenset({
     "vocab_size", "context_length", "embedding_length", "block_count", "feed_forward_length",
     "attention.head_count", "attention.head_count_kv", "attention.key_length",
@@ -34,11 +33,22 @@ _COMMON_KEYS = frozenset({
     "rope.freq_base", "rope.scaling.type", "rope.scaling.factor",
     "rope.scaling.original_context_length",
 })
-_ARCH_KEYS = {
-    "gemma2": {"attention.sliding_window", "attention.sliding_window_pattern",
-               "attn_logit_softcapping", "final_logit_softcapping"},
-    "gemma3": {"attention.sliding_window", "attention.sliding_window_pattern", "rope.freq_base_swa"},
-}
+_SLIDING_KEYS = frozenset({"attention.sliding_window", "attention.sliding_window_pattern"})
+_SOFTCAP_KEYS = frozenset({"attn_logit_softcapping", "final_logit_softcapping"})
+_LOCAL_ROPE_KEYS = frozenset({"rope.freq_base_swa"})
+_LLAMA_CPP_ROPE_BASE = 10_000.0  # llama.cpp's RoPE base for a file that gives none
+
+# llama.cpp storage quirks: Llama's attn_q / attn_k rows are permuted for its interleaved RoPE, and
+# Gemma's queries are scaled by (dim / heads) ** -0.5 at these depths (the 27B models).
+_PERMUTED_QK = frozenset({"llama"})
+_DIM_QUERY_SCALE_DEPTHS = {"gemma2": (46,), "gemma3": (62,)}
+
+
+def _arch_keys(table: FamilyTable) -> frozenset[str]:
+  """The metadata keys an architecture may carry: the common ones and those of its family's traits."""
+  return (_COMMON_KEYS | (_SLIDING_KEYS if table.slides else frozenset())
+          | (_SOFTCAP_KEYS if table.softcaps else frozenset())
+          | (_LOCAL_ROPE_KEYS if table.rope_local_theta is not None else frozenset()))
 
 # GGUF tensor name -> effjax parameter name ("{i}" is the layer).
 _TOP_TENSORS = {"token_embd.weight": "embed", "output.weight": "lm_head",
@@ -130,26 +140,43 @@ def _f32(value) -> float:
   return float(str(np.float32(value)))
 
 
-def _layer_kinds(arch: str, num_layers: int, pattern) -> tuple[LayerKind, ...]:
-  """Gemma alternates sliding and global layers; llama.cpp writes the pattern as a period
-  (every n-th layer global) or a per-layer list of 'is sliding' flags, or relies on its defaults."""
+def _layer_kinds(table: FamilyTable, num_layers: int, pattern) -> tuple[LayerKind, ...]:
+  """llama.cpp writes the pattern as a period (every n-th layer global), as a per-layer list of
+  'is sliding' flags, or not at all (the family's own period)."""
   if isinstance(pattern, list):
     return tuple("sliding" if p else "global" for p in pattern)
-  period = int(pattern) if pattern is not None else (2 if arch == "gemma2" else 6)
-  return tuple("global" if (i + 1) % period == 0 else "sliding" for i in range(num_layers))
+  return table.layer_kinds(num_layers, None if pattern is None else int(pattern))
 
 
-def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int, source: str) -> RopeScaling:
-  """Recover Llama 3.1 scaling parameters from the stored per-frequency divisors: the factor is the
-  largest divisor; the other parameters are Llama 3's, checked against every divisor."""
-  scaling = RopeScaling("llama3", float(freqs.max()), 1.0, 4.0, 8192)
+def _divisors(scaling: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
   probe = make_config("llama", vocab_size=1, dim=head_dim, mlp_dim=1, num_layers=1, num_heads=1,
                       num_kv_heads=1, head_dim=head_dim, rope_scaling=scaling)
   plain, scaled = (rope_inv_freq(probe, theta, scaled=s) for s in (False, True))
-  want = np.asarray(plain / scaled)
+  return np.asarray(plain / scaled)
+
+
+def _llama3_scaling(freqs: np.ndarray, theta: float, head_dim: int, original: int,
+                    source: str) -> RopeScaling:
+  """Llama 3.1 scaling read from llama.cpp's stored per-frequency divisors `freqs`: the factor is the
+  largest divisor; the low / high frequency factors come from the divisors between 1 and the factor,
+  where 1 / divisor moves linearly in original / wavelength, with `original` the file's original
+  context length. Every divisor is then checked against the recovered parameters."""
+  factor = float(freqs.max())
+  wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+  between = (freqs > 1 + 1e-6) & (freqs < factor * (1 - 1e-6))
+  low, high = 1.0, 4.0  # Llama 3's, where no divisor falls between (any pair then fits the file)
+  if between.sum() >= 2:
+    # smooth = (original / wavelen - low) / (high - low), and 1 / d = (1 - smooth) / factor + smooth.
+    smooth = (1 / freqs[between] - 1 / factor) / (1 - 1 / factor)
+    slope, offset = np.polyfit(original / wavelen[between], smooth, 1)
+    low = float(-offset / slope)
+    high = float(low + 1 / slope)
+  scaling = RopeScaling("llama3", factor, round(low, 4), round(high, 4), original)
+  want = _divisors(scaling, theta, head_dim)
   if freqs.shape != want.shape or not np.allclose(freqs, want, rtol=1e-4):
     raise CheckpointError(f"{source}: tensor {_ROPE_FREQS!r} holds RoPE divisors that are not Llama 3 "
-                          f"scaling with factor {scaling.factor}, low/high 1/4, original length 8192")
+                          f"scaling (closest: factor {factor}, low/high {low:.4g}/{high:.4g}, original "
+                          f"length {original})")
   return scaling
 
 
@@ -160,7 +187,8 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
   if arch not in SUPPORTED_ARCHITECTURES:
     raise CheckpointError(f"{source}: architecture {arch!r} is not supported; supported: "
                           f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-  known = _COMMON_KEYS | _ARCH_KEYS.get(arch, set())
+  table = FAMILIES[arch]
+  known = _arch_keys(table)
   unknown = sorted(k for k in meta if k.startswith(arch + ".") and k[len(arch) + 1:] not in known)
   if unknown:
     raise CheckpointError(f"{source}: unsupported {arch} metadata keys {unknown}")
@@ -187,7 +215,7 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
     if get(key) is not None and int(get(key)) != head_dim:
       raise CheckpointError(f"{source}: {arch}.{key}={get(key)} differs from the head size "
                             f"{head_dim}; not supported")
-  theta = _f32(get("rope.freq_base", 10_000.0))
+  theta = _f32(get("rope.freq_base", _LLAMA_CPP_ROPE_BASE))
   kw: dict[str, Any] = dict(
       vocab_size=vocab_size, dim=dim, num_layers=num_layers, num_heads=num_heads,
       mlp_dim=_single(need("feed_forward_length"), "MLP sizes", source),
@@ -195,8 +223,6 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
       head_dim=head_dim, rope_theta=theta, norm_eps=_f32(need("attention.layer_norm_rms_epsilon")),
       max_position=int(get("context_length", 8192)), tie_embeddings="output.weight" not in f.tensors,
       dtype=dtype, pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0)))
-  if "tokenizer.ggml.bos_token_id" in meta:
-    kw["bos_id"] = int(meta["tokenizer.ggml.bos_token_id"])
   eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
   kw["eos_ids"] = tuple(dict.fromkeys(int(e) for e in eos))
 
@@ -210,19 +236,21 @@ def config_from_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32
     if arch != "llama" or scaling_type != "none":
       raise CheckpointError(f"{source}: tensor {_ROPE_FREQS!r} is only supported for llama without "
                             "other RoPE scaling")
-    kw["rope_scaling"] = _llama3_scaling(f.array(_ROPE_FREQS), theta, head_dim, source)
+    original = int(get("rope.scaling.original_context_length", 8192))  # Llama 3's, if not written
+    kw["rope_scaling"] = _llama3_scaling(f.array(_ROPE_FREQS), theta, head_dim, original, source)
 
-  if arch in _GEMMA:
+  if table.slides:
     kw["sliding_window"] = int(need("attention.sliding_window"))
-    kw["layer_kinds"] = _layer_kinds(arch, num_layers, get("attention.sliding_window_pattern"))
-    # llama.cpp scales queries by (dim / heads) ** -0.5 for the 27B models (known by their depth).
-    big = (arch == "gemma2" and num_layers == 46) or (arch == "gemma3" and num_layers == 62)
-    kw["query_scale"] = (dim // num_heads if big else head_dim) ** -0.5
-  if arch == "gemma2":
-    kw["attn_softcap"] = _f32(get("attn_logit_softcapping", 50.0))
-    kw["final_softcap"] = _f32(get("final_logit_softcapping", 30.0))
-  if arch == "gemma3":
-    kw["rope_local_theta"] = _f32(get("rope.freq_base_swa", 10_000.0))
+    kw["layer_kinds"] = _layer_kinds(table, num_layers, get("attention.sliding_window_pattern"))
+  if num_layers in _DIM_QUERY_SCALE_DEPTHS.get(arch, ()):
+    kw["query_scale"] = (dim // num_heads) ** -0.5
+  if table.softcaps:
+    for key, field in (("attn_logit_softcapping", "attn_softcap"),
+                       ("final_logit_softcapping", "final_softcap")):
+      value = get(key, getattr(table, field))
+      kw[field] = None if value is None else _f32(value)
+  if table.rope_local_theta is not None:
+    kw["rope_local_theta"] = _f32(get("rope.freq_base_swa", table.rope_local_theta))
   kw["qkv_bias"] = "blk.0.attn_q.bias" in f.tensors
   return make_config(arch, **kw)
 
@@ -254,7 +282,7 @@ def gguf_tensors(src: str | os.PathLike | GGUFFile,
     target = effjax_name(name, source)
     w = f.int8_rows(name) if cfg.quant == "int8" else None
     w = f.array(name) if w is None else w
-    if f.architecture == "llama" and (".attn_q." in name or ".attn_k." in name):
+    if f.architecture in _PERMUTED_QK and (".attn_q." in name or ".attn_k." in name):
       w = _unpermute_rows(w, cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads)
     if cfg.norm_plus_one and name.endswith("norm.weight"):
       w = w - 1.0

@@ -1,10 +1,11 @@
 """Hugging Face checkpoints: config.json -> ModelConfig, *.safetensors -> Transformer, strictly.
 
-`config_from_hf` maps every config key it understands and refuses the rest: a key that changes the
-math in a way effjax does not implement (mlp_bias=true, a yarn rope, bidirectional attention, ...)
-and any key it does not know are errors naming the key and the file; only the keys of
-`NO_EFFECT_KEYS`, which cannot change the forward pass, pass unread. Absent keys take the value
-transformers gives them for that model type, so a config means what it means in transformers.
+`config_from_hf` parses a config with transformers' own config class of its model type (so absent
+keys take the values transformers gives them and legacy keys mean what they mean there), then maps
+what effjax implements through the family table (effjax/models/families.py) and refuses the rest: a
+key that changes the math in a way effjax does not implement (mlp_bias=true, a yarn rope,
+bidirectional attention, ...) and any key it does not know are errors naming the key and the file;
+only the keys of `NO_EFFECT_KEYS`, which cannot change the forward pass, pass unread.
 
 `load_hf` streams tensors one at a time from the safetensors files (single or sharded with an
 index) into `assemble`, renamed to effjax's names; a tensor that is missing, extra, mis-shaped or
@@ -13,6 +14,7 @@ listed in the wrong shard is an error naming the file and the Hugging Face tenso
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,17 +24,13 @@ from safetensors import SafetensorError, safe_open
 
 from effjax.checkpoints.assemble import assemble, checkpoint_names
 from effjax.errors import CheckpointError
-from effjax.models.config import Family, LayerKind, ModelConfig, RopeScaling, make_config
+from effjax.models.config import LayerKind, ModelConfig, RopeScaling, make_config
+from effjax.models.families import FAMILIES, FamilyTable, family_of_model_type
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules
 from effjax.models.transformer import Transformer
 
-MODEL_TYPES: dict[str, Family] = {
-    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-    "gemma3_text": "gemma3", "gemma3": "gemma3",
-}
-
 # Keys that cannot change the forward pass: bookkeeping, training-only settings (dropout, init,
-# tensor-parallel pretraining split), and generation/runtime defaults.
+# tensor-parallel pretraining split), token ids the tokenizer holds, and generation/runtime defaults.
 NO_EFFECT_KEYS = frozenset({
     "_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype",
     "initializer_range", "use_cache", "attention_dropout", "pretraining_tp", "is_llama_config",
@@ -41,7 +39,7 @@ NO_EFFECT_KEYS = frozenset({
     "id2label", "label2id", "problem_type", "tokenizer_class", "finetuning_task", "prefix",
     "task_specific_params", "chunk_size_feed_forward", "pruned_heads", "tf_legacy_loss",
     "use_bfloat16", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
-    "sep_token_id", "decoder_start_token_id",
+    "bos_token_id", "sep_token_id", "decoder_start_token_id",
     # generation defaults some old configs carry
     "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
     "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
@@ -62,32 +60,40 @@ _VISION_TENSOR_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vis
 _TEXT_TENSOR_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
                          "language_model.lm_head.": "lm_head."}
 
-# transformers' defaults (v5 config classes) for keys that change the math, used when absent.
-_HF_DEFAULTS: dict[Family, dict[str, Any]] = {
-    "llama": dict(num_key_value_heads=None, head_dim=None, hidden_act="silu", rms_norm_eps=1e-6,
-                  max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10_000.0,
-                  bos_token_id=1, eos_token_id=2),
-    "qwen2": dict(num_key_value_heads=32, head_dim=None, hidden_act="silu", rms_norm_eps=1e-6,
-                  max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10_000.0,
-                  sliding_window=4096, max_window_layers=28),
-    "qwen3": dict(num_key_value_heads=32, head_dim=128, hidden_act="silu", rms_norm_eps=1e-6,
-                  max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=10_000.0,
-                  sliding_window=4096, max_window_layers=28),
-    "gemma2": dict(num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
-                   rms_norm_eps=1e-6, max_position_embeddings=8192, tie_word_embeddings=True,
-                   rope_theta=10_000.0, query_pre_attn_scalar=256, sliding_window=4096,
-                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0, pad_token_id=0,
-                   eos_token_id=1, bos_token_id=2),
-    # Sizes too: a Gemma3ForConditionalGeneration config stores only the text_config keys that
-    # differ from these.
-    "gemma3": dict(vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
-                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
-                   head_dim=256, hidden_activation="gelu_pytorch_tanh",
-                   rms_norm_eps=1e-6, max_position_embeddings=131072, tie_word_embeddings=True,
-                   rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
-                   sliding_window=4096, sliding_window_pattern=6, attn_logit_softcapping=None,
-                   final_logit_softcapping=None, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+_NO_O_BIAS = ("attention_bias", (False,), "effjax has no o_proj bias")
+_CAUSAL = ("use_bidirectional_attention", (False,), "effjax's attention is causal")
+
+
+@dataclasses.dataclass(frozen=True)
+class _HFKeys:
+  """How a family's transformers config class spells what effjax reads."""
+
+  refused: tuple[tuple[str, tuple, str], ...]  # (key, the values effjax implements, why)
+  activation: str = "hidden_act"
+  query_scale: str | None = None  # attention scale = value ** -0.5 (absent: head_dim ** -0.5)
+  # Keys transformers turns into the values read here (legacy rope spellings, the inputs of its
+  # layer-type rule); consumed when those values are read.
+  derived: tuple[str, ...] = ("rope_theta", "rope_scaling")
+  layer_types: bool = True  # the class derives layer_types / sliding_window (False: all global)
+
+
+_WINDOW_RULE = ("use_sliding_window", "max_window_layers")
+_GEMMA = dict(activation="hidden_activation", query_scale="query_pre_attn_scalar")
+_HF_KEYS: dict[str, _HFKeys] = {
+    "llama": _HFKeys((_NO_O_BIAS, ("mlp_bias", (False,), "effjax's MLP has no biases"),
+                      ("rope_interleaved", (False,), "effjax rotates halves, not interleaved pairs")),
+                     layer_types=False),
+    "qwen2": _HFKeys((("use_mrope", (False,), "multimodal rope is not implemented"),),
+                     derived=("rope_theta", "rope_scaling", *_WINDOW_RULE)),
+    "qwen3": _HFKeys((_NO_O_BIAS,), derived=("rope_theta", "rope_scaling", *_WINDOW_RULE)),
+    "gemma2": _HFKeys((_NO_O_BIAS, _CAUSAL), **_GEMMA),
+    "gemma3": _HFKeys((_NO_O_BIAS, _CAUSAL), **_GEMMA,
+                      derived=("rope_theta", "rope_scaling", "rope_local_base_freq",
+                               "sliding_window_pattern", "_sliding_window_pattern")),
 }
+# Sizes a top-level config must give (a multimodal config's text_config takes transformers' defaults,
+# as transformers does).
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh"}
@@ -95,27 +101,21 @@ _LAYER_TYPES: dict[str, LayerKind] = {"full_attention": "global", "sliding_atten
 
 
 class _Keys:
-  """A config dict that records which keys were read, so the unread ones can be reported."""
+  """A config dict, its values as transformers' config class parsed them, and the keys read (so the
+  unread ones can be reported)."""
 
-  def __init__(self, data: dict, where: str, defaults: dict[str, Any] | None = None):
-    self.data, self.where, self.defaults, self.read = data, where, defaults or {}, set()
+  def __init__(self, data: dict, parsed: Any, where: str):
+    self.data, self.parsed, self.where, self.read = data, parsed, where, set()
 
-  def get(self, key: str, default: Any = None) -> Any:
-    """The value (an explicit null stays None); absent -> `default`, else transformers' default."""
+  def get(self, key: str) -> Any:
+    """The value transformers gives the key (absent keys: its default for this model type)."""
     self.read.add(key)
-    if key in self.data:
-      return self.data[key]
-    return default if default is not None else self.defaults.get(key)
-
-  def need(self, key: str) -> Any:
-    value = self.get(key)
-    if value is None:
-      raise CheckpointError(f"{self.where}: required key {key!r} is missing")
-    return value
+    return getattr(self.parsed, key, self.data.get(key))
 
   def refuse(self, key: str, supported, why: str):
     """Error unless `key` is absent or holds a value of `supported`."""
-    value = self.get(key)
+    self.read.add(key)
+    value = self.data.get(key)
     if value is not None and value not in supported:
       raise CheckpointError(f"{self.where}: {key}={json.dumps(value)} is not supported ({why})")
 
@@ -126,12 +126,22 @@ class _Keys:
     return sorted(set(self.data) - self.read - NO_EFFECT_KEYS)
 
 
-def _rope(params: dict, keys: _Keys, name: str) -> tuple[float | None, RopeScaling | None]:
-  """(theta, scaling) from a rope dict (`rope_scaling` or transformers 5's `rope_parameters`)."""
+def _parse(model_type: str, data: dict, where: str):
+  """`data` through transformers' config class of `model_type` (its defaults and its checks)."""
+  from transformers import CONFIG_MAPPING
+
+  try:
+    return CONFIG_MAPPING[model_type](**data)
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{where}: transformers refuses the config: {e}") from None
+
+
+def _rope(params: dict, keys: _Keys, name: str) -> tuple[float, RopeScaling | None]:
+  """(theta, scaling) from one standardized rope dict of transformers' `rope_parameters`."""
   p = dict(params)
   kind = p.pop("rope_type", None) or p.pop("type", None) or "default"
   p.pop("type", None)
-  theta = p.pop("rope_theta", None)
+  theta = float(p.pop("rope_theta"))
   if p.pop("partial_rotary_factor", 1.0) not in (1, 1.0, None):
     raise keys.error(f"{name}.partial_rotary_factor is not supported (effjax rotates every dim)")
   try:
@@ -151,78 +161,49 @@ def _rope(params: dict, keys: _Keys, name: str) -> tuple[float | None, RopeScali
   if p:
     raise keys.error(f"{name} has keys {sorted(p)} that effjax does not support for rope type "
                      f"{kind!r}")
-  return (None if theta is None else float(theta)), scaling
+  return theta, scaling
 
 
-def _rope_config(keys: _Keys, family: Family) -> dict:
-  """rope_theta / rope_local_theta / rope_scaling from either the legacy keys (rope_theta,
-  rope_scaling, rope_local_base_freq) or transformers 5's `rope_parameters`."""
+def _rope_config(keys: _Keys, table: FamilyTable) -> dict:
+  """rope_theta / rope_local_theta / rope_scaling from transformers' `rope_parameters` (which it
+  builds from legacy rope_theta / rope_scaling / rope_local_base_freq where those are given)."""
+  raw = keys.data
+  if "rope_parameters" in raw and raw.get("rope_scaling") is not None:
+    raise keys.error("both rope_scaling and rope_parameters are given; keep one")
   params = keys.get("rope_parameters")
-  legacy_theta = keys.data.get("rope_theta")
-  legacy_local = keys.data.get("rope_local_base_freq")
-  legacy_scaling = keys.get("rope_scaling")
-  keys.read.add("rope_theta")
-  if family == "gemma3":
-    keys.read.add("rope_local_base_freq")
-  local_theta = None
-  if params is None:
-    theta, scaling = legacy_theta, None
-    if legacy_scaling is not None:
-      _, scaling = _rope(legacy_scaling, keys, "rope_scaling")
-    if family == "gemma3":
-      local_theta = legacy_local
+  local = table.rope_local_theta is not None  # sliding layers rotate with their own base
+  if local:
+    extra = sorted(set(params) - {"full_attention", "sliding_attention"})
+    if "full_attention" not in params or extra:
+      raise keys.error(f"{table.name} rope_parameters must be given per layer type "
+                       "(full_attention, sliding_attention)")
+    theta, scaling = _rope(params["full_attention"], keys, "rope_parameters.full_attention")
+    local_theta, local_scaling = _rope(params.get("sliding_attention") or
+                                       {"rope_theta": table.rope_local_theta},
+                                       keys, "rope_parameters.sliding_attention")
+    if local_scaling is not None:
+      raise keys.error("rope scaling on sliding layers is not supported (effjax scales the "
+                       "global layers only)")
   else:
-    if legacy_scaling is not None:
-      raise keys.error("both rope_scaling and rope_parameters are given; keep one")
-    if family == "gemma3":
-      if "full_attention" not in params:  # transformers would apply it to the sliding layers too
-        raise keys.error("gemma3 rope_parameters must be given per layer type (full_attention, "
-                         "sliding_attention)")
-      extra = sorted(set(params) - {"full_attention", "sliding_attention"})
-      if extra:
-        raise keys.error(f"rope_parameters has layer types {extra} that effjax does not support")
-      theta, scaling = _rope(params["full_attention"], keys, "rope_parameters.full_attention")
-      local = params.get("sliding_attention") or {}
-      local_theta, local_scaling = _rope(local, keys, "rope_parameters.sliding_attention")
-      if local_scaling is not None:
-        raise keys.error("rope scaling on sliding layers is not supported (effjax scales the "
-                         "global layers only)")
-    else:
-      theta, scaling = _rope(params, keys, "rope_parameters")
-    for key, given, used in (("rope_theta", legacy_theta, theta),
-                             ("rope_local_base_freq", legacy_local, local_theta)):
+    theta, scaling = _rope(params, keys, "rope_parameters")
+  if "rope_parameters" in raw:  # a legacy key beside it must agree (transformers drops it)
+    for key, used in (("rope_theta", theta), ("rope_local_base_freq", local_theta if local else None)):
+      given = raw.get(key)
       if given is not None and used is not None and float(given) != used:
         raise keys.error(f"{key}={given} disagrees with rope_parameters ({used})")
-  theta = keys.defaults["rope_theta"] if theta is None else theta
-  if family == "gemma3" and local_theta is None:
-    local_theta = keys.defaults["rope_local_base_freq"]
-  out = dict(rope_theta=float(theta), rope_scaling=scaling)
-  if family == "gemma3":
-    out["rope_local_theta"] = float(local_theta)
+  out = dict(rope_theta=theta, rope_scaling=scaling)
+  if local:
+    out["rope_local_theta"] = local_theta
   return out
 
 
-def _layer_config(keys: _Keys, family: Family, num_layers: int) -> dict:
-  """layer_kinds and sliding_window, as transformers decides which layers slide."""
-  if family == "llama":
+def _layer_config(keys: _Keys, hf: _HFKeys, num_layers: int) -> dict:
+  """layer_kinds and sliding_window, as transformers decides which layers slide (its layer_types,
+  derived from use_sliding_window / max_window_layers / sliding_window_pattern where absent)."""
+  if not hf.layer_types:  # every layer global (the key stays unread: unknown if given)
     return dict(layer_kinds=(), sliding_window=None)
-  if family in ("qwen2", "qwen3"):
-    use = keys.get("use_sliding_window", False)
-    window = keys.get("sliding_window")
-    first_sliding = keys.get("max_window_layers")
-    window = window if use else None  # transformers ignores sliding_window unless it is enabled
-    default = ["sliding_attention" if window is not None and i >= first_sliding
-               else "full_attention" for i in range(num_layers)]
-  else:
-    window = keys.get("sliding_window")
-    if family == "gemma2":
-      every = 2
-    else:
-      every = keys.get("sliding_window_pattern", keys.data.get("_sliding_window_pattern"))
-      keys.read.add("_sliding_window_pattern")
-    default = ["sliding_attention" if (i + 1) % every else "full_attention"
-               for i in range(num_layers)]
-  types = keys.get("layer_types") or default
+  types = keys.get("layer_types")
+  window = keys.get("sliding_window")
   if len(types) != num_layers:
     raise keys.error(f"layer_types has {len(types)} entries for num_hidden_layers={num_layers}")
   unknown = sorted(set(types) - set(_LAYER_TYPES))
@@ -234,46 +215,43 @@ def _layer_config(keys: _Keys, family: Family, num_layers: int) -> dict:
   return dict(layer_kinds=kinds, sliding_window=int(window))
 
 
-def _text_config(keys: _Keys, family: Family, dtype: str) -> ModelConfig:
-  gemma = family in ("gemma2", "gemma3")
-  dim = keys.need("hidden_size")
-  heads = keys.need("num_attention_heads")
-  num_layers = keys.need("num_hidden_layers")
-  act_key = "hidden_activation" if gemma else "hidden_act"
-  if gemma:
-    keys.read.add("hidden_act")  # legacy key; Gemma's modeling reads hidden_activation only
-  act = keys.get(act_key)
+def _text_config(keys: _Keys, table: FamilyTable, dtype: str, sizes_required: bool) -> ModelConfig:
+  if sizes_required:
+    missing = [k for k in _SIZES if keys.data.get(k) is None]
+    if missing:
+      raise keys.error(f"required key {missing[0]!r} is missing")
+  dim = keys.get("hidden_size")
+  heads = keys.get("num_attention_heads")
+  num_layers = keys.get("num_hidden_layers")
+  hf = _HF_KEYS[table.name]
+  keys.read.add("hidden_act")  # Gemma's legacy key: its modeling reads hidden_activation only
+  act = keys.get(hf.activation)
   if act not in _ACTIVATIONS:
-    raise keys.error(f"{act_key}={act!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
-  if family != "qwen2":  # Qwen2 always has q/k/v biases and no o bias
-    keys.refuse("attention_bias", (False,), "effjax has no o_proj bias")
-  if family == "llama":
-    keys.refuse("mlp_bias", (False,), "effjax's MLP has no biases")
-    keys.refuse("rope_interleaved", (False,), "effjax rotates halves, not interleaved pairs")
-  if family == "qwen2":
-    keys.refuse("use_mrope", (False,), "multimodal rope is not implemented")
-  if gemma:
-    keys.refuse("use_bidirectional_attention", (False,), "effjax's attention is causal")
+    raise keys.error(f"{hf.activation}={act!r} is not supported (supported: {sorted(_ACTIVATIONS)})")
+  for key, supported, why in hf.refused:
+    keys.refuse(key, supported, why)
+  keys.read.update(hf.derived)
   eos = keys.get("eos_token_id")
-  sizes = dict(
-      vocab_size=keys.need("vocab_size"), dim=dim, mlp_dim=keys.need("intermediate_size"),
+  kw = dict(
+      vocab_size=keys.get("vocab_size"), dim=dim, mlp_dim=keys.get("intermediate_size"),
       num_layers=num_layers, num_heads=heads,
       num_kv_heads=keys.get("num_key_value_heads") or heads,
       head_dim=keys.get("head_dim") or dim // heads,
       norm_eps=float(keys.get("rms_norm_eps")), activation=_ACTIVATIONS[act],
       tie_embeddings=bool(keys.get("tie_word_embeddings")),
-      max_position=keys.get("max_position_embeddings"), bos_id=keys.get("bos_token_id"),
+      max_position=keys.get("max_position_embeddings"),
       eos_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
-      dtype=dtype, **_rope_config(keys, family), **_layer_config(keys, family, num_layers))
+      dtype=dtype, **_rope_config(keys, table), **_layer_config(keys, hf, num_layers))
   pad = keys.get("pad_token_id")
   if pad is not None:
-    sizes["pad_id"] = pad
-  if gemma:
-    sizes["query_scale"] = float(keys.get("query_pre_attn_scalar")) ** -0.5
-    sizes["attn_softcap"] = keys.get("attn_logit_softcapping")
-    sizes["final_softcap"] = keys.get("final_logit_softcapping")
+    kw["pad_id"] = pad
+  if hf.query_scale is not None and float(keys.get(hf.query_scale)) != kw["head_dim"]:
+    kw["query_scale"] = float(keys.get(hf.query_scale)) ** -0.5
+  if table.softcaps:
+    kw["attn_softcap"] = keys.get("attn_logit_softcapping")
+    kw["final_softcap"] = keys.get("final_logit_softcapping")
   try:
-    return make_config(family, **sizes)
+    return make_config(table.name, **kw)
   except ValueError as e:
     raise keys.error(str(e)) from None
 
@@ -285,13 +263,15 @@ def config_from_hf(config: dict, *, dtype: str = "float32", source: str = "confi
   A Gemma3ForConditionalGeneration config is accepted for its text_config (text only).
   """
   model_type = config.get("model_type")
-  if model_type not in MODEL_TYPES:
+  table = family_of_model_type(model_type)
+  if table is None:
+    supported = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
     raise CheckpointError(f"{source}: model_type {model_type!r} is not supported "
-                          f"(supported: {sorted(MODEL_TYPES)})")
-  family = MODEL_TYPES[model_type]
+                          f"(supported: {supported})")
   outer = None
+  text, text_type, where = dict(config), model_type, source
   if model_type == "gemma3":
-    outer = _Keys(config, source)
+    outer = _Keys(config, None, source)
     text = outer.get("text_config")
     if not isinstance(text, dict):
       raise outer.error("a gemma3 config needs a text_config")
@@ -305,13 +285,13 @@ def config_from_hf(config: dict, *, dtype: str = "float32", source: str = "confi
           raise outer.error(f"{key} is {config[key]} at the top level but {text[key]} in "
                             "text_config")
         text[key] = config[key]
-    if text.pop("model_type", "gemma3_text") != "gemma3_text":
+    text_type = text.pop("model_type", "gemma3_text")
+    if text_type != "gemma3_text":
       raise outer.error("text_config.model_type must be gemma3_text")
-    keys = _Keys(text, f"{source} (text_config)", _HF_DEFAULTS[family])
-  else:
-    keys = _Keys(config, source, _HF_DEFAULTS[family])
-  keys.read.add("model_type")
-  cfg = _text_config(keys, family, dtype)
+    where = f"{source} (text_config)"
+  text.pop("model_type", None)
+  keys = _Keys(text, _parse(text_type, text, where), where)
+  cfg = _text_config(keys, table, dtype, sizes_required=outer is None)
   unknown = keys.unread() + ([] if outer is None else outer.unread())
   if unknown and not allow_unknown_keys:
     raise CheckpointError(f"{source}: unknown config keys {unknown}; effjax cannot tell whether "

@@ -40,6 +40,7 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any], *, source: str = "") -> ModelConfig:
   d = dict(d)
+  d.pop("bos_id", None)  # written by earlier versions; the tokenizer holds the BOS token
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(d) - known)
   if unknown:

@@ -2,6 +2,7 @@
 
 One `ModelConfig` describes every supported family (Llama, Qwen2, Qwen3, Gemma 2, Gemma 3); the
 differences between families are switches on it, so the model code has a single implementation.
+Each family's switches and constants come from its table in `families.py`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-Family = Literal["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
-LayerKind = Literal["global", "sliding"]
+from effjax.models.families import Family, LayerKind, family_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,6 @@ class ModelConfig:
   layer_kinds: tuple[LayerKind, ...] = ()  # empty -> every layer global
   tie_embeddings: bool = True
   max_position: int = 8192
-  bos_id: int | None = None
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   dtype: str = "float32"  # activations and parameters; "bfloat16" on TPU/GPU
@@ -93,36 +92,14 @@ class ModelConfig:
     return self.num_layers * (attn + mlp) + embed
 
 
-def _alternating(num_layers: int, global_every: int) -> tuple[LayerKind, ...]:
-  return tuple("global" if (i + 1) % global_every == 0 else "sliding" for i in range(num_layers))
-
-
-def family_defaults(family: Family) -> dict:
-  """The switches that make a family what it is (sizes come from the checkpoint or a preset)."""
-  if family == "llama":
-    return {}
-  if family == "qwen2":
-    return dict(qkv_bias=True, norm_eps=1e-6, rope_theta=1_000_000.0)
-  if family == "qwen3":
-    return dict(qk_norm=True, norm_eps=1e-6, rope_theta=1_000_000.0)
-  if family == "gemma2":
-    return dict(norm_plus_one=True, post_norms=True, embed_scale=True, activation="gelu_tanh",
-                attn_softcap=50.0, final_softcap=30.0, norm_eps=1e-6, sliding_window=4096)
-  if family == "gemma3":
-    return dict(norm_plus_one=True, post_norms=True, embed_scale=True, activation="gelu_tanh",
-                qk_norm=True, norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_theta=10_000.0,
-                sliding_window=512)
-  raise ValueError(f"unknown model family {family!r}; known: llama, qwen2, qwen3, gemma2, gemma3")
-
-
 def make_config(family: Family, **sizes) -> ModelConfig:
-  """A config of `family` with the family's switches, overridden by `sizes`."""
-  kw = family_defaults(family)
+  """A config of `family`: the family table's switches, constants and layer pattern, overridden by
+  `sizes`."""
+  table = family_table(family)
+  kw = table.config_defaults()
   kw.update(sizes)
-  if "layer_kinds" not in sizes and family in ("gemma2", "gemma3"):
-    kw["layer_kinds"] = _alternating(kw["num_layers"], 2 if family == "gemma2" else 6)
-  if "query_scale" not in sizes and family in ("gemma2", "gemma3"):
-    kw["query_scale"] = kw["head_dim"] ** -0.5
+  if "layer_kinds" not in sizes:
+    kw["layer_kinds"] = table.layer_kinds(kw["num_layers"])
   return ModelConfig(family=family, **kw)
 
 
@@ -135,8 +112,7 @@ PRESETS: dict[str, ModelConfig] = {
         tie_embeddings=True),
     "gemma3-270m": make_config(
         "gemma3", vocab_size=262144, dim=640, mlp_dim=2048, num_layers=18, num_heads=4,
-        num_kv_heads=1, head_dim=256, query_scale=256 ** -0.5, max_position=32768, sliding_window=512,
-        tie_embeddings=True),
+        num_kv_heads=1, head_dim=256, max_position=32768, sliding_window=512, tie_embeddings=True),
     "llama3.2-1b": make_config(
         "llama", vocab_size=128256, dim=2048, mlp_dim=8192, num_layers=16, num_heads=32,
         num_kv_heads=8, head_dim=64, rope_theta=500_000.0, max_position=131072,
@@ -153,13 +129,11 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=8, head_dim=128, max_position=40960, tie_embeddings=True),
     "gemma2-2b": make_config(
         "gemma2", vocab_size=256000, dim=2304, mlp_dim=9216, num_layers=26, num_heads=8,
-        num_kv_heads=4, head_dim=256, query_scale=256 ** -0.5, max_position=8192,
-        tie_embeddings=True),
+        num_kv_heads=4, head_dim=256, max_position=8192, tie_embeddings=True),
     # Paper-scale models (sizes from each model's config.json), for `effjax plan` recipes.
     "gemma2-9b": make_config(
         "gemma2", vocab_size=256000, dim=3584, mlp_dim=14336, num_layers=42, num_heads=16,
-        num_kv_heads=8, head_dim=256, query_scale=256 ** -0.5, max_position=8192,
-        tie_embeddings=True),
+        num_kv_heads=8, head_dim=256, max_position=8192, tie_embeddings=True),
     "llama3.1-8b": make_config(
         "llama", vocab_size=128256, dim=4096, mlp_dim=14336, num_layers=32, num_heads=32,
         num_kv_heads=8, head_dim=128, rope_theta=500_000.0, max_position=131072,
