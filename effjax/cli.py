@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from effjax.cli_args import nonnegative_int, positive_int
+from effjax.distributed import maybe_initialize
+
 # Modules with a `register(subparsers)` function, one per area.
 COMMANDS: tuple[str, ...] = (
     "effjax.decoding.generate_cli",
@@ -29,6 +32,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="effjax", description=__doc__)
+  dist = parser.add_argument_group(
+      "multi-process runs", "a cluster JAX detects (Cloud TPU VM slice, GKE, SLURM, Open MPI) needs "
+      "none of these; elsewhere give all three (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+      "JAX_PROCESS_ID)")
+  dist.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+  dist.add_argument("--num-processes", type=positive_int, metavar="N")
+  dist.add_argument("--process-id", type=nonnegative_int, metavar="I")
   sub = parser.add_subparsers(dest="command", required=True)
   for name in COMMANDS:
     importlib.import_module(name).register(sub)
@@ -59,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(e.code or 0)
   _enable_compilation_cache()
   try:
+    maybe_initialize(args.coordinator, args.num_processes, args.process_id)
     return int(args.func(args) or 0)
   except (ValueError, OSError, ImportError) as e:  # includes CheckpointError, DataError, JSON errors
     print(f"effjax {args.command}: error: {one_line(e)}", file=sys.stderr)

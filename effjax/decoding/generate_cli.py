@@ -56,11 +56,9 @@ def run(args) -> int:
   from effjax.checkpoints.registry import load_model
   from effjax.data.chat import TextStream, encode_prompt
   from effjax.decoding.engine import AutoRegressive, Engine, cache_len_for
-  from effjax.distributed import maybe_initialize
   from effjax.models.sharding import parse_mesh
 
   strategy = AutoRegressive(sampler_from_args(args))  # bad sampling flags fail here, before loading
-  maybe_initialize()
   mesh = parse_mesh(args.mesh)
   problems = None
   if args.file is not None:  # read before the model: a bad file fails in a moment
