@@ -200,3 +200,18 @@ def test_sharded_forward_equals_unsharded():
   np.testing.assert_allclose(got, want, atol=1e-5)
   qkv = state["layers"][0]["attn"]["qkv"]["kernel"].get_value()  # [D, Kh, g + 2, Dh]
   assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None, None)
+
+
+@pytest.mark.parametrize("dtype,want", [("float32", jax.lax.Precision.HIGHEST),
+                                        ("bfloat16", jax.lax.Precision.DEFAULT)])
+def test_matmul_precision_is_the_models_own(dtype, want):
+  """Every product of a float32 model asks for float32 precision itself (TPU / GPU defaults would
+  use bfloat16 passes or TF32), whatever jax_default_matmul_precision says; bfloat16 models take the
+  backend's native products."""
+  cfg = tiny_config("gemma3", dtype=dtype)
+  model = create_model(cfg)
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t).logits)(state, jnp.ones((1, 4), jnp.int32))
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) >= cfg.num_layers * 6 + 1  # projections, scores, values, MLP; the logits
+  assert all(e.params["precision"] == (want, want) for e in dots), {e.params["precision"] for e in dots}

@@ -193,11 +193,12 @@ def stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
 
 def init_state(cfg: ModelConfig, prompt, prompt_len, limit, rng: jax.Array, *, max_new_tokens: int,
                cache_len: int, eos, stop, strategy: Strategy, mesh=None,
-               rules: ShardingRules = DEFAULT_RULES) -> DecodeState:
+               rules: ShardingRules = DEFAULT_RULES, ring_cache: bool = True) -> DecodeState:
   """A fresh DecodeState from arrays (host or traced): prompts [B, P] right-padded, prompt_len [B],
-  limit [B] or scalar (<= max_new_tokens, which sizes the token buffer), eos [n_eos], stop [n, L]."""
+  limit [B] or scalar (<= max_new_tokens, which sizes the token buffer), eos [n_eos], stop [n, L].
+  ring_cache: sliding-window layers keep window + the strategy's block slots, not cache_len."""
   b = prompt.shape[0]
-  cache = KVCache.init(cfg, b, cache_len)
+  cache = KVCache.init(cfg, b, cache_len, block=strategy.block_size if ring_cache else None)
   shard = lambda xs: tuple(constrain(x, KV_AXES, mesh, rules) for x in xs)
   return DecodeState(
       prompt=jnp.asarray(prompt, jnp.int32), prompt_len=jnp.asarray(prompt_len, jnp.int32),
@@ -310,10 +311,12 @@ class Engine:
   def __init__(self, model: Transformer, *, cache_len: int = 2048,
                eos_ids: Sequence[int] | None = None, mesh=None,
                rules: ShardingRules = DEFAULT_RULES, buckets: Sequence[int] | None = None,
-               max_strategies: int = DEFAULT_MAX_STRATEGIES, fit_cache: bool = False):
+               max_strategies: int = DEFAULT_MAX_STRATEGIES, fit_cache: bool = False,
+               ring_cache: bool = True):
     """fit_cache: give each call a cache of its prompt bucket + max_new_tokens + the strategy's
     block, rounded up to 128 slots (at most cache_len), instead of cache_len slots: every step
-    attends over all slots, so a job of short prompts runs faster, at one compile per bucket."""
+    attends over all slots, so a job of short prompts runs faster, at one compile per bucket.
+    ring_cache: sliding-window layers keep window + the strategy's block slots (see KVCache)."""
     cfg = model.cfg
     if cache_len > cfg.max_position:
       raise ValueError(f"cache_len {cache_len} exceeds the model's max_position {cfg.max_position}")
@@ -324,6 +327,7 @@ class Engine:
     self.rules = rules
     self.buckets = tuple(sorted(buckets)) if buckets else default_buckets(cache_len)
     self.fit_cache = fit_cache
+    self.ring_cache = ring_cache
     self.graphdef, params = nnx.split(model)
     if mesh is not None:
       params = jax.device_put(params, state_shardings(params, mesh, rules))
@@ -366,7 +370,8 @@ class Engine:
       cache_len = min(cache_len, -(-(p + int(limits.max()) + strategy.block_size) // 128) * 128)
     return init_state(self.cfg, prompt, [len(x) for x in prompts], limits, jax.random.key(seed),
                       max_new_tokens=int(limits.max()), cache_len=cache_len, eos=self.eos_ids,
-                      stop=stop, strategy=strategy, mesh=self.mesh, rules=self.rules)
+                      stop=stop, strategy=strategy, mesh=self.mesh, rules=self.rules,
+                      ring_cache=self.ring_cache)
 
   def _functions(self, strategy: Strategy):
     return self._compiled.get(strategy, lambda s: jitted_programs(self.graphdef, s))

@@ -106,12 +106,14 @@ def _digits_product(x, codes):
   return y.reshape(*x.shape[:-1], *codes.shape[:-1])
 
 
-def matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, out_dtype=None) -> jax.Array:
-  """x [..., in] times the int8 weights (codes [*out, in], scales [*out]) -> [..., *out]."""
+def matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, out_dtype=None,
+           precision=None) -> jax.Array:
+  """x [..., in] times the int8 weights (codes [*out, in], scales [*out]) -> [..., *out]; `precision`
+  for the float product off CPU (the CPU's integer digits product is exact)."""
   out_dtype = out_dtype or x.dtype
   if jax.default_backend() == "cpu":
     y = _digits_product(x, codes)
   else:
     y = jax.lax.dot_general(x, codes.astype(x.dtype), (((x.ndim - 1,), (codes.ndim - 1,)), ((), ())),
-                            preferred_element_type=jnp.float32)
+                            preferred_element_type=jnp.float32, precision=precision)
   return (y * scales).astype(out_dtype)

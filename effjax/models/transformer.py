@@ -22,7 +22,7 @@ from flax import nnx, struct
 
 from effjax.models import layout
 from effjax.models import quant as quant_lib
-from effjax.models.cache import KV_AXES, KVCache, write_rows
+from effjax.models.cache import KV_AXES, KVCache, ring_write_slots, scatter_rows, write_rows
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain
 
@@ -48,6 +48,13 @@ class ModelOutput:
   hidden: jax.Array  # [B, T, D] final hidden state after the final norm
   layer_hidden: tuple[jax.Array, ...]  # residual stream entering each requested layer
   cache: KVCache | None
+
+
+def precision(dtype) -> jax.lax.Precision:
+  """Matmul precision for activations of `dtype`: float32 models compute float32 products on every
+  backend (TPUs and GPUs otherwise use bfloat16 passes or TF32 for float32 matmuls, far from the
+  reference logits); bfloat16 models take the backend's native products, as torch does."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def _rows(rngs: nnx.Rngs, d_out: int, d_in: int, dtype, scale: float | None = None) -> jax.Array:
@@ -83,9 +90,9 @@ class Linear(nnx.Module):
   def __call__(self, x):
     w = self.kernel[...]
     if self.kernel_scales is not None:
-      y = quant_lib.matmul(x, w, self.kernel_scales[...])
+      y = quant_lib.matmul(x, w, self.kernel_scales[...], precision=precision(x.dtype))
     else:
-      y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+      y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision(x.dtype))
     return y if self.bias is None else y + self.bias[...]
 
 
@@ -97,10 +104,13 @@ class RMSNorm(nnx.Module):
     self.plus_one = plus_one
 
   def __call__(self, x):
+    """Normalised in float32, scaled as the reference implementations do: Gemma's (1 + w) in
+    float32 and then cast; Llama / Qwen cast first and scale by w in the activations' dtype."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    w = self.scale[...].astype(jnp.float32)
-    return (y * (1.0 + w if self.plus_one else w)).astype(x.dtype)
+    if self.plus_one:
+      return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, theta: float, scaled: bool) -> jax.Array:
@@ -160,7 +170,11 @@ class Attention(nnx.Module):
     self.local_rope = self.kind == "sliding" and cfg.rope_local_theta is not None
 
   def __call__(self, x, positions, mask, layer_cache, mesh, rules):
-    """x [B, T, D]; mask [B, T, S] over the keys (cache slots, or the block itself)."""
+    """x [B, T, D]; mask [B, T, S] over the keys: the cache slots, the block itself, or for a ring
+    layer the ring's R slots followed by the block ([B, T, R + T]).
+
+    layer_cache: (k, v, start, ring_at) or None; ring_at [B, T] is where a ring layer writes the
+    block (None: k / v hold every slot and the block goes to slots start..start+T-1)."""
     cfg = self.cfg
     b, t, _ = x.shape
     g = cfg.num_heads // cfg.num_kv_heads
@@ -178,19 +192,28 @@ class Attention(nnx.Module):
     inv_freq = rope_inv_freq(cfg, theta, scaled=not self.local_rope)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    if layer_cache is not None:
-      ck, cv, start = layer_cache
-      k = constrain(write_rows(ck, k, start), KV_AXES, mesh, rules)
-      v = constrain(write_rows(cv, v, start), KV_AXES, mesh, rules)
     new_kv = (k, v)
+    if layer_cache is not None:
+      ck, cv, start, ring_at = layer_cache
+      if ring_at is None:
+        k = constrain(write_rows(ck, k, start), KV_AXES, mesh, rules)
+        v = constrain(write_rows(cv, v, start), KV_AXES, mesh, rules)
+        new_kv = (k, v)
+      else:  # attend over the ring as it was and the block; then the block enters the ring
+        new_kv = tuple(constrain(scatter_rows(ring, new, ring_at), KV_AXES, mesh, rules)
+                       for ring, new in ((ck, k), (cv, v)))
+        k = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)
+        v = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)
     qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                        precision=precision(qg.dtype)) * scale
     if cfg.attn_softcap is not None:
       scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=precision(v.dtype))
+    out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     return self.o(out), new_kv
 
 
@@ -243,6 +266,15 @@ class Block(nnx.Module):
 
 def causal_block_mask(batch: int, t: int) -> jax.Array:
   return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+
+
+def ring_key_mask(block_mask: jax.Array, q_pos: jax.Array, block_pos: jax.Array, ring_pos: jax.Array,
+                  ring_slot: jax.Array, start: jax.Array, window: int) -> jax.Array:
+  """key_mask for a ring layer: [B, T, R + T] over the ring's slots (committed ones, those before
+  `start`, within the window) and then the block (where block_mask says, within the window)."""
+  committed = ((ring_slot >= 0) & (ring_slot < start[:, None]) & (ring_pos >= 0))[:, None, :]
+  near = lambda k_pos: (q_pos[:, :, None] - k_pos[:, None, :]) < window
+  return jnp.concatenate([committed & near(ring_pos), block_mask & near(block_pos)], axis=2)
 
 
 def key_mask(block_mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array, start: jax.Array | None,
@@ -301,9 +333,11 @@ class Transformer(nnx.Module):
     w, scales = ((self.embed, self.embed_scales) if self.lm_head is None
                  else (self.lm_head, self.lm_head_scales))
     if scales is not None:
-      out = quant_lib.matmul(hidden, w[...], scales[...], out_dtype=jnp.float32)
+      out = quant_lib.matmul(hidden, w[...], scales[...], out_dtype=jnp.float32,
+                             precision=precision(hidden.dtype))
     else:
-      out = jnp.einsum("...d,dv->...v", hidden, w[...], preferred_element_type=jnp.float32)
+      out = jnp.einsum("...d,dv->...v", hidden, w[...], preferred_element_type=jnp.float32,
+                       precision=precision(hidden.dtype))
     if self.cfg.final_softcap is not None:
       out = jnp.tanh(out / self.cfg.final_softcap) * self.cfg.final_softcap
     return out
@@ -346,9 +380,24 @@ class Transformer(nnx.Module):
     block_mask = causal_block_mask(b, t) if attn_mask is None else attn_mask.astype(bool)
     new_pos = jnp.where(valid, positions, -1)
     k_pos = new_pos if cache is None else write_rows(cache.pos, new_pos, start)
-    masks = {}
-    for kind, window in (("global", None), ("sliding", cfg.sliding_window)):
-      masks[kind] = key_mask(block_mask, positions, k_pos, start, window)
+    ring = None if cache is None else cache.ring_len
+    masks = {"global": key_mask(block_mask, positions, k_pos, start, None)}
+    if ring is None:
+      masks["sliding"] = key_mask(block_mask, positions, k_pos, start, cfg.sliding_window)
+    else:
+      spare = ring - cfg.sliding_window
+      if not advance and t > spare:
+        raise ValueError(f"a block of {t} uncommitted tokens does not fit the sliding layers' ring "
+                         f"({ring} slots for a window of {cfg.sliding_window}); build the cache "
+                         f"with block >= {t}")
+      # Kept: every valid token (advance) or the whole uncommitted block (the caller commits).
+      count = valid.sum(axis=1).astype(jnp.int32) if advance else jnp.full((b,), t, jnp.int32)
+      ring_at = ring_write_slots(start, count, t, ring)
+      masks["sliding"] = ring_key_mask(block_mask, positions, new_pos, cache.ring_pos,
+                                       cache.ring_slot, start, cfg.sliding_window)
+      slot_ids = jnp.where(valid, start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], -1)
+      ring_pos = scatter_rows(cache.ring_pos, new_pos, ring_at)
+      ring_slot = scatter_rows(cache.ring_slot, slot_ids, ring_at)
 
     def run_layer(layer, x, layer_mask, layer_cache):
       if not remat:
@@ -370,7 +419,9 @@ class Transformer(nnx.Module):
         x = x + (steering.coef[..., None] * vec[:, None, :]).astype(x.dtype)
       if i in hidden_layers:
         collected[i] = x
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i], start)
+      on_ring = ring is not None and cfg.layer_kind(i) == "sliding"
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i], start,
+                                                ring_at if on_ring else None)
       x, (k, v) = run_layer(layer, x, masks[cfg.layer_kind(i)], layer_cache)
       new_k.append(k)
       new_v.append(v)
@@ -380,7 +431,9 @@ class Transformer(nnx.Module):
     logits = self.logits(hidden) if compute_logits else None
     if cache is not None:
       index = start + valid.sum(axis=1).astype(jnp.int32) if advance else start
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos, index=index)
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos, index=index,
+                      ring_pos=None if ring is None else ring_pos,
+                      ring_slot=None if ring is None else ring_slot)
     return ModelOutput(logits=logits, hidden=hidden,
                        layer_hidden=tuple(collected[i] for i in hidden_layers), cache=cache)
 
