@@ -223,7 +223,7 @@ def test_bfloat16_logits_match_torch_bfloat16(hf_model, family, tmp_path):
   bf16.save_pretrained(tmp_path)
   want = _torch_logits(bf16, _tokens())
   cfg, ours = load_hf(tmp_path, dtype="bfloat16")
-  assert ours.layers[0].mlp.up.kernel[...].dtype == jnp.bfloat16
+  assert ours.layers[0].mlp.gate_up.kernel[...].dtype == jnp.bfloat16
   got = np.asarray(ours(jnp.asarray(_tokens())).logits, np.float32)
   torch_error = np.abs(want - want32).max()
   assert np.abs(got - want).max() <= BF16_OF_TORCH_ERROR * torch_error
