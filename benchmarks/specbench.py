@@ -1,15 +1,18 @@
-"""Spec-Bench on this machine: tau and speedup of PLD, lookahead, ESP and the hybrid tree over plain
-decoding, for SmolLM2-135M-Instruct and Gemma-3-270M.
+"""Spec-Bench on this machine: tau and speedup of the training-free drafters (prompt lookup, the
+suffix drafter, lookahead, Token Recycling), ESP's static and dynamic trees and the hybrid tree over
+plain decoding, for SmolLM2-135M-Instruct and Gemma-3-270M.
 
     python benchmarks/specbench.py [--models smollm2-135m-instruct gemma3-270m]
-        [--max-new-tokens 48] [--limit 1] [--warmup 1] [--methods pld lookahead-bc30 ...]
+        [--max-new-tokens 128] [--limit 3] [--warmup 1] [--methods pld suffix ...]
         [--out BENCHMARKS.md]
 
 Each model runs `effjax bench specbench` once with every method (plain decoding interleaved per
 question as the baseline) on the shared dev set, with a per-group question limit and a reduced
-max_new_tokens so that it fits a CPU budget. Writes the section "## SpecBench
-(benchmarks/specbench.py)" of BENCHMARKS.md: the commands, the date, a table per model, and the
-issue's goals checked against the overall numbers. Methods whose module is missing are left out.
+max_new_tokens so that it fits a CPU budget. A run is resumable: rerunning the same command
+continues each model's run from its records (`--resume`), a finished one is reused. Writes the
+section "## SpecBench (benchmarks/specbench.py)" of BENCHMARKS.md: the commands, the date, a table
+per model, and the issue's goals checked against the overall numbers. Methods whose module is
+missing are left out.
 """
 
 from __future__ import annotations
@@ -30,13 +33,24 @@ from effjax import cli  # noqa: E402
 from effjax.decoding.methods import parse_label  # noqa: E402
 
 HEADING = "## SpecBench (benchmarks/specbench.py)"
-METHODS = ("pld", "lookahead-bc30", "esp-bc10", "esp-bc30", "esp-bc60", "hybrid-bc30")
-MODULES = {"pld": "pld", "lookahead": "lookahead", "esp": "esp", "hybrid": "hybrid"}
+METHODS = ("pld", "suffix", "lookahead", "tr", "esp-bc30", "esp-dyn-bc30", "esp-bc60",
+           "esp-dyn-bc60", "hybrid-bc30", "hybrid-bc60")
+MODULES = {"pld": "pld", "suffix": "suffix", "lookahead": "lookahead", "tr": "recycling",
+           "esp": "esp", "esp-dyn": "esp", "hybrid": "hybrid"}
+BASELINES = ("pld", "lookahead", "tr", "suffix")  # the single training-free drafters
 
 
 def available(methods: list[str]) -> list[str]:
-  return [m for m in methods if importlib.util.find_spec(
-      f"effjax.decoding.{MODULES[parse_label(m)[0]]}") is not None]
+  """The methods this checkout knows by name and has the module of."""
+  out = []
+  for m in methods:
+    try:
+      name = parse_label(m)[0]
+    except ValueError:
+      continue
+    if importlib.util.find_spec(f"effjax.decoding.{MODULES.get(name, name)}") is not None:
+      out.append(m)
+  return out
 
 
 def finished(out: Path, argv: list[str]) -> bool:
@@ -52,23 +66,39 @@ def finished(out: Path, argv: list[str]) -> bool:
 
 
 def goals(table: dict) -> list[str]:
-  """The issue's goals, checked on the overall row of one model's run."""
+  """The issue's goals, checked on the overall row of one model's run, each with its ratio."""
   rows = {r["method"]: r for r in table["overall"]}
-  tau = lambda prefix: max((r["tau"] for m, r in rows.items() if m.startswith(prefix)), default=None)
+  name = lambda m: parse_label(m)[0] if m in rows else None
+
+  def best(kinds):
+    got = [(r["tau"], m) for m, r in rows.items() if name(m) in kinds]
+    return max(got) if got else (None, None)
+
+  verdict = lambda ratio, goal: f"{ratio:.2f} (goal >= {goal:.2f}: {'met' if ratio >= goal else 'MISSED'})"
   out = []
-  baseline = max(filter(None, (tau("pld"), tau("lookahead"))), default=None)
-  if baseline and tau("esp"):
-    out.append(f"best ESP tau / best of PLD, lookahead = {tau('esp'):.2f} / {baseline:.2f} = "
-               f"{tau('esp') / baseline:.2f} (goal >= 1.10)")
-  if baseline and tau("hybrid"):
-    out.append(f"best hybrid tau / best of PLD, lookahead = {tau('hybrid'):.2f} / {baseline:.2f} = "
-               f"{tau('hybrid') / baseline:.2f} (goal >= 1.25)")
+  base_tau, base = best(BASELINES)
+  hyb_tau, hyb = best({"hybrid"})
+  if base and hyb:
+    out.append(f"hybrid tau / best single training-free baseline: {hyb} {hyb_tau:.2f} / {base} "
+               f"{base_tau:.2f} = {verdict(hyb_tau / base_tau, 1.25)}")
+  pl_tau, pl = best({"pld", "lookahead"})
+  esp_tau, esp = best({"esp", "esp-dyn"})
+  if pl and esp:
+    static, dynamic = best({"esp"}), best({"esp-dyn"})
+    trees = ", ".join(f"{kind} {m} {t:.2f}" for kind, (t, m) in (("static", static),
+                                                                 ("dynamic", dynamic)) if m)
+    out.append(f"ESP's best tree tau / best of PLD and lookahead: {esp} {esp_tau:.2f} / {pl} "
+               f"{pl_tau:.2f} = {verdict(esp_tau / pl_tau, 1.10)}; best of each tree: {trees}")
+  unequal = [f"{m} {r['equal']}/{r['questions']}" for m, r in rows.items()
+             if m != "ar" and r["equal"] < r["questions"]]
+  n = max((r["questions"] for r in rows.values()), default=0)
+  out.append("output equal to plain decoding on every question: " + (
+      f"met ({len(rows) - 1} methods x {n} questions)" if not unequal
+      else "MISSED: " + ", ".join(unequal)))
   fast = max((r for m, r in rows.items() if m != "ar"), key=lambda r: r["speedup"], default=None)
   if fast:
     out.append(f"fastest wall clock: {fast['method']} at {fast['speedup']:.2f}x plain decoding "
-               "(goal > 1.0 for one setting)")
-  equal = [f"{m} {r['equal']}/{r['questions']}" for m, r in rows.items() if m != "ar"]
-  out.append("questions with exactly plain decoding's output: " + ", ".join(equal))
+               f"({fast['decode_speedup']:.2f}x decode only)")
   return out
 
 
@@ -76,13 +106,14 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
   p.add_argument("--methods", nargs="+", default=list(METHODS))
-  p.add_argument("--max-new-tokens", type=int, default=48)
-  p.add_argument("--limit", type=int, default=1, help="questions per category group")
+  p.add_argument("--max-new-tokens", type=int, default=128)
+  p.add_argument("--limit", type=int, default=3, help="questions per category group")
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--runs", default="runs/specbench-bench", help="run folders (JSONL, summaries)")
   p.add_argument("--out", default="BENCHMARKS.md")
   p.add_argument("--reuse", action="store_true",
-                 help="use a model's finished run in --runs when it has the same settings")
+                 help="use a model's finished run in --runs as it is when it has the same "
+                      "settings (otherwise its run is continued from its records)")
   args = p.parse_args(argv)
   os.chdir(ROOT)  # the commands below, as written into BENCHMARKS.md, run from the repository root
   methods = available(args.methods)
@@ -108,7 +139,7 @@ def main(argv=None) -> int:
                   "--max-new-tokens", str(args.max_new_tokens), "--limit", str(args.limit),
                   "--warmup", str(args.warmup), "--out", str(out)]
     if not (args.reuse and finished(out, argv_model)):
-      rc = cli.main(argv_model)
+      rc = cli.main(argv_model + ["--resume"])
       if rc:
         parts.append(f"### {model}\n\n`effjax {' '.join(argv_model)}` failed (exit {rc}).")
         continue
@@ -118,7 +149,8 @@ def main(argv=None) -> int:
         f"### {model}\n\n`{meta['command']}` ({meta['questions']} questions, "
         f"{meta['prompt_format']}, cache "
         f"{'per turn, at most ' if meta.get('cache_per_turn') else ''}{meta['cache_len']}, "
-        f"{meta['minutes']:.0f} min)\n\n"
+        f"{meta['minutes']:.0f} min; {meta['started']} to {meta.get('finished', '?')}, load "
+        f"average {meta.get('load_average', '?')} at the end)\n\n"
         f"{(out / 'summary.md').read_text().strip()}\n\n"
         + "\n".join(f"- {line}" for line in goals(summary["table"])))
   write_section(Path(args.out), HEADING, "\n\n".join(parts))

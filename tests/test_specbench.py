@@ -91,6 +91,7 @@ def test_summary_pools_tau_and_divides_mean_speeds():
 def test_method_registry():
   assert label("esp", 30) == "esp-bc30" and label("pld", 30) == "pld"
   assert parse_label("esp-bc30") == ("esp", 30) and parse_label("pld") == ("pld", None)
+  assert parse_label("esp-dyn-bc60") == ("esp-dyn", 60) and label("esp-dyn", 60) == "esp-dyn-bc60"
   with pytest.raises(ValueError, match="unknown decoding method"):
     parse_label("esp-bcx")
   assert make_strategy("lookahead", 60).block_size == 60
@@ -144,3 +145,23 @@ def test_bench_specbench_command_end_to_end(tmp_path, capsys):
   assert "| ar | 1.00 / 1.00x | 1.00 / 1.00x | 1.00 / 1.00x |" in table
   assert [line.rsplit("|", 2)[-2].strip() for line in table.splitlines()[2:]] == ["2/2", "2/2"]
   assert table.strip() in capsys.readouterr().out
+
+  # A killed run resumes: the cut-off last record is dropped and run again, nothing twice; a method
+  # added since runs on every question after the recorded plain decoding.
+  lines = (out / "results.jsonl").read_text().splitlines()
+  (out / "results.jsonl").write_text("\n".join(lines[:2] + [lines[2][:40]]))
+  rc = cli.main(["bench", "specbench", "--model", str(tmp_path / "tiny"), "--method",
+                 "lookahead-bc10", "suffix", "--data", str(data), "--max-new-tokens", "6",
+                 "--warmup", "0", "--buckets", "128", "--out", str(out), "--resume"])
+  assert rc == 0
+  again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+  assert sorted((r["question_id"], r["method"]) for r in again) == sorted(
+      (q, m) for q in ("81", "321") for m in ("ar", "lookahead-bc10", "suffix"))
+  assert again[:2] == records[:2] and all(r["equal_to_ar"] for r in again)
+  summary = json.loads((out / "summary.json").read_text())
+  assert [r["method"] for r in summary["table"]["overall"]] == ["ar", "lookahead-bc10", "suffix"]
+  capsys.readouterr()
+  assert cli.main(["bench", "specbench", "--model", str(tmp_path / "tiny"), "--method", "suffix",
+                   "--data", str(data), "--max-new-tokens", "7", "--warmup", "0", "--buckets",
+                   "128", "--out", str(out), "--resume"]) != 0
+  assert "other settings (max_new_tokens: [6] there, [7] now)" in capsys.readouterr().err

@@ -10,7 +10,8 @@ from flax import nnx
 from effjax.decoding.engine import AutoRegressive, Engine
 from effjax.decoding.sampling import GREEDY
 from effjax.decoding.tree import (Layout, Tree, block_attention, block_mask, block_positions,
-                                  first_child_path, layout_tables, select_tree, tree_step, verify)
+                                  first_child_path, layout_tables, select_nodes, select_tree,
+                                  tree_step, verify)
 from effjax.models import KVCache, create_model, tiny_config
 
 
@@ -151,6 +152,21 @@ def test_select_tree_merges_duplicates_and_keeps_the_best_closed_set():
                 (1, 1, 1, 2, 2, 2), 2)
   np.testing.assert_array_equal(tree.tokens, [[7, x, z]])
   np.testing.assert_array_equal(tree.parent, [[0, 0, 1]])
+
+
+def test_select_nodes_accumulates_path_scores_over_merged_copies():
+  # 0: x under the root (p 0.5), 1: x again (p 0.9, another source: merged into 0), 2: y under 0
+  # (p 0.5 given x), 3: z under the root (p 0.4). Cumulative: y's path is 0.9 * 0.5 = 0.45 > 0.4.
+  x, y, z = 20, 21, 22
+  sel = jax.jit(select_nodes, static_argnums=(5, 6), static_argnames="cumulative")(
+      jnp.array([7]), jnp.array([[-1, -1, 0, -1]]), jnp.array([[x, x, y, z]]),
+      jnp.log(jnp.array([[0.5, 0.9, 0.5, 0.4]])), jnp.ones((1, 4), bool), (1, 1, 2, 1), 2,
+      cumulative=True)
+  np.testing.assert_array_equal(sel.tree.tokens, [[7, x, y]])
+  np.testing.assert_array_equal(sel.tree.parent, [[0, 0, 1]])
+  np.testing.assert_array_equal(sel.node, [[1, 1, 2, -1]])  # both copies of x are node 1
+  np.testing.assert_array_equal(sel.parent, [[0, 0, 1, 0]])
+  np.testing.assert_allclose(np.exp(sel.node_score), [[0.9, 0.45]], rtol=1e-6)
 
 
 def _tiny(family):

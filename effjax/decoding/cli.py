@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
-from effjax.decoding.methods import (BC_METHODS, BC_PRESETS, METHODS, label, make_strategy,
+from effjax.decoding.methods import (BC_PRESETS, BC_REQUIRED, METHODS, label, make_strategy,
                                      parse_label)
 
 
@@ -21,9 +22,10 @@ def register(subparsers) -> None:
                  help="a named model or a GGUF file / HF dir / effjax checkpoint")
   p.add_argument("--method", nargs="+", default=["esp"],
                  help=f"methods to run: {', '.join(METHODS)}, or one at a single budget such as "
-                      "esp-bc60 (plain decoding 'ar' always runs as the baseline)")
+                      "esp-bc60 or esp-dyn-bc30 (plain decoding 'ar' always runs as the baseline; "
+                      "lookahead and tr named without a budget run their reference settings)")
   p.add_argument("--bc", nargs="+", type=int, choices=BC_PRESETS, default=[30],
-                 help=f"budgets for {', '.join(sorted(BC_METHODS))} named without one (default 30)")
+                 help=f"budgets for {', '.join(sorted(BC_REQUIRED))} named without one (default 30)")
   p.add_argument("--data", required=True, help="Spec-Bench question JSONL, or sample:spec_bench (shipped with effjax)")
   p.add_argument("--max-new-tokens", type=positive_int, default=1024)
   add_strict_arg(p, default=True)
@@ -33,6 +35,10 @@ def register(subparsers) -> None:
   p.add_argument("--out", default=None,
                  help="output folder (default runs/specbench/<model>-<time>): results.jsonl, "
                       "summary.json, summary.md")
+  p.add_argument("--resume", action="store_true",
+                 help="continue an interrupted run in --out: keep its records and run what is "
+                      "missing, methods added since included (model, data, limits, dtype, cache "
+                      "length must be the same)")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--quant", default=None, choices=["int8"],
                  help="weight-only int8 weights with per-channel scales (default: as stored)")
@@ -73,7 +79,7 @@ def run_specbench(args) -> int:
   methods = {}
   for item in args.method:
     m, own = parse_label(item)
-    for bc in ([own] if own is not None or m not in BC_METHODS else args.bc):
+    for bc in ([own] if own is not None or m not in BC_REQUIRED else args.bc):
       methods[label(m, bc)] = make_strategy(m, bc)  # a missing method module fails here, early
   problems = load_problems(args.data, strict=args.strict)
   if problems.format != "spec_bench":
@@ -93,18 +99,35 @@ def run_specbench(args) -> int:
   meta = {"model": args.model, "source": loaded.source, "methods": ["ar", *methods],
           "data": args.data, "questions": len(questions), "per_group_limit": args.limit,
           "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "dtype": args.dtype,
-          "cache_len": cache_len, "cache_per_turn": True, "prompt_format": fmt.name, "started": stamp,
+          "quant": args.quant, "cache_len": cache_len, "cache_per_turn": True, "prompt_format": fmt.name, "started": stamp,
           "command": command_line(args, out)}
   print(f"{len(questions)} questions, methods ar + {', '.join(methods)}; {fmt.name}; "
         f"cache per turn, at most {cache_len}; writing {out}", flush=True)
-  with (out / "results.jsonl").open("w") as f:
+  results = out / "results.jsonl"
+  kept = specbench.read_records(results) if args.resume else []
+  before = json.loads((out / "meta.json").read_text()) if args.resume and kept else {}
+  same = ("model", "data", "per_group_limit", "max_new_tokens", "dtype", "quant",
+          "prompt_format", "cache_len")
+  changed = [k for k in same if before and before.get(k) != meta[k]]
+  if changed:
+    raise ValueError(f"--resume: {out} holds a run with other settings ({', '.join(changed)}: "
+                     f"{[before.get(k) for k in changed]} there, {[meta[k] for k in changed]} now)")
+  meta["started"] = before.get("started", stamp)
+  meta["earlier_minutes"] = before.get("minutes", before.get("earlier_minutes", 0))
+  (out / "meta.json").write_text(json.dumps(meta, indent=1))
+  done = [r for r in kept if r["method"] in meta["methods"]]
+  results.write_text("".join(json.dumps(r) + "\n" for r in kept))  # drops a cut-off last line
+  with results.open("a") as f:
     def emit(rec):
       f.write(json.dumps(rec) + "\n")
       f.flush()
 
     records = specbench.run(engine, fmt, questions, methods, max_new_tokens=args.max_new_tokens,
-                            warmup=args.warmup, out=emit, log=lambda s: print(s, flush=True))
-  meta["minutes"] = round((time.perf_counter() - t0) / 60, 1)
+                            warmup=args.warmup, out=emit, log=lambda s: print(s, flush=True),
+                            done=done)
+  meta["minutes"] = round(meta.pop("earlier_minutes") + (time.perf_counter() - t0) / 60, 1)
+  meta["finished"] = time.strftime("%Y%m%d-%H%M%S")
+  meta["load_average"] = round(os.getloadavg()[0], 1)
   _, text = specbench.write_outputs(out, records, meta)
   print(text)
   return 0

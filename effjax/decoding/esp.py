@@ -18,7 +18,8 @@ from flax import struct
 
 from effjax.decoding.engine import DecodeState, Strategy, append_tokens
 from effjax.decoding.sampling import GREEDY, Sampler
-from effjax.decoding.tree import Layout, Tree, count_appended, select_tree, tree_step
+from effjax.decoding.tree import (Layout, StepOutcome, Tree, count_appended, select_tree,
+                                  tree_step)
 from effjax.models.cache import rollback, write_rows
 from effjax.models.transformer import Transformer
 
@@ -150,12 +151,13 @@ class ESP(Strategy):
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     return esp_step(model, state, self.draft(state), self.depth, self.sampler, self.ema,
-                    self.num_candidates, key)
+                    self.num_candidates, key).state
 
 
 def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sampler: Sampler,
-             ema: float, num_candidates: int, key: jax.Array) -> DecodeState:
-  """Verify `tree` with the current masks; keep the next masks' candidates (shared by hybrids)."""
+             ema: float, num_candidates: int, key: jax.Array) -> StepOutcome:
+  """Verify `tree` with the current masks; keep the next masks' candidates (shared by hybrids).
+  The outcome's state carries the new ESPState."""
   ex = state.extra
   active = ~state.done
   out = tree_step(model, state, tree, ex.masks, depth, sampler, key)
@@ -166,7 +168,7 @@ def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sam
                    cand_tokens=jnp.where(keep, tok, ex.cand_tokens),
                    cand_logp=jnp.where(keep, logp, ex.cand_logp),
                    hist=count_appended(ex.hist, out.appended, active))
-  return out.state.replace(extra=extra)
+  return out.replace(state=out.state.replace(extra=extra))
 
 
 def init_masks(prompt_emb: jax.Array, prompt_len: jax.Array, k: int, init: MaskInit,

@@ -1,53 +1,182 @@
-"""Hybrid drafting (beyond the paper): a prompt-lookup chain and ESP mask candidates in one tree.
+"""The hybrid tree: one draft tree under one BC budget from every training-free source, its slots
+filled by each node's estimated acceptance probability, learnt online in this generation.
 
-Each step drafts the prompt-lookup chain (effjax.decoding.pld) and the ESP dynamic-tree candidates
-from the mask distributions, merges them into one tree of the same BC budget (the chain first; an
-ESP candidate equal to a chain token under the same node is merged into it and its children move
-over), and verifies it with masks after every owner in one forward. Copying wins where the text
-repeats (summarization, RAG), probing where it does not (math, open writing), at the cost of one.
+Sources, each proposing candidate nodes below the root with the source's own probability of the
+node given its parent ("own"):
+- esp: ESP's probes, the dynamic-tree candidates of the mask distributions (own = q_i(token));
+- suffix: the suffix drafter's trie of continuations (effjax.decoding.suffix; own = the count
+  ratio of the node to its parent);
+- recycle: Token Recycling's successors (effjax.decoding.recycling) along its template (own = the
+  probability the model gave the successor when it was recorded);
+- ngram: the prompt-lookup chain (effjax.decoding.pld; own = 1).
+A node proposed by several sources is one node (select_nodes merges it, keeping its best estimate).
+
+Each candidate's acceptance probability given its parent is estimated as own * c, with c a
+calibration factor per row and cell (source, depth, confidence bin):
+  c = (hits + prior) / (own_seen + prior),
+where hits counts the candidates of that cell whose parent was reached this generation and whose
+token the model chose there, and own_seen sums their own probabilities (so c starts at 1, trusting
+the source, and moves to its measured hit rate). Every candidate whose parent lies on the accepted
+path is observed, kept in the tree or not (the model's token at every accepted node is known), so
+a source the tree left out is still measured. The confidence bins: esp by q (< 0.1, < 0.3, < 0.6,
+above); suffix by the match length (1, 2-3, 4-7, 8+); recycle by successor rank (0, 1, 2-3, 4+);
+ngram by the matched n-gram's length. A node's estimate is the product along its path
+(cumulative log scores); the tree keeps the num_nodes best, ancestor-closed. Nothing is tuned on
+a data set: the statistics start empty in every generation and live in the loop state.
+
+For cost-aware budgets: `Hybrid.plan(state)` gives the next step's candidates and tree with each
+node's estimated path probability, and `expected_tokens` the expected tokens one step appends with
+the best tree of n nodes for every n (1 + the sum of the n largest path probabilities: each node
+is accepted with its path probability, the bonus token always comes). `HybridState.expected`
+holds that curve for the step just taken; `predicted` / `accepted` sum the expected and the
+actual accepted nodes over the generation (how well the estimate is calibrated).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import struct
 
-from effjax.decoding.esp import ESP, PRESETS, dynamic_candidates
+from effjax.decoding.engine import DecodeState
+from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_step
 from effjax.decoding.pld import context, lookup
-from effjax.decoding.tree import Tree, select_tree
+from effjax.decoding.recycling import TOP_K, SuccessorTable, template
+from effjax.decoding.suffix import suffix_candidates
+from effjax.decoding.tree import Selection, select_nodes
+from effjax.models.transformer import Transformer
+
+SOURCES = ("esp", "suffix", "recycle", "ngram")
+ESP_SRC, SUFFIX_SRC, RECYCLE_SRC, NGRAM_SRC = range(len(SOURCES))
+DEPTHS = 8  # depth cells: 1..7 and 8+
+BINS = 4
+ESP_BINS = (0.1, 0.3, 0.6)  # bin edges on q
+SUFFIX_BINS = (2, 4, 8)  # bin edges on the match length
+RECYCLE_BINS = (1, 2, 4)  # bin edges on the successor rank
+
+
+@struct.dataclass
+class AcceptanceStats:
+  """Per row and cell [B, source, depth, bin]: candidates observed (their parent was reached),
+  hits (the model chose their token there) and the sum of their own probabilities."""
+
+  seen: jax.Array
+  hits: jax.Array
+  own: jax.Array
+
+  @classmethod
+  def empty(cls, batch: int) -> "AcceptanceStats":
+    z = jnp.zeros((batch, len(SOURCES), DEPTHS, BINS), jnp.float32)
+    return cls(z, z, z)
+
+  def calibration(self, prior: float) -> jax.Array:
+    """[B, source, depth, bin] the factor c by which each cell's own probabilities are scaled."""
+    return (self.hits + prior) / (self.own + prior)
+
+  def observe(self, cell: jax.Array, own: jax.Array, seen: jax.Array, hit: jax.Array
+              ) -> "AcceptanceStats":
+    """Add candidates (cell [B, C] flat cell index, own [B, C]) where seen [B, C]."""
+    b = cell.shape[0]
+    add = lambda x, v: x.reshape(b, -1).at[jnp.arange(b)[:, None], cell].add(
+        jnp.where(seen, v, 0.0)).reshape(x.shape)
+    return AcceptanceStats(add(self.seen, 1.0), add(self.hits, hit.astype(jnp.float32)),
+                           add(self.own, own))
+
+
+@struct.dataclass
+class Candidates:
+  """All sources' candidates in one list, [B, C] (a parent at a lower level than its child)."""
+
+  parent: jax.Array  # candidate index of the parent, -1 = the root
+  tokens: jax.Array
+  own: jax.Array  # the source's probability of the node given its parent
+  valid: jax.Array
+  cell: jax.Array  # flat (source, depth, bin) cell
+  counted: jax.Array  # whether an observation of it is counted (one copy per suffix trie node)
+  levels: tuple[int, ...]
+
+  @classmethod
+  def concat(cls, parts: list["Candidates"]) -> "Candidates":
+    """Parts in order; parent indices shift by each part's offset."""
+    offset, parents = 0, []
+    for p in parts:
+      parents.append(jnp.where(p.parent >= 0, p.parent + offset, -1))
+      offset += p.tokens.shape[1]
+    cat = lambda name: jnp.concatenate([getattr(p, name) for p in parts], axis=1)
+    return cls(parent=jnp.concatenate(parents, axis=1), tokens=cat("tokens"), own=cat("own"),
+               valid=cat("valid"), cell=cat("cell"), counted=cat("counted"),
+               levels=sum((p.levels for p in parts), ()))
+
+
+def cell_index(source: int, levels: tuple[int, ...], bins: jax.Array) -> jax.Array:
+  """Flat cell of (source, min(level, DEPTHS), bin) per candidate; bins [B, C]."""
+  depth = np.minimum(np.asarray(levels), DEPTHS) - 1
+  return ((source * DEPTHS + depth)[None, :] * BINS + bins).astype(jnp.int32)
+
+
+def expected_tokens(path_logp: jax.Array, valid: jax.Array, sizes: int) -> jax.Array:
+  """[B, sizes + 1]: expected tokens one step appends with a tree of the n best nodes, n = 0..sizes:
+  1 + the sum of the n largest path probabilities (path_logp [B, C] of distinct nodes, e.g. a
+  Selection's node_score; a node never scores above its parent, so the n best are a tree)."""
+  p = jnp.where(valid, jnp.exp(path_logp), 0.0)
+  top = jax.lax.top_k(p, min(sizes, p.shape[1]))[0]
+  top = jnp.pad(top, ((0, 0), (0, sizes - top.shape[1])))
+  return 1.0 + jnp.concatenate([jnp.zeros_like(top[:, :1]), jnp.cumsum(top, axis=1)], axis=1)
+
+
+@struct.dataclass
+class HybridState:
+  esp: ESPState  # masks, their candidates and the histogram of tokens per call
+  table: SuccessorTable
+  stats: AcceptanceStats
+  expected: jax.Array  # [B, num_nodes + 1] this step's expected tokens by tree size (see module)
+  predicted: jax.Array  # [B] sum over steps of the expected accepted nodes of the tree used
+  accepted: jax.Array  # [B] sum over steps of the nodes accepted (before any EOS / limit cut)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Hybrid(ESP):
-  """ESP with the dynamic tree (`masks`, `budget`) plus a prompt-lookup chain of up to `chain`
-  tokens (at most the tree's node slots).
-
-  chain_prior None: the chain takes priority within the budget. A probability p instead scores
-  the chain token at depth d as p^d, on the scale of the ESP paths' P = prod q_i, and the budget
-  goes to the nodes most likely to be reached (the expected accepted length is the sum of those).
-  """
+  """The hybrid tree at `budget` BC tokens per forward with `masks` ESP masks per owner (node slots
+  = budget / (masks + 1) - 1). Source settings: the lookup chain (`chain` tokens, n-grams up to
+  `max_ngram`), the suffix trie (`occurrences` most recent occurrences, match lengths up to
+  `max_match`, nodes of support ratio >= `min_token_prob`), the recycled successors (`top_k` per
+  token). `prior`: pseudo-count of the calibration factor (how many expected hits of evidence it
+  takes to move c halfway from 1)."""
 
   widths: None = None
   budget: int = 30
   chain: int = 10
   max_ngram: int = 3
-  chain_prior: float | None = None
+  occurrences: int = 8
+  max_match: int = 64
+  min_token_prob: float = 0.1
+  top_k: int = TOP_K
+  prior: float = 1.0
 
   def __post_init__(self):
     if self.widths is not None:
-      raise ValueError("the hybrid uses the dynamic tree: leave widths None")
+      raise ValueError("the hybrid uses ESP's dynamic candidates: leave widths None")
     super().__post_init__()
-    if self.chain < 1 or self.max_ngram < 1:
-      raise ValueError(f"chain and max_ngram must be >= 1, got {self.chain}, {self.max_ngram}")
-    if self.chain_prior is not None and not 0 < self.chain_prior <= 1:
-      raise ValueError(f"chain_prior must be in (0, 1] or None, got {self.chain_prior}")
+    if min(self.chain, self.max_ngram, self.occurrences, self.max_match, self.top_k) < 1:
+      raise ValueError(f"chain, max_ngram, occurrences, max_match and top_k must be >= 1, got "
+                       f"{self.chain}, {self.max_ngram}, {self.occurrences}, {self.max_match}, "
+                       f"{self.top_k}")
+    if self.prior <= 0 or not 0 <= self.min_token_prob <= 1:
+      raise ValueError(f"need prior > 0 and 0 <= min_token_prob <= 1, got {self.prior}, "
+                       f"{self.min_token_prob}")
+    if max(template(self.num_nodes).ranks) >= self.top_k:
+      raise ValueError(f"top_k={self.top_k} is below the recycling template's ranks")
 
   @classmethod
   def preset(cls, bc: int, **kw) -> "Hybrid":
+    """BC10 / 30 / 60 with one mask per owner (4 / 14 / 29 node slots): ESP's ablation finds one
+    mask as good as two at BC60 (ESP.md), and the slots a second mask would take go to drafts."""
     if bc not in PRESETS:
       raise ValueError(f"no hybrid preset for BC{bc}; choose one of {sorted(PRESETS)}")
-    return cls(masks=len(PRESETS[bc]), budget=bc, **kw)
+    return cls(masks=1, budget=bc, **kw)
 
   @property
   def chain_len(self) -> int:
@@ -55,25 +184,95 @@ class Hybrid(ESP):
 
   @property
   def depth(self) -> int:
-    return max(self.chain_len, self.masks)
+    return self.num_nodes  # a suffix or lookup chain may fill every slot
 
-  def draft(self, state) -> Tree:
+  def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    state = super().prefill(model, state, key)
+    b = state.length.shape[0]
+    zeros = jnp.zeros((b,), jnp.float32)
+    return state.replace(extra=HybridState(
+        esp=state.extra, table=SuccessorTable.empty(b, model.cfg.vocab_size, self.top_k),
+        stats=AcceptanceStats.empty(b), expected=jnp.ones((b, self.num_nodes + 1)),
+        predicted=zeros, accepted=zeros))
+
+  def candidates(self, state: DecodeState) -> Candidates:
+    """Every source's candidates for the next step, with cells and own probabilities."""
+    ex: HybridState = state.extra
+    n = self.num_nodes
+    b = state.last.shape[0]
     ctx, length = context(state)
-    n = self.chain_len
-    chain, valid_len = lookup(ctx, length, self.max_ngram, n)
-    b = chain.shape[0]
-    ex = state.extra
+    parts = []
+
+    # ESP: P(path) = prod q_i; own = q_i of the node (its score minus its parent's).
     parent, tokens, score, valid, levels = dynamic_candidates(
-        state.last, ex.cand_tokens, ex.cand_logp, self.num_nodes + 1)
-    chain_parent = jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n))
-    if self.chain_prior is None:
-      chain_score = jnp.full((b, n), jnp.inf)
-    else:
-      chain_score = jnp.broadcast_to(jnp.arange(1, n + 1) * jnp.log(self.chain_prior), (b, n))
-    return select_tree(
-        state.last,
-        jnp.concatenate([chain_parent, jnp.where(parent >= 0, parent + n, -1)], axis=1),
-        jnp.concatenate([chain, tokens], axis=1),
-        jnp.concatenate([chain_score, score], axis=1),
-        jnp.concatenate([jnp.arange(n)[None, :] < valid_len[:, None], valid], axis=1),
-        tuple(range(1, n + 1)) + levels, self.num_nodes)
+        state.last, ex.esp.cand_tokens, ex.esp.cand_logp, n + 1)
+    local = score - jnp.where(parent >= 0, jnp.take_along_axis(score, jnp.maximum(parent, 0),
+                                                               axis=1), 0.0)
+    q = jnp.where(valid, jnp.exp(local), 0.0)
+    parts.append(Candidates(parent, tokens, q, valid,
+                            cell_index(ESP_SRC, levels, jnp.digitize(q, jnp.array(ESP_BINS))),
+                            valid, levels))
+
+    # Suffix trie: own = support ratio to the parent; bin by the match length.
+    sc = suffix_candidates(ctx, length, occurrences=self.occurrences, depth=n,
+                           max_depth=self.max_match, max_spec=n, alpha=1.0, offset=0.0,
+                           min_token_prob=self.min_token_prob)
+    keep = sc.valid & (sc.prob >= self.min_token_prob)
+    first = sc.first == jnp.arange(sc.first.shape[1])[None, :]
+    bins = jnp.broadcast_to(jnp.digitize(sc.match, jnp.array(SUFFIX_BINS))[:, None],
+                            sc.tokens.shape)
+    parts.append(Candidates(sc.parent, sc.tokens, sc.ratio, keep,
+                            cell_index(SUFFIX_SRC, sc.levels, bins), keep & first, sc.levels))
+
+    # Recycled successors along the template: own = their recorded probability; bin by rank.
+    tpl = template(n)
+    tokens, logp, valid = ex.table.expand(state.last, tpl)
+    parent = jnp.broadcast_to(jnp.asarray(tpl.layout.parents, jnp.int32) - 1, tokens.shape)
+    levels = tpl.layout.depths[1:]
+    bins = jnp.broadcast_to(jnp.digitize(jnp.asarray(tpl.ranks), jnp.array(RECYCLE_BINS)),
+                            tokens.shape)
+    parts.append(Candidates(parent, tokens, jnp.where(valid, jnp.exp(logp), 0.0), valid,
+                            cell_index(RECYCLE_SRC, levels, bins), valid, levels))
+
+    # Prompt lookup chain: own = 1; bin by the matched n-gram's length.
+    m = self.chain_len
+    chain, valid_len, ngram = lookup(ctx, length, self.max_ngram, m)
+    valid = jnp.arange(m)[None, :] < valid_len[:, None]
+    levels = tuple(range(1, m + 1))
+    bins = jnp.broadcast_to(jnp.clip(ngram - 1, 0, BINS - 1)[:, None], chain.shape)
+    parts.append(Candidates(jnp.broadcast_to(jnp.arange(-1, m - 1, dtype=jnp.int32), (b, m)),
+                            chain, jnp.ones(chain.shape), valid,
+                            cell_index(NGRAM_SRC, levels, bins), valid, levels))
+    return Candidates.concat(parts)
+
+  def plan(self, state: DecodeState) -> tuple[Candidates, Selection]:
+    """The next step's candidates and the tree of the num_nodes best by estimated acceptance:
+    each candidate's probability given its parent is own * c(cell), a node's the product along
+    its path (Selection.node_score, log). `expected_tokens(sel.node_score, sel.tree.valid[:, 1:],
+    n)` turns it into the expected tokens per step of the best trees of 0..n nodes."""
+    ex: HybridState = state.extra
+    cand = self.candidates(state)
+    calib = ex.stats.calibration(self.prior).reshape(cand.cell.shape[0], -1)
+    rate = jnp.clip(cand.own * jnp.take_along_axis(calib, cand.cell, axis=1), 1e-6, 1.0)
+    return cand, select_nodes(state.last, cand.parent, cand.tokens, jnp.log(rate), cand.valid,
+                              cand.levels, self.num_nodes, cumulative=True)
+
+  def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    ex: HybridState = state.extra
+    cand, sel = self.plan(state)
+    active = ~state.done
+    out = esp_step(model, state.replace(extra=ex.esp), sel.tree, self.depth, self.sampler,
+                   self.ema, self.num_candidates, key)
+    # Observe every candidate whose parent is on the accepted path: was its token the model's?
+    on_path = ((out.path[:, None, :] == sel.parent[:, :, None])
+               & (jnp.arange(out.path.shape[1]) <= out.accepted[:, None])[:, None, :])
+    seen = cand.valid & cand.counted & active[:, None] & on_path.any(axis=2)
+    hit = (on_path & (cand.tokens[:, :, None] == out.tokens[:, None, :])).any(axis=2)
+    stats = ex.stats.observe(cand.cell, cand.own, seen, hit)
+    table = ex.table.update(sel.tree.tokens, out.logits, sel.tree.valid & active[:, None])
+    expected = expected_tokens(sel.node_score, sel.tree.valid[:, 1:], self.num_nodes)
+    gain = jnp.where(active, expected[:, -1] - 1.0, 0.0)
+    return out.state.replace(extra=HybridState(
+        esp=out.state.extra, table=table, stats=stats, expected=expected,
+        predicted=ex.predicted + gain,
+        accepted=ex.accepted + jnp.where(active, out.accepted, 0).astype(jnp.float32)))

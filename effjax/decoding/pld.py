@@ -17,7 +17,7 @@ from flax import struct
 
 from effjax.decoding.engine import DecodeState, Strategy
 from effjax.decoding.sampling import GREEDY, Sampler
-from effjax.decoding.tree import Layout, Tree, count_appended, tree_step
+from effjax.decoding.tree import Layout, Tree, count_appended, step_or_root
 from effjax.models.transformer import Transformer
 
 
@@ -38,17 +38,20 @@ def context(state: DecodeState) -> tuple[jax.Array, jax.Array]:
 
 
 def lookup(ctx: jax.Array, length: jax.Array, max_ngram: int, draft_len: int, min_ngram: int = 1):
-  """Draft [B, draft_len] and its valid length [B] for text ctx[:, :length].
+  """Draft [B, draft_len], its valid length [B] and the matched n-gram's length [B] for text
+  ctx[:, :length].
 
   For n = max_ngram..min_ngram: the first position i where ctx[i:i+n] equals the last n tokens
   and the copy starts before that n-gram (i + n < length - n), as the reference implementation
-  does; the draft is what follows, cut at the end of the text. Rows without a match get length 0.
+  does; the draft is what follows, cut at the end of the text. Rows without a match get length 0
+  (and n = 0).
   """
   b, s = ctx.shape
   pos = jnp.arange(s)[None, :]
   draft = jnp.zeros((b, draft_len), jnp.int32)
   valid_len = jnp.zeros((b,), jnp.int32)
   found_any = jnp.zeros((b,), bool)
+  ngram = jnp.zeros((b,), jnp.int32)
   for n in range(max_ngram, min_ngram - 1, -1):
     gram = jnp.take_along_axis(ctx, jnp.maximum(length[:, None] - n + jnp.arange(n)[None, :], 0),
                                axis=1)
@@ -62,8 +65,9 @@ def lookup(ctx: jax.Array, length: jax.Array, max_ngram: int, draft_len: int, mi
                                                  s - 1), axis=1)
     draft = jnp.where(found[:, None], copy, draft)
     valid_len = jnp.where(found, jnp.minimum(draft_len, length - begin), valid_len)
+    ngram = jnp.where(found, n, ngram)
     found_any = found_any | found
-  return draft.astype(jnp.int32), valid_len
+  return draft.astype(jnp.int32), valid_len, ngram
 
 
 def chain_tree(root: jax.Array, draft: jax.Array, valid_len: jax.Array) -> Tree:
@@ -104,18 +108,7 @@ class PromptLookup(Strategy):
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     ctx, length = context(state)
-    draft, valid_len = lookup(ctx, length, self.max_ngram, self.draft_len, self.min_ngram)
+    draft, valid_len, _ = lookup(ctx, length, self.max_ngram, self.draft_len, self.min_ngram)
     tree = chain_tree(state.last, draft, valid_len)
-    active = ~state.done
-
-    def with_draft(s):
-      out = tree_step(model, s, tree, None, self.draft_len, self.sampler, key)
-      return out.state, out.appended
-
-    def root_only(s):
-      root = Tree(tree.tokens[:, :1], tree.parent[:, :1], tree.valid[:, :1])
-      out = tree_step(model, s, root, None, 0, self.sampler, key)
-      return out.state, out.appended
-
-    new, appended = jax.lax.cond((active & (valid_len > 0)).any(), with_draft, root_only, state)
-    return new.replace(extra=PLDState(count_appended(state.extra.hist, appended, active)))
+    new, appended = step_or_root(model, state, tree, self.draft_len, self.sampler, key)
+    return new.replace(extra=PLDState(count_appended(state.extra.hist, appended, ~state.done)))

@@ -238,6 +238,7 @@ class StepOutcome:
   tokens: jax.Array  # [B, D + 1] the model's choices along the path; the first `appended` went in
   appended: jax.Array  # [B] tokens appended this step (0 for rows done before it)
   mask_logits: jax.Array | None  # [B, k, V] logits at the masks of the deepest accepted node
+  logits: jax.Array  # [B, O, V] the model's logits at every owner (Token Recycling records them)
 
 
 def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Array | None,
@@ -293,7 +294,25 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
 
     mask_logits = jax.lax.cond(off.any(), second_pass, lambda x: x, mask_logits)
   return StepOutcome(state=after, path=path, accepted=accepted, tokens=new, appended=appended,
-                     mask_logits=mask_logits)
+                     mask_logits=mask_logits, logits=logits[:, :o])
+
+
+def step_or_root(model: Transformer, state: DecodeState, tree: Tree, max_depth: int,
+                 sampler: Sampler, key: jax.Array) -> tuple[DecodeState, jax.Array]:
+  """tree_step without masks, or the root alone when no active row has a draft node (a plain
+  decode step's cost). Returns the new state and the tokens appended per row."""
+
+  def with_draft(s):
+    out = tree_step(model, s, tree, None, max_depth, sampler, key)
+    return out.state, out.appended
+
+  def root_only(s):
+    root = Tree(tree.tokens[:, :1], tree.parent[:, :1], tree.valid[:, :1])
+    out = tree_step(model, s, root, None, 0, sampler, key)
+    return out.state, out.appended
+
+  drafted = (~state.done & tree.valid[:, 1:].any(axis=1)).any()
+  return jax.lax.cond(drafted, with_draft, root_only, state)
 
 
 def count_appended(hist: jax.Array, appended: jax.Array, active: jax.Array) -> jax.Array:
@@ -302,20 +321,40 @@ def count_appended(hist: jax.Array, appended: jax.Array, active: jax.Array) -> j
   return hist + jax.nn.one_hot(jnp.minimum(appended, h - 1), h, dtype=hist.dtype) * active[:, None]
 
 
+@struct.dataclass
+class Selection:
+  """A tree chosen from candidates, and where each candidate ended up in it."""
+
+  tree: Tree
+  node: jax.Array  # [B, C] tree slot of the candidate's node (its merged copy's); -1: not kept
+  parent: jax.Array  # [B, C] tree slot of its parent node (0 = the root); -1: parent not kept
+  score: jax.Array  # [B, C] the score each candidate was ranked by (a merged copy's is its node's)
+  node_score: jax.Array  # [B, num_nodes] that score per tree slot 1..num_nodes (-inf: unused)
+
+
 def select_tree(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: jax.Array,
                 valid: jax.Array, levels: tuple[int, ...], num_nodes: int) -> Tree:
+  """select_nodes(...).tree: the tree of the best candidates by their (path) score."""
+  return select_nodes(root, parent, tokens, score, valid, levels, num_nodes).tree
+
+
+def select_nodes(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: jax.Array,
+                 valid: jax.Array, levels: tuple[int, ...], num_nodes: int, *,
+                 cumulative: bool = False) -> Selection:
   """Build a tree of `num_nodes` node slots from a candidate list.
 
   Candidates c (static order, parents first): parent [B, C] candidate index (-1 = the root),
   token, score (higher is kept first), valid, and a static depth `levels[c]`. A candidate equal to
   an earlier one (same token under the same node) is merged into it (keeping the better score),
-  its children move over. The
-  best `num_nodes` valid candidates are kept, ancestor-closed (a child never scores above its
-  parent, ties prefer earlier candidates; a kept node whose parent is not kept is dropped), and
-  laid out in BFS order.
+  its children move over. cumulative=True: `score` is each candidate's own log-probability given
+  its parent, and a node ranks by the sum along its path in the merged tree (so children of a
+  merged node gain from its best copy). The best `num_nodes` valid candidates are kept,
+  ancestor-closed (a child never scores above its parent, ties prefer earlier candidates; a kept
+  node whose parent is not kept is dropped), and laid out in BFS order.
   """
   b, c = tokens.shape
   lv = np.asarray(levels)
+  rows = jnp.arange(b)[:, None]
   canon = jnp.broadcast_to(jnp.arange(c), (b, c))
   cparent = parent
   for level in range(1, int(lv.max()) + 1):
@@ -336,11 +375,16 @@ def select_tree(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: ja
     cparent = cparent.at[:, idx].set(cp)
     valid = valid.at[:, idx].set(v & ~is_dup)
     # A merged node keeps the best score of its copies.
-    rows = jnp.arange(b)[:, None]
     score = score.at[rows, target].max(jnp.where(is_dup & v, score[:, idx], -jnp.inf))
+  if cumulative:
+    for level in range(1, int(lv.max()) + 1):
+      idx = np.flatnonzero(lv == level)
+      cp = cparent[:, idx]
+      above = jnp.where(cp >= 0, jnp.take_along_axis(score, jnp.maximum(cp, 0), axis=1), 0.0)
+      score = score.at[:, idx].add(above)
   n = min(num_nodes, c)
   _, best = jax.lax.top_k(jnp.where(valid, score, -jnp.inf), n)
-  kept = jnp.zeros((b, c), bool).at[jnp.arange(b)[:, None], best].set(True) & valid
+  kept = jnp.zeros((b, c), bool).at[rows, best].set(True) & valid
   for level in range(1, int(lv.max()) + 1):
     idx = np.flatnonzero(lv == level)
     cp = cparent[:, idx]
@@ -349,18 +393,24 @@ def select_tree(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: ja
   # BFS order: by depth, then candidate order; unkept candidates last.
   key = jnp.where(kept, jnp.asarray(lv * c + np.arange(c))[None, :], 2 * c * (lv.max() + 1))
   order = jnp.argsort(key, axis=1)[:, :n]  # candidate index of node slot 1..n
-  slot = jnp.zeros((b, c), jnp.int32).at[jnp.arange(b)[:, None], order].set(
+  slot = jnp.zeros((b, c), jnp.int32).at[rows, order].set(
       jnp.arange(1, n + 1, dtype=jnp.int32)[None, :])
+  slot = jnp.where(kept, slot, -1)  # of canonical candidates
   node_valid = jnp.take_along_axis(kept, order, axis=1)
   cp = jnp.take_along_axis(cparent, order, axis=1)
   node_parent = jnp.where(cp >= 0, jnp.take_along_axis(slot, jnp.maximum(cp, 0), axis=1), 0)
   node_tokens = jnp.take_along_axis(tokens, order, axis=1)
+  node_score = jnp.where(node_valid, jnp.take_along_axis(score, order, axis=1), -jnp.inf)
   pad = num_nodes - n
   tree = Tree(tokens=jnp.concatenate([root[:, None], node_tokens], axis=1).astype(jnp.int32),
-              parent=jnp.concatenate([jnp.zeros((b, 1), jnp.int32), node_parent], axis=1),
+              parent=jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
+                                      jnp.maximum(node_parent, 0)], axis=1),
               valid=jnp.concatenate([jnp.ones((b, 1), bool), node_valid], axis=1))
   if pad:
     tree = Tree(tokens=jnp.pad(tree.tokens, ((0, 0), (0, pad))),
                 parent=jnp.pad(tree.parent, ((0, 0), (0, pad))),
                 valid=jnp.pad(tree.valid, ((0, 0), (0, pad))))
-  return tree
+  at = lambda x, i: jnp.take_along_axis(x, jnp.maximum(i, 0), axis=1)
+  return Selection(tree=tree, node=at(slot, canon),
+                   parent=jnp.where(cparent >= 0, at(slot, cparent), 0), score=at(score, canon),
+                   node_score=jnp.pad(node_score, ((0, 0), (0, pad)), constant_values=-jnp.inf))

@@ -100,6 +100,8 @@ class Turn:
   seconds: float  # prefill + decode wall time
   prefill_s: float
   text: str
+  predicted: float | None = None  # the hybrid's expected accepted nodes, summed over its steps
+  accepted: int | None = None  # ... and the nodes it accepted
 
   def record(self) -> dict[str, Any]:
     return dataclasses.asdict(self) | {"new_tokens": len(self.tokens)}
@@ -141,9 +143,16 @@ class Runner:
       res = self.engine.generate([prompt], strategy=strategy, max_new_tokens=self.max_new_tokens)
       text = self.fmt.decode(res.tokens[0])
       turns.append(Turn(len(prompt), res.tokens[0], res.model_calls, res.prefill_s + res.decode_s,
-                        res.prefill_s, text))
+                        res.prefill_s, text, *_prediction(res.extra)))
       messages.append({"role": "assistant", "content": text})
     return turns
+
+
+def _prediction(extra) -> tuple[float | None, int | None]:
+  """A strategy state's online estimate of accepted nodes next to the count (the hybrid's)."""
+  if hasattr(extra, "predicted") and hasattr(extra, "accepted"):
+    return float(extra.predicted[0]), int(extra.accepted[0])
+  return None, None
 
 
 def cache_len_for(fmt: PromptFormat, problems: Sequence[Problem], max_new_tokens: int,
@@ -163,40 +172,64 @@ def cache_len_for(fmt: PromptFormat, problems: Sequence[Problem], max_new_tokens
 def run(engine: Engine, fmt: PromptFormat, problems: Sequence[Problem],
         methods: Mapping[str, Strategy], *, max_new_tokens: int, warmup: int = 3,
         out: Callable[[dict[str, Any]], None] | None = None,
-        log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+        log: Callable[[str], None] = print,
+        done: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
   """Every method on every question (plain decoding first); one record per (question, method).
 
-  `out` receives each record as soon as it exists (e.g. to append it to a JSONL file).
+  `out` receives each record as soon as it exists (e.g. to append it to a JSONL file). `done`:
+  records of an earlier, interrupted run with the same settings; their (question, method) pairs
+  are not run again (a question's missing methods run after its recorded plain decoding).
   """
   strategies: dict[str, Strategy] = {BASELINE: AutoRegressive()}
   strategies.update((k, v) for k, v in methods.items() if k != BASELINE)
   runner = Runner(engine, fmt, max_new_tokens)
+  have = {(r["question_id"], r["method"]): dict(r) for r in done}
+  todo = [p for p in problems if any((p.id, m) not in have for m in strategies)]
   t0 = time.perf_counter()
-  for _ in range(warmup if problems else 0):
+  for _ in range(warmup if todo else 0):
     for strategy in strategies.values():
-      runner.conversation(problems[0], strategy)
-  log(f"warm-up ({warmup} x {len(strategies)} conversations) {time.perf_counter() - t0:.0f}s")
+      runner.conversation(todo[0], strategy)
+  log(f"warm-up ({warmup} x {len(strategies)} conversations) {time.perf_counter() - t0:.0f}s; "
+      f"{len(problems) - len(todo)} of {len(problems)} questions already done")
   records = []
   for n, problem in enumerate(problems, start=1):
     category = problem.metadata.get("category", "")
-    base: list[Turn] = []
+    base: list[list[int]] = []
     line = []
     for name, strategy in strategies.items():
-      turns = runner.conversation(problem, strategy)
+      rec = have.get((problem.id, name))
+      if rec is None:
+        turns = [t.record() for t in runner.conversation(problem, strategy)]
+        if name != BASELINE:
+          diffs = [first_difference(t["tokens"], b) for t, b in zip(turns, base)]
+        else:
+          diffs = [None] * len(turns)
+        rec = {"question_id": problem.id, "category": category, "group": group_of(category),
+               "method": name, "equal_to_ar": all(d is None for d in diffs),
+               "first_difference": diffs, "turns": turns}
+        if out is not None:
+          out(rec)
+        s = summarize_records([rec])[0]
+        line.append(f"{name} tau {s['tau']:.2f} {s['tokens_per_s']:.1f} tok/s"
+                    + ("" if rec["equal_to_ar"] else " DIFFERS"))
       if name == BASELINE:
-        base = turns
-      diffs = [first_difference(t.tokens, b.tokens) for t, b in zip(turns, base)]
-      rec = {"question_id": problem.id, "category": category, "group": group_of(category),
-             "method": name, "equal_to_ar": all(d is None for d in diffs),
-             "first_difference": diffs, "turns": [t.record() for t in turns]}
+        base = [t["tokens"] for t in rec["turns"]]
       records.append(rec)
-      if out is not None:
-        out(rec)
-      s = summarize_records([rec])[0]
-      line.append(f"{name} tau {s['tau']:.2f} {s['tokens_per_s']:.1f} tok/s"
-                  + ("" if rec["equal_to_ar"] else " DIFFERS"))
-    log(f"[{n}/{len(problems)}] {problem.id} ({category}): " + "; ".join(line))
+    if line:
+      log(f"[{n}/{len(problems)}] {problem.id} ({category}): " + "; ".join(line))
   return records
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+  """The complete records of a results.jsonl (a line cut off by a killed run is dropped)."""
+  out = []
+  if path.is_file():
+    for line in path.read_text().splitlines():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return out
 
 
 def summarize_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,191 @@
+"""Token Recycling (Luo et al. 2024; SPECULATION_BASELINES.md section 1): draft from the model's own
+earlier predictions.
+
+Every forward computes logits at every tree node, and most of them are thrown away with the rejected
+nodes. Token Recycling keeps them: an adjacency table holds, for each token, the top-k tokens the
+model predicted after it the last time it was an input (at any verified position, accepted or
+rejected), overwritten every step. The next draft tree is filled from the table level by level along
+a static template of child ranks (node (c_1..c_d) gets the c_d-th recorded successor of its parent's
+token) and verified by the one-forward tree step, so the output is the model's own decoding: lossless
+for greedy and for sampling (the draft depends only on earlier steps).
+
+The table is per row ([B, V, k] token ids with their log-probabilities, -1 = nothing recorded yet:
+such a node stays empty, where the reference drafts token 0), carried in the decode loop. Where one
+step feeds the same token at several nodes, the last in BFS order writes its row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from effjax.decoding.engine import DecodeState, Strategy, append_tokens, prefill_forward
+from effjax.decoding.sampling import GREEDY, Sampler
+from effjax.decoding.tree import Layout, Tree, count_appended, tree_step
+from effjax.models.transformer import Transformer
+
+# The authors' tree "2.2.2" (80 nodes, depth 6): how many children (ranks 0..n-1) the node at each
+# path of child ranks has; paths not listed have none.
+REFERENCE_CHILDREN: dict[tuple[int, ...], int] = {
+    (): 8,
+    (0,): 8, (1,): 4, (2,): 3, (3,): 2, (4,): 1, (5,): 1, (6,): 1, (7,): 1,
+    (0, 0): 8, (0, 1): 3, (0, 2): 2, (0, 3): 1, (0, 4): 1, (0, 5): 1, (0, 6): 1, (0, 7): 1,
+    (1, 0): 2, (1, 1): 1, (2, 0): 1, (3, 0): 1, (4, 0): 1, (5, 0): 1,
+    (0, 0, 0): 5, (0, 0, 1): 2, (0, 0, 2): 1, (0, 0, 3): 1, (0, 0, 4): 1, (0, 1, 0): 1,
+    (0, 2, 0): 1, (1, 0, 0): 1, (2, 0, 0): 1, (3, 0, 0): 1,
+    (0, 0, 0, 0): 3, (0, 0, 0, 1): 1, (0, 0, 0, 2): 1, (0, 0, 1, 0): 1, (0, 1, 0, 0): 1,
+    (1, 0, 0, 0): 1,
+    (0, 0, 0, 0, 0): 2, (0, 0, 0, 1, 0): 1,
+}
+TOP_K = 8  # successors recorded per token (the reference's --output-id-topk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """A static draft tree of child ranks: node i + 1 is child number `ranks[i]` of owner
+  `layout.parents[i]` (0 = the root); nodes in BFS order."""
+
+  layout: Layout
+  ranks: tuple[int, ...]
+
+  @property
+  def num_nodes(self) -> int:
+    return self.layout.num_nodes
+
+
+def _paths(children: dict[tuple[int, ...], int]) -> list[tuple[int, ...]]:
+  """Every node's path of child ranks, in BFS order (by depth, then parent order, then rank)."""
+  out, level = [], [()]
+  while level:
+    level = [p + (r,) for p in level for r in range(children.get(p, 0))]
+    out += level
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def template(num_nodes: int | None = None) -> Template:
+  """The reference template (num_nodes None), or its `num_nodes` cheapest nodes by depth + sum of
+  ranks (the most likely paths when deeper and lower-ranked successors are right less often; ties
+  in BFS order). A node is never cheaper than its parent, so the cut is a tree."""
+  paths = _paths(REFERENCE_CHILDREN)
+  if num_nodes is not None:
+    if not 1 <= num_nodes <= len(paths):
+      raise ValueError(f"a recycling template has 1 to {len(paths)} nodes, got {num_nodes}")
+    cost = {p: len(p) + sum(p) for p in paths}
+    keep = set(sorted(paths, key=lambda p: (cost[p], paths.index(p)))[:num_nodes])
+    paths = [p for p in paths if p in keep]
+  index = {p: i + 1 for i, p in enumerate(paths)}
+  parents = tuple(index.get(p[:-1], 0) for p in paths)
+  return Template(Layout(parents), tuple(p[-1] for p in paths))
+
+
+@struct.dataclass
+class SuccessorTable:
+  tokens: jax.Array  # [B, V, k] the top-k tokens predicted after each token, best first; -1 = none
+  logp: jax.Array  # [B, V, k] their log-probabilities then
+
+  @classmethod
+  def empty(cls, batch: int, vocab: int, k: int = TOP_K) -> "SuccessorTable":
+    return cls(jnp.full((batch, vocab, k), -1, jnp.int32), jnp.full((batch, vocab, k), -jnp.inf))
+
+  def update(self, fed: jax.Array, logits: jax.Array, valid: jax.Array) -> "SuccessorTable":
+    """Record the model's top-k after each fed token: fed [B, O] tokens, logits [B, O, V] there,
+    valid [B, O]. Of repeated tokens in a row the last valid one writes."""
+    b, o = fed.shape
+    v, k = self.tokens.shape[1:]
+    logp, top = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    later = jnp.triu(jnp.ones((o, o), bool), 1)  # [i, j]: j after i
+    shadowed = ((fed[:, :, None] == fed[:, None, :]) & valid[:, None, :] & later[None]).any(-1)
+    row = jnp.where(valid & ~shadowed, fed, v)  # v: out of bounds, dropped
+    at = (jnp.arange(b)[:, None], row)
+    return SuccessorTable(self.tokens.at[at].set(top.astype(jnp.int32), mode="drop"),
+                         self.logp.at[at].set(logp, mode="drop"))
+
+  def expand(self, root: jax.Array, tpl: Template) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Fill `tpl` from the root [B]: tokens, log-probabilities when recorded, valid; each [B, N]."""
+    b = root.shape[0]
+    rows = jnp.arange(b)
+    tokens, logp, valid = [root], [jnp.zeros((b,))], [jnp.ones((b,), bool)]
+    for parent, rank in zip(tpl.layout.parents, tpl.ranks):  # parents come first
+      src = jnp.maximum(tokens[parent], 0)
+      tok = self.tokens[rows, src, rank]
+      tokens.append(tok)
+      logp.append(self.logp[rows, src, rank])
+      valid.append(valid[parent] & (tok >= 0))
+    stack = lambda xs: jnp.stack(xs[1:], axis=1)
+    return stack(tokens), stack(logp), stack(valid)
+
+
+@struct.dataclass
+class RecyclingState:
+  table: SuccessorTable
+  hist: jax.Array  # [B, max_step_tokens + 1] model calls by tokens appended
+
+
+def prefill_with_table(strategy: Strategy, model: Transformer, state: DecodeState, key: jax.Array,
+                       k: int = TOP_K) -> tuple[DecodeState, SuccessorTable]:
+  """The plain prefill, with the first table entry: the successors of the last prompt token."""
+  logits, _, state = prefill_forward(model, state)
+  last = jnp.take_along_axis(state.prompt, (state.prompt_len - 1)[:, None], axis=1)
+  table = SuccessorTable.empty(last.shape[0], logits.shape[-1], k)
+  table = table.update(last, logits[:, None], jnp.ones(last.shape, bool))
+  state = append_tokens(state, strategy.sampler(logits, key)[:, None], jnp.ones_like(state.length))
+  return state, table
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenRecycling(Strategy):
+  """Token Recycling with the reference tree (budget None: 80 nodes, 81 tokens per forward) or its
+  cheapest budget - 1 nodes (BC `budget` tokens per forward, e.g. 10 / 30 / 60)."""
+
+  budget: int | None = None
+  top_k: int = TOP_K
+  sampler: Sampler = GREEDY
+
+  def __post_init__(self):
+    if self.budget is not None:
+      template(self.budget - 1)  # raises on an impossible budget
+    if not 1 <= self.top_k:
+      raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+    if max(self.template.ranks) >= self.top_k:
+      raise ValueError(f"the tree uses successor ranks up to {max(self.template.ranks)}, more than "
+                       f"top_k={self.top_k} recorded")
+
+  @property
+  def template(self) -> Template:
+    return template(None if self.budget is None else self.budget - 1)
+
+  @property
+  def block_size(self) -> int:
+    return self.template.num_nodes + 1
+
+  @property
+  def max_step_tokens(self) -> int:
+    return self.template.layout.depth + 1
+
+  def prefill(self, model, state, key):
+    state, table = prefill_with_table(self, model, state, key, self.top_k)
+    hist = jnp.zeros((state.length.shape[0], self.max_step_tokens + 1), jnp.int32)
+    return state.replace(extra=RecyclingState(table, hist))
+
+  def draft(self, state: DecodeState) -> Tree:
+    tpl = self.template
+    tokens, _, valid = state.extra.table.expand(state.last, tpl)
+    b = tokens.shape[0]
+    return Tree(tokens=jnp.concatenate([state.last[:, None], tokens], axis=1),
+                parent=tpl.layout.parent_array(b),
+                valid=jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1))
+
+  def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    ex: RecyclingState = state.extra
+    tree = self.draft(state)
+    active = ~state.done
+    out = tree_step(model, state, tree, None, self.template.layout.depth, self.sampler, key)
+    table = ex.table.update(tree.tokens, out.logits, tree.valid & active[:, None])
+    return out.state.replace(extra=RecyclingState(table, count_appended(ex.hist, out.appended,
+                                                                        active)))
+
