@@ -9,12 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax.decoding.engine import AutoRegressive, Engine
+from effjax.decoding.engine import Engine
 from effjax.decoding.esp import (ESP, dynamic_candidates, ema_update, init_masks,
                                  prefill_with_masks, static_tree)
-from effjax.decoding.hybrid import Hybrid
-from effjax.decoding.pld import PromptLookup
-from effjax.decoding.sampling import Sampler
 from effjax.decoding.tree import select_tree
 from effjax.models import create_model, tiny_config
 

@@ -20,7 +20,7 @@ from effjax.decoding.hybrid import (BINS, DEPTHS, SOURCES, AcceptanceStats, Hybr
 from effjax.decoding.methods import all_labels, make_strategy, parse_label
 from effjax.decoding.recycling import REFERENCE_CHILDREN, SuccessorTable, TokenRecycling, template
 from effjax.decoding.sampling import Sampler
-from effjax.decoding.suffix import SuffixDecoding, match_lengths, suffix_candidates
+from effjax.decoding.suffix import match_lengths, suffix_candidates
 from effjax.models import create_model, tiny_config
 
 PROMPTS = [[1, 2, 3, 4, 9, 10, 11, 14, 15, 20, 21], [7, 8, 9], [5, 6, 7, 8] * 3 + [5, 6]]
@@ -81,9 +81,13 @@ def run_checked(engine, strategy, stop):
   return [tokens[i, :length[i]].tolist() for i in range(len(PROMPTS))], int(calls), state
 
 
-# Every name make_strategy knows, on Llama; ESP with mask init "sample" (random masks) too.
-BY_NAME = [(n, n) for n in all_labels()] + [("esp-dyn-bc30-init-sample",
-                                             ESP.preset(30, dynamic=True, init="sample"))]
+# On Llama: every ESP name (static and dynamic trees at each budget), ESP with mask init "sample"
+# (random masks), and one or two presets of each other method (each case compiles a decode loop;
+# test_method_names builds every name, lookahead's presets run in tests/test_lookahead.py).
+RUN_NAMES = [n for n in all_labels() if n.startswith("esp")] + [
+    "pld", "lookahead", "tr", "tr-bc10", "suffix", "hybrid-bc30"]
+BY_NAME = [(n, n) for n in RUN_NAMES] + [("esp-dyn-bc30-init-sample",
+                                         ESP.preset(30, dynamic=True, init="sample"))]
 
 
 @pytest.mark.parametrize("name,strategy", BY_NAME, ids=[n for n, _ in BY_NAME])
@@ -97,12 +101,11 @@ def test_every_method_by_name_is_lossless_and_keeps_the_cache(name, strategy):
     assert calls < max(len(t) for t in want) - 1
 
 
-# On the other families (sliding windows, q/k norms, post-norms, embedding scales): the hybrid
-# (tree forwards with masks after every owner; ESP, suffix, recycling and lookup drafts) and
-# lookahead (its own block). Every tree method shares the hybrid's tree forward; two masks per
-# owner run on Gemma 3 in tests/test_esp.py.
-FAMILY_CASES = [(f, m) for f in ("qwen2", "qwen3", "gemma2", "gemma3")
-                for m in ("hybrid-bc60", "lookahead-bc10")]
+# On other families (q/k norms; sliding windows, soft-capping, post-norms, embedding scales): the
+# hybrid (tree forwards with masks after every owner; ESP, suffix, recycling and lookup drafts).
+# Every tree method shares its tree forward; two masks per owner run on Gemma 3 in
+# tests/test_esp.py, lookahead on Llama and Gemma 3 in tests/test_lookahead.py.
+FAMILY_CASES = [(f, "hybrid-bc10") for f in ("qwen3", "gemma2")]
 
 
 @pytest.mark.parametrize("family,name", FAMILY_CASES, ids=[f"{f}-{m}" for f, m in FAMILY_CASES])
@@ -144,8 +147,9 @@ def _exact_joint(model, prompt, sampler, n):
 
 def test_sampling_is_exact_over_several_steps():
   """The first four sampled tokens of many rows with top-k and top-p: the frequencies of every
-  drafting family and of plain sampling fit the exact joint distribution (chi-square over the
-  cells with >= 5 expected counts, the rest pooled), and multi-token steps happened."""
+  tree kind (masks and a static tree; a recycled tree without masks; the hybrid's per-step tree
+  with masks) fit the exact joint distribution (chi-square over the cells with >= 5 expected
+  counts, the rest pooled), and multi-token steps happened."""
   _, model = tiny("qwen3", vocab=8, seed=1)
   sampler = Sampler(temperature=1.0, top_k=6, top_p=0.95)
   prompt = [1, 2, 3, 4, 2, 3]
@@ -154,8 +158,8 @@ def test_sampling_is_exact_over_several_steps():
   big = [c for c in exact if exact[c] * rows >= 5]
   exp = [exact[c] * rows for c in big] + [rows * (1 - sum(exact[c] for c in big))]
   eng = Engine(model, cache_len=40)
-  for s in (AutoRegressive(sampler), ESP(widths=(2, 2), sampler=sampler),
-            TokenRecycling(budget=10, sampler=sampler), SuffixDecoding(sampler=sampler),
+  # The suffix drafter and prompt lookup verify as Token Recycling does (a tree without masks).
+  for s in (ESP(widths=(2, 2), sampler=sampler), TokenRecycling(budget=10, sampler=sampler),
             Hybrid.preset(10, sampler=sampler)):
     res = eng.generate([prompt] * rows, strategy=s, max_new_tokens=n, seed=5)
     seen = {}
@@ -164,9 +168,8 @@ def test_sampling_is_exact_over_several_steps():
     assert set(seen) <= set(exact)  # nothing outside the top-k / top-p support
     obs = [seen.get(c, 0) for c in big] + [rows - sum(seen.get(c, 0) for c in big)]
     assert stats.chisquare(obs, exp).pvalue > 1e-3, type(s).__name__
-    if not isinstance(s, AutoRegressive):
-      hist = (res.extra.esp if isinstance(s, Hybrid) else res.extra).hist
-      assert hist[:, 2:].sum() > rows // 20, type(s).__name__  # multi-token steps happened
+    hist = (res.extra.esp if isinstance(s, Hybrid) else res.extra).hist
+    assert hist[:, 2:].sum() > rows // 20, type(s).__name__  # multi-token steps happened
 
 
 def test_recycling_template_and_table():

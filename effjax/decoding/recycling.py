@@ -110,11 +110,16 @@ class SuccessorTable:
     b = root.shape[0]
     rows = jnp.arange(b)
     tokens, logp, valid = [root], [jnp.zeros((b,))], [jnp.ones((b,), bool)]
+    k = self.tokens.shape[2]
     for parent, rank in zip(tpl.layout.parents, tpl.ranks):  # parents come first
-      src = jnp.maximum(tokens[parent], 0)
-      tok = self.tokens[rows, src, rank]
-      tokens.append(tok)
-      logp.append(self.logp[rows, src, rank])
+      if rank >= k:  # not recorded: an empty node
+        tokens.append(jnp.zeros((b,), jnp.int32))
+        logp.append(jnp.full((b,), -jnp.inf))
+        valid.append(jnp.zeros((b,), bool))
+        continue
+      tok = self.tokens[rows, tokens[parent], rank]
+      tokens.append(jnp.maximum(tok, 0))  # an empty node holds token 0 (never read: not valid)
+      logp.append(self.logp[rows, tokens[parent], rank])
       valid.append(valid[parent] & (tok >= 0))
     stack = lambda xs: jnp.stack(xs[1:], axis=1)
     return stack(tokens), stack(logp), stack(valid)
@@ -178,7 +183,8 @@ class TokenRecycling(Strategy):
     b = tokens.shape[0]
     return Tree(tokens=jnp.concatenate([state.last[:, None], tokens], axis=1),
                 parent=tpl.layout.parent_array(b),
-                valid=jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1))
+                valid=jnp.concatenate([jnp.ones((b, 1), bool), valid], axis=1),
+                layout=tpl.layout)  # an empty node's descendants are empty: static tables hold
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     ex: RecyclingState = state.extra
