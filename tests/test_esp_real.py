@@ -58,4 +58,5 @@ def test_greedy_equals_plain_greedy_on_embedded_models(model_name, method):
                      max_new_tokens=NEW_TOKENS)
   for p, w, g in zip(prompts, want, res.tokens):
     assert _differs_only_at_a_tie(model, p, w, g)
-  assert res.tokens_per_call > 1.05  # drafts are accepted on a real model
+  # Drafts are accepted on a real model (the suffix drafter only where the text repeats itself).
+  assert res.tokens_per_call > (1.0 if method == "suffix" else 1.05)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.decoding.engine import Engine
-from effjax.decoding.pld import PromptLookup, lookup
+from effjax.decoding.pld import PromptLookup, lookup_match
 from effjax.models import create_model, tiny_config
 
 
@@ -27,7 +27,7 @@ def test_lookup_matches_the_reference_search():
   texts.append([1, 2, 3, 9, 9, 1, 2, 3])  # a 3-gram match with a short tail
   width = 40
   ctx = jnp.array([t + [0] * (width - len(t)) for t in texts])
-  draft, n, _ = lookup(ctx, jnp.array([len(t) for t in texts]), 3, 10)
+  draft, n, _ = lookup_match(ctx, jnp.array([len(t) for t in texts]), 3, 10)
   for i, t in enumerate(texts):
     want = _reference([int(x) for x in t])
     assert int(n[i]) == len(want), i

@@ -151,13 +151,20 @@ class ESP(Strategy):
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     return esp_step(model, state, self.draft(state), self.depth, self.sampler, self.ema,
-                    self.num_candidates, key).state
+                    self.num_candidates, key)
 
 
 def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sampler: Sampler,
-             ema: float, num_candidates: int, key: jax.Array) -> StepOutcome:
-  """Verify `tree` with the current masks; keep the next masks' candidates (shared by hybrids).
-  The outcome's state carries the new ESPState."""
+             ema: float, num_candidates: int, key: jax.Array) -> DecodeState:
+  """Verify `tree` with the current masks; keep the next masks' candidates (shared by hybrids)."""
+  return esp_tree_step(model, state, tree, depth, sampler, ema, num_candidates, key).state
+
+
+def esp_tree_step(model: Transformer, state: DecodeState, tree: Tree, depth: int,
+                  sampler: Sampler, ema: float, num_candidates: int, key: jax.Array
+                  ) -> StepOutcome:
+  """esp_step with the whole step outcome (path, owner logits...); its state carries the new
+  ESPState."""
   ex = state.extra
   active = ~state.done
   out = tree_step(model, state, tree, ex.masks, depth, sampler, key)

@@ -42,8 +42,8 @@ import numpy as np
 from flax import struct
 
 from effjax.decoding.engine import DecodeState
-from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_step
-from effjax.decoding.pld import context, lookup
+from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_tree_step
+from effjax.decoding.pld import context, lookup_match
 from effjax.decoding.recycling import TOP_K, SuccessorTable, template
 from effjax.decoding.suffix import suffix_candidates
 from effjax.decoding.tree import Selection, select_nodes
@@ -236,7 +236,7 @@ class Hybrid(ESP):
 
     # Prompt lookup chain: own = 1; bin by the matched n-gram's length.
     m = self.chain_len
-    chain, valid_len, ngram = lookup(ctx, length, self.max_ngram, m)
+    chain, valid_len, ngram = lookup_match(ctx, length, self.max_ngram, m)
     valid = jnp.arange(m)[None, :] < valid_len[:, None]
     levels = tuple(range(1, m + 1))
     bins = jnp.broadcast_to(jnp.clip(ngram - 1, 0, BINS - 1)[:, None], chain.shape)
@@ -261,7 +261,7 @@ class Hybrid(ESP):
     ex: HybridState = state.extra
     cand, sel = self.plan(state)
     active = ~state.done
-    out = esp_step(model, state.replace(extra=ex.esp), sel.tree, self.depth, self.sampler,
+    out = esp_tree_step(model, state.replace(extra=ex.esp), sel.tree, self.depth, self.sampler,
                    self.ema, self.num_candidates, key)
     # Observe every candidate whose parent is on the accepted path: was its token the model's?
     on_path = ((out.path[:, None, :] == sel.parent[:, :, None])

@@ -38,6 +38,12 @@ def context(state: DecodeState) -> tuple[jax.Array, jax.Array]:
 
 
 def lookup(ctx: jax.Array, length: jax.Array, max_ngram: int, draft_len: int, min_ngram: int = 1):
+  """Draft [B, draft_len] and its valid length [B] for text ctx[:, :length] (lookup_match)."""
+  return lookup_match(ctx, length, max_ngram, draft_len, min_ngram)[:2]
+
+
+def lookup_match(ctx: jax.Array, length: jax.Array, max_ngram: int, draft_len: int,
+                 min_ngram: int = 1):
   """Draft [B, draft_len], its valid length [B] and the matched n-gram's length [B] for text
   ctx[:, :length].
 
@@ -108,7 +114,7 @@ class PromptLookup(Strategy):
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     ctx, length = context(state)
-    draft, valid_len, _ = lookup(ctx, length, self.max_ngram, self.draft_len, self.min_ngram)
+    draft, valid_len = lookup(ctx, length, self.max_ngram, self.draft_len, self.min_ngram)
     tree = chain_tree(state.last, draft, valid_len)
     new, appended = step_or_root(model, state, tree, self.draft_len, self.sampler, key)
     return new.replace(extra=PLDState(count_appended(state.extra.hist, appended, ~state.done)))
