@@ -31,6 +31,7 @@ from report import write_section  # noqa: E402
 
 from effjax import cli  # noqa: E402
 from effjax.decoding.methods import parse_label  # noqa: E402
+from effjax.evals import specbench  # noqa: E402
 
 HEADING = "## SpecBench (benchmarks/specbench.py)"
 METHODS = ("pld", "suffix", "lookahead", "tr", "esp-bc30", "esp-dyn-bc30", "esp-bc60",
@@ -102,6 +103,26 @@ def goals(table: dict) -> list[str]:
   return out
 
 
+def partial_section(model: str, out: Path) -> str:
+  """A model's section from the records of an unfinished run: only the questions that every
+  method of the run has finished, so that each ratio compares the same questions."""
+  meta = json.loads((out / "meta.json").read_text())
+  records = specbench.read_records(out / "results.jsonl")
+  have = {}
+  for r in records:
+    have.setdefault(r["question_id"], set()).add(r["method"])
+  full = {q for q, m in have.items() if set(meta["methods"]) <= m}
+  kept = [r for r in records if r["question_id"] in full]
+  if not kept:
+    return f"### {model}\n\nPARTIAL: no question finished by every method yet (`{meta['command']}`)."
+  table = specbench.summarize(kept)
+  return (f"### {model}\n\nPARTIAL run, cut short: {len(full)} of {meta['questions']} questions "
+          f"finished by every method (`{meta['command']} --resume`, started {meta['started']}; "
+          f"load average {os.getloadavg()[0]:.1f} when summarized)\n\n"
+          f"{specbench.format_table(table).strip()}\n\n"
+          + "\n".join(f"- {line}" for line in goals(table)))
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
@@ -114,6 +135,9 @@ def main(argv=None) -> int:
   p.add_argument("--reuse", action="store_true",
                  help="use a model's finished run in --runs as it is when it has the same "
                       "settings (otherwise its run is continued from its records)")
+  p.add_argument("--partial", action="store_true",
+                 help="run nothing: write the tables of the questions every method has finished "
+                      "in each model's run so far, marked partial (for a run cut short)")
   args = p.parse_args(argv)
   os.chdir(ROOT)  # the commands below, as written into BENCHMARKS.md, run from the repository root
   methods = available(args.methods)
@@ -138,6 +162,9 @@ def main(argv=None) -> int:
     argv_model = ["bench", "specbench", "--model", model, "--method", *methods, "--data", data,
                   "--max-new-tokens", str(args.max_new_tokens), "--limit", str(args.limit),
                   "--warmup", str(args.warmup), "--out", str(out)]
+    if args.partial:
+      parts.append(partial_section(model, out))
+      continue
     if not (args.reuse and finished(out, argv_model)):
       rc = cli.main(argv_model + ["--resume"])
       if rc:
