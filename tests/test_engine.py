@@ -115,7 +115,7 @@ def test_step_hook_steers_and_zero_vector_changes_nothing():
   zero = eng.generate(PROMPTS, max_new_tokens=10,
                       strategy=AutoRegressive(hook=_ConstantSteer(jnp.zeros(cfg.dim), 1, 1.0)))
   assert zero.tokens == plain.tokens
-  np.testing.assert_array_equal(zero.extra, [10, 10, 10])  # prefill + 9 decode forwards
+  np.testing.assert_array_equal(zero.hook_state, [10, 10, 10])  # prefill + 9 decode forwards
   big = jax.random.normal(jax.random.key(0), (cfg.dim,)) * 50
   steered = eng.generate(PROMPTS, max_new_tokens=10,
                          strategy=AutoRegressive(hook=_ConstantSteer(big, 1, 1.0)))

@@ -1,6 +1,7 @@
 """`effjax rebalance extract|eval|plot` end to end: a tiny checkpoint with its own tokenizer for
 extraction, and the real SmolLM2 on two GSM8K problems for evaluation."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,7 +13,9 @@ from effjax.checkpoints import orbax_io
 from effjax.cli import main
 from effjax.models import create_model, tiny_config
 from effjax.rebalance import extract as ex
+from effjax.rebalance.disjoint import ProblemSet, clashes
 from effjax.rebalance.control import PRESETS
+from effjax.rebalance.seal import SealVector
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -81,7 +84,9 @@ def test_extract_writes_a_valid_profile_and_resumes(tiny_checkpoint, tmp_path, c
   assert profile.counts["problems"] == 6 and profile.counts["steps"] >= 10
   assert profile.counts["overthinking"] > 0 and profile.counts["normal"] > 0
   assert len(profile.calibration_problems) == 6
-  assert profile.overlaps(QUESTIONS) == [0, 1, 2, 3, 4, 5]
+  assert [c.problem for c in clashes(profile.calibration, ProblemSet.of(QUESTIONS))] == \
+      [0, 1, 2, 3, 4, 5]
+  assert profile.statistic == "geometric"
   store = ex.CalibrationStore.open(f"{out}.store")
   assert store.num_rows == profile.counts["steps"] and store.layer(c.layer).shape[1] == 64
   # A rerun resumes from the store: nothing is generated again, the profile is the same.
@@ -109,7 +114,7 @@ def test_extract_writes_a_valid_profile_and_resumes(tiny_checkpoint, tmp_path, c
       capsys.readouterr().err
   # Calibrating on a declared evaluation set is refused too.
   assert main(argv[:-2] + ["--out", str(tmp_path / "x"), "--disjoint-from", data]) == 2
-  assert "also in" in capsys.readouterr().err
+  assert "calibration problems are in" in capsys.readouterr().err
 
 
 def test_eval_runs_on_the_tiny_model(tiny_checkpoint, tmp_path, capsys):
@@ -118,16 +123,34 @@ def test_eval_runs_on_the_tiny_model(tiny_checkpoint, tmp_path, capsys):
   profile = tmp_path / "p.profile"
   assert main(["rebalance", "extract", "--model", str(tiny_checkpoint), "--data", calib,
                "--max-new-tokens", "48", "--batch-size", "6", "--out", str(profile)]) == 0
+  # This tiny model's traces have no reflection thought after the first step (SEAL extraction is
+  # tested on a synthetic store): give the profile a SEAL vector to evaluate with.
+  extracted = ex.ReBalanceProfile.load(profile)
+  assert extracted.seal is None and extracted.counts["seal_execution"] > 0
+  dataclasses.replace(extracted, seal=SealVector(-extracted.vector, extracted.constants.layer)
+                      ).save(profile)
   out = tmp_path / "eval"
-  assert main(["rebalance", "eval", "--model", str(tiny_checkpoint), "--profile", str(profile),
-               "--data", evald, "--method", "baseline,rebalance", "--max-new-tokens", "24",
-               "--batch-size", "4", "--temperature", "0", "--out", str(out)]) == 0
+  common = ["rebalance", "eval", "--model", str(tiny_checkpoint), "--profile", str(profile),
+            "--data", evald, "--max-new-tokens", "24", "--batch-size", "4", "--temperature", "0"]
+  assert main(common + ["--method", "baseline,seal,deer,rebalance", "--out", str(out)]) == 0
   summary = json.loads((out / "summary.json").read_text())
-  assert summary["baseline"]["problems"] == summary["rebalance"]["problems"] == 4
-  rows = [json.loads(l) for l in (out / "rebalance.jsonl").read_text().splitlines()]
-  assert [r["id"] for r in rows] == [f"gsm8k-{i}" for i in range(1, 5)]
-  assert sum(r["steered"] for r in rows) > 0
+  assert {s["problems"] for s in summary.values()} == {4} and len(summary) == 4
+  rows = {m: [json.loads(l) for l in (out / f"{m}.jsonl").read_text().splitlines()]
+          for m in ("rebalance", "seal", "deer")}
+  assert [r["id"] for r in rows["rebalance"]] == [f"gsm8k-{i}" for i in range(1, 5)]
+  assert sum(r["steered"] for r in rows["rebalance"]) > 0
+  assert sum(r["steered"] for r in rows["seal"]) > 0
+  assert all("trials" in r and r["answered"] in (True, False) for r in rows["deer"])
   assert "| rebalance | 4 |" in capsys.readouterr().out
+  # Steered inside prompt lookup, on an 8-device mesh: the same responses, and the confidence
+  # statistic is the profile's (asking for the other one is refused before loading the model).
+  assert main(common + ["--method", "rebalance", "--decoding", "pld", "--mesh",
+                        "data=2,fsdp=2,tensor=2", "--out", str(tmp_path / "pld")]) == 0
+  pld = [json.loads(l) for l in (tmp_path / "pld" / "rebalance.jsonl").read_text().splitlines()]
+  assert [r["response"] for r in pld] == [r["response"] for r in rows["rebalance"]]
+  assert main(common + ["--method", "rebalance", "--confidence", "arithmetic", "--out",
+                        str(tmp_path / "x")]) == 2
+  assert "quartiles are of the geometric mean" in capsys.readouterr().err
   assert main(["rebalance", "plot", "--trace", str(out / "rebalance.trace.jsonl"), "--out",
                str(tmp_path / "steps.png")]) == 0
   assert (tmp_path / "steps.png").stat().st_size > 1000
@@ -150,7 +173,7 @@ def test_eval_on_smollm2(tmp_path, capsys):
       vector=(rng.normal(size=576) * 0.5).astype(np.float32),
       constants=PRESETS["deepseek-r1-distill-qwen-1.5b"].replace(layer=15),
       model_id="smollm2-135m-instruct",
-      calibration_problems=tuple(ex.problem_fingerprint(t) for t in others))
+      calibration=ProblemSet.of(others))
   profile.save(tmp_path / "smol.profile")
   out = tmp_path / "eval"
   argv = ["rebalance", "eval", "--model", "smollm2-135m-instruct", "--profile",

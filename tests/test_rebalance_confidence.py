@@ -118,7 +118,7 @@ def test_bookkeeping_matches_python(mean, window):
 
 def test_whole_response_span():
   logits, tokens, active = recorded_run(1)
-  cfg = cf.TrackerConfig.create(CONSTS)
+  cfg = cf.TrackerConfig.create(CONSTS, mean="arithmetic")
   _, sig = run_tracker(cfg, logits, tokens, active, None)
   want, _ = python_reference(logits, tokens, active, [True] * B, "arithmetic", 2, tags=False)
   # Without tags nothing toggles the span: OPEN/CLOSE are ordinary tokens here.

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from effjax.rebalance import extract as ex
+from effjax.rebalance.disjoint import ProblemSet, clashes, shingles
 from effjax.rebalance.control import solve_k
 
 
@@ -55,7 +56,8 @@ def fill_store(path, n_problems=60, num_layers=5, dim=80, planted=3, seed=0):
     hidden = rng.normal(size=(num_layers, n, dim))
     hidden[planted] += 20.0 * (c - 0.65)[:, None] * direction
     hidden[1] += 4.0 * (c - 0.65)[:, None] * weak
-    store.append(ex.problem_fingerprint(f"problem {p}"), steps, c, hidden)
+    store.append(ex.problem_fingerprint(f"problem {p}"), steps, c, hidden,
+                 shingles(f"problem {p}"))
   return store, direction
 
 
@@ -115,7 +117,11 @@ def test_profile_from_synthetic_store_round_trips(tmp_path):
   np.testing.assert_array_equal(loaded.vector, profile.vector)
   assert loaded.constants == profile.constants and loaded.model_id == "synthetic/tiny"
   assert loaded.calibration_hash == profile.calibration_hash and loaded.layer_r2 == profile.layer_r2
-  assert loaded.overlaps(["an unseen problem", "Problem   1", "problem 7"]) == [1, 2]
+  assert loaded.statistic == "geometric" and loaded.seal.layer == consts.layer
+  np.testing.assert_array_equal(loaded.seal.vector, profile.seal.vector)
+  found = clashes(loaded.calibration, ProblemSet.of(["an unseen problem", "Problem   1",
+                                                     "problem 7"]))
+  assert [(c.problem, c.overlap) for c in found] == [(1, 1.0), (2, 1.0)]
 
 
 def test_store_rejects_bad_shapes(tmp_path):

@@ -15,6 +15,7 @@ from effjax.rebalance import steering as st
 from effjax.rebalance.confidence import TrackerConfig
 from effjax.rebalance.control import ReBalanceConstants, alpha, solve_k
 from effjax.rebalance.nowait import NoWaitHook, reflection_token_ids
+from step_texts import token_texts
 
 V, LAYER, NEW = 128, 2, 40
 PROMPTS = [[1, 2, 3, 4, 9, 10, 11, 40, 41], [7, 8, 9], [100, 3, 55, 12, 12, 6]]
@@ -22,20 +23,7 @@ CONSTS = ReBalanceConstants(q25c=0.15, q75c=0.45, L1=-1.0, q25v=0.0005, q75v=0.0
                             H2=0.1, layer=LAYER)
 
 
-def token_text(i: int) -> str:
-  """Synthetic token texts: paragraph breaks inside tokens and split over two "\\n" tokens."""
-  if i % 7 == 0:
-    return "\n\n"
-  if i % 11 == 3:
-    return "\n"
-  if i % 13 == 5:
-    return ".\n\n"
-  if i % 17 == 2:
-    return "\nx"
-  return f" w{i}"
-
-
-TEXTS = [token_text(i) for i in range(V)]
+TEXTS = token_texts(V)
 decode = lambda ids: "".join(TEXTS[i] for i in ids)
 
 
@@ -60,7 +48,9 @@ def plain(engine):
 
 
 def make_hook(vector, trace_len=NEW):
-  return st.ReBalanceHook(np.asarray(vector, np.float32), TrackerConfig.create(CONSTS),
+  # The arithmetic mean (the authors' decoding code), which python_steps reproduces.
+  return st.ReBalanceHook(np.asarray(vector, np.float32),
+                          TrackerConfig.create(CONSTS, mean="arithmetic"),
                           st.Delimiters.from_texts(TEXTS), starts_in_span=True,
                           trace_len=trace_len)
 
@@ -126,7 +116,7 @@ def steered_run(model, engine):
 
 def test_steering_adds_alpha_s_at_delimiters_only(model, steered_run):
   vector, res = steered_run
-  inner, hidden, _, _ = res.extra
+  inner, hidden, _, _ = res.hook_state
   trace = inner.trace
   # Unsteered teacher-forced forward over prompt + steered generation (rows right-padded).
   seqs = [p + g for p, g in zip(PROMPTS, res.tokens)]
@@ -157,7 +147,7 @@ def test_steering_adds_alpha_s_at_delimiters_only(model, steered_run):
 
 def test_bookkeeping_matches_python_on_the_recorded_run(steered_run):
   _, res = steered_run
-  inner, _, logits, _ = res.extra
+  inner, _, logits, _ = res.hook_state
   for b, gen in enumerate(res.tokens):
     pmax = [1.0 / sum(math.exp(x - max(row)) for x in row) for row in logits[b].tolist()]
     want = python_steps(gen, pmax)
@@ -178,7 +168,7 @@ def test_zero_vector_equals_unsteered_engine(model, engine):
   zero = engine.generate(PROMPTS, strategy=AutoRegressive(sampler, make_hook(np.zeros(64))),
                          max_new_tokens=NEW, seed=2)
   assert zero.tokens == unsteered.tokens
-  assert np.count_nonzero(zero.extra.trace.applied) > 5  # the steering path really ran
+  assert np.count_nonzero(zero.hook_state.trace.applied) > 5  # the steering path really ran
 
 
 def test_steering_outside_think_span_is_off(model, engine, plain):
@@ -189,7 +179,7 @@ def test_steering_outside_think_span_is_off(model, engine, plain):
   hook = st.ReBalanceHook(vector, tracker, st.Delimiters.from_texts(TEXTS), starts_in_span=False,
                           trace_len=NEW)
   res = engine.generate(PROMPTS, strategy=AutoRegressive(hook=hook), max_new_tokens=NEW)
-  assert not np.any(res.extra.trace.applied) and res.extra.trace.closed.any()
+  assert not np.any(res.hook_state.trace.applied) and res.hook_state.trace.closed.any()
   assert res.tokens == plain
 
 
@@ -215,7 +205,7 @@ def test_reflection_token_ids_takes_single_token_spellings():
 
 def test_trace_file_and_plot(tmp_path, steered_run):
   _, res = steered_run
-  inner = res.extra[0]
+  inner = res.hook_state[0]
   path = tmp_path / "trace.jsonl"
   for b, gen in enumerate(res.tokens):
     st.write_trace(path, f"p{b}", st.step_trace(gen, inner.trace, b, decode))

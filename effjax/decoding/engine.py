@@ -1,10 +1,17 @@
 """The decoding engine: a jitted prefill, then a jitted `lax.while_loop` of strategy steps.
 
 Everything the loop carries is one pytree, `DecodeState`, donated between calls. A `Strategy` owns
-the loop body: plain autoregressive decoding (with an optional per-step `StepHook`, which is how
-ReBalance steers), or a speculative method that drafts, verifies a token tree in one forward and
-commits the accepted tokens (ESP, prompt lookup, lookahead). Strategies append tokens through
-`append_tokens`, which applies EOS, stop sequences and per-row limits the same way for all.
+the loop body: plain autoregressive decoding, or a speculative method that drafts, verifies a token
+tree in one forward and commits the accepted tokens (ESP, prompt lookup, lookahead). Strategies
+append tokens through `append_tokens`, which applies EOS, stop sequences and per-row limits the
+same way for all.
+
+A `StepHook` observes every committed token and may steer the forward that feeds it or edit the
+logits it is sampled from (ReBalance, SEAL, NoWait). It rides in the state (`DecodeState.hook`, its
+own state in `hook_state`), so plain decoding and every tree strategy apply it the same way:
+`AutoRegressive(hook=...)`, or `Steered(strategy, hook)` for a strategy with `hooks = True`. A tree
+step stops accepting at the hook's `barrier` nodes, so the hook's state changes only between steps
+and steered speculative decoding commits exactly the tokens of steered plain decoding (greedy).
 
 Shapes are static: a fixed cache length, prompts right-padded to length buckets, fixed blocks.
 
@@ -47,15 +54,28 @@ class DecodeState:
   rng: jax.Array
   calls: jax.Array  # [] model forwards after the prefill
   extra: Any  # the strategy's own state
+  hook: "StepHook | None" = struct.field(pytree_node=False, default=None)  # observes every token
+  hook_state: Any = ()  # the hook's own state (after the prefill)
 
 
 class StepHook:
-  """Per-step observer of plain decoding that may steer the next forward (ReBalance) or edit the
-  logits before sampling (NoWait). All methods are traced inside the decode loop."""
+  """Per-token observer of decoding that may steer the forward feeding a token (ReBalance, SEAL) or
+  edit the logits before sampling (NoWait). All methods are traced inside the decode loop.
+
+  With a tree strategy, one forward feeds the root (steered as plain decoding would) and the draft
+  nodes (never steered), every owner's logits go through `process_logits` with the state at the
+  start of the step, and `observe` then runs once per committed token, in order. That equals plain
+  decoding as long as no accepted node would have been fed differently: `barrier` marks the nodes
+  that must not be accepted (a rejected node's token can still be committed as the step's last,
+  bonus token, whose forward happens in the next step). The default accepts no node at all (one
+  token per step, always exact); a hook that knows where its steering and logit edits can change
+  says so.
+  """
 
   hidden_layers: tuple[int, ...] = ()
 
   def init(self, batch: int) -> Any:
+    """The state: a pytree whose leaves all have a leading batch dimension [B, ...]."""
     return ()
 
   def steering(self, state: Any) -> Steering | None:
@@ -70,21 +90,69 @@ class StepHook:
     """After a forward: logits [B, V] at the fed token, hidden [B, D] per requested layer."""
     return state
 
+  def barrier(self, state: Any, tokens: jax.Array, parent_tokens: jax.Array) -> jax.Array | None:
+    """[B, O] bool: draft nodes (token, and its parent's token) that a tree step must not accept
+    from `state`; None: accept any. Default: all (exact for any hook, no speed-up)."""
+    return jnp.ones(tokens.shape, bool)
+
+
+def hook_choices(hook: StepHook, state: Any, logits: jax.Array) -> jax.Array:
+  """process_logits over every owner of a tree, [B, O, V], with one state."""
+  return jax.vmap(lambda x: hook.process_logits(state, x), in_axes=1, out_axes=1)(logits)
+
+
+def block_steering(hook: StepHook, state: Any, length: int) -> Steering | None:
+  """The hook's steering of the fed (root) token at block position 0; the other `length` - 1
+  positions (draft nodes, masks) unsteered."""
+  steer = hook.steering(state)
+  if steer is None:
+    return None
+  coef = jnp.pad(steer.coef[:, :1], ((0, 0), (0, length - 1)))
+  return Steering(steer.vector, coef, steer.layer)
+
+
+def observe_path(hook: StepHook, state: Any, logits: jax.Array, layer_hidden, owner_tokens,
+                 path: jax.Array, committed: jax.Array, count: jax.Array) -> Any:
+  """Runs `observe` for the committed tokens of a tree step, in order: token j (committed[:, j],
+  j < count) was chosen from the logits at owner path[:, j], whose own token was fed.
+  logits [B, O, V]; layer_hidden: per requested layer [B, T, D]; owner_tokens [B, O]."""
+  at = lambda x: jnp.moveaxis(jnp.take_along_axis(x, path.reshape(path.shape + (1,) * (
+      x.ndim - 2)), axis=1), 1, 0)
+  xs = (at(logits), tuple(at(h) for h in layer_hidden), at(owner_tokens),
+        jnp.moveaxis(committed, 1, 0), jnp.arange(path.shape[1])[:, None] < count[None, :])
+
+  def one(hs, x):
+    lg, hidden, fed, tok, active = x
+    new = hook.observe(hs, lg, hidden, fed, tok, active)
+    # Rows past their committed tokens keep their state whatever the hook does with inactive rows.
+    keep = lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o)
+    return jax.tree.map(keep, new, hs), None
+
+  return jax.lax.scan(one, state, xs)[0]
+
 
 class Strategy:
   """A decode-loop body. `block_size` is the most cache slots one step writes past the committed
-  context; `max_step_tokens` the most tokens one step appends."""
+  context; `max_step_tokens` the most tokens one step appends. `hooks`: the strategy applies a
+  StepHook (it samples its first token with `sample_first` and commits through `tree_step` or as
+  AutoRegressive does); `hook`: the hook it runs with (None: none)."""
 
   block_size: int = 1
   max_step_tokens: int = 1
   sampler: Sampler = GREEDY
+  hooks: bool = False
+  hook: StepHook | None = None
 
   def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
-    logits, _, state = prefill_forward(model, state)
-    return append_tokens(state, self.sampler(logits, key)[:, None], jnp.ones_like(state.length))
+    logits, hidden, state = prefill_forward(model, state)
+    return sample_first(state, logits, hidden, self.sampler, key)
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     raise NotImplementedError
+
+  def max_calls(self, max_new_tokens: int) -> int:
+    """Loop steps `generate` allows for max_new_tokens (more where steps may commit nothing)."""
+    return max_new_tokens
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -93,31 +161,62 @@ class AutoRegressive(Strategy):
 
   sampler: Sampler = GREEDY
   hook: StepHook | None = None
-
-  def prefill(self, model, state, key):
-    hook = self.hook
-    if hook is None:
-      return super().prefill(model, state, key)
-    hs = hook.init(state.last.shape[0])
-    logits, hidden, state = prefill_forward(model, state, hook.hidden_layers)
-    return self._sample(state, hs, logits, hidden, _last_prompt_token(state), key)
+  hooks = True
 
   def step(self, model, state, key):
-    hook = self.hook
+    hook = state.hook
     out = model(state.last[:, None], cache=state.cache,
-                steering=None if hook is None else hook.steering(state.extra),
+                steering=None if hook is None else hook.steering(state.hook_state),
                 hidden_layers=() if hook is None else hook.hidden_layers)
     state = state.replace(cache=out.cache, calls=state.calls + 1)
-    return self._sample(state, state.extra, out.logits[:, 0],
-                        tuple(h[:, 0] for h in out.layer_hidden), state.last, key)
+    return sample_next(state, out.logits[:, 0], tuple(h[:, 0] for h in out.layer_hidden),
+                       state.last, self.sampler, key)
 
-  def _sample(self, state, hs, logits, hidden, fed, key):
-    hook = self.hook
-    if hook is None:
-      return append_tokens(state, self.sampler(logits, key)[:, None], jnp.ones_like(state.length))
-    tok = self.sampler(hook.process_logits(hs, logits), key)
-    hs = hook.observe(hs, logits, hidden, fed, tok, ~state.done)
-    return append_tokens(state.replace(extra=hs), tok[:, None], jnp.ones_like(state.length))
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Steered(Strategy):
+  """`base` (a strategy with hooks = True, e.g. a tree strategy) run with `hook`."""
+
+  base: Strategy
+  hook: StepHook
+  hooks = True
+
+  def __post_init__(self):
+    if not self.base.hooks:
+      raise ValueError(f"{type(self.base).__name__} does not support step hooks (steering, "
+                       "NoWait); use plain decoding or a tree strategy")
+    if self.base.hook is not None:
+      raise ValueError(f"{type(self.base).__name__} already runs with a hook")
+
+  @property
+  def block_size(self) -> int:
+    return self.base.block_size
+
+  @property
+  def max_step_tokens(self) -> int:
+    return self.base.max_step_tokens
+
+  @property
+  def sampler(self) -> Sampler:
+    return self.base.sampler
+
+  def prefill(self, model, state, key):
+    return self.base.prefill(model, state, key)
+
+  def step(self, model, state, key):
+    return self.base.step(model, state, key)
+
+  def max_calls(self, max_new_tokens: int) -> int:
+    return self.base.max_calls(max_new_tokens)
+
+
+def with_hook(strategy: Strategy, hook: StepHook | None) -> Strategy:
+  """`strategy` run with `hook` (itself when hook is None)."""
+  if hook is None:
+    return strategy
+  if type(strategy) is AutoRegressive and strategy.hook is None:
+    return AutoRegressive(strategy.sampler, hook)
+  return Steered(strategy, hook)
 
 
 PLAIN_GREEDY = AutoRegressive()  # the default strategy
@@ -127,12 +226,36 @@ def _last_prompt_token(state: DecodeState) -> jax.Array:
   return jnp.take_along_axis(state.prompt, (state.prompt_len - 1)[:, None], axis=1)[:, 0]
 
 
-def prefill_forward(model: Transformer, state: DecodeState, hidden_layers: tuple[int, ...] = ()):
+def sample_next(state: DecodeState, logits: jax.Array, hidden: tuple[jax.Array, ...],
+                fed: jax.Array, sampler: Sampler, key: jax.Array) -> DecodeState:
+  """Sample a token per row from logits [B, V] (through the hook, which observes it) and append."""
+  hook = state.hook
+  if hook is None:
+    return append_tokens(state, sampler(logits, key)[:, None], jnp.ones_like(state.length))
+  tok = sampler(hook.process_logits(state.hook_state, logits), key)
+  hs = hook.observe(state.hook_state, logits, hidden, fed, tok, ~state.done)
+  return append_tokens(state.replace(hook_state=hs), tok[:, None], jnp.ones_like(state.length))
+
+
+def sample_first(state: DecodeState, logits: jax.Array, hidden: tuple[jax.Array, ...],
+                 sampler: Sampler, key: jax.Array) -> DecodeState:
+  """After the prefill: start the hook's state and sample the first token from the logits at the
+  last prompt token (`prefill_forward`'s outputs)."""
+  if state.hook is not None:
+    state = state.replace(hook_state=state.hook.init(state.last.shape[0]))
+  return sample_next(state, logits, hidden, _last_prompt_token(state), sampler, key)
+
+
+def prefill_forward(model: Transformer, state: DecodeState,
+                    hidden_layers: tuple[int, ...] | None = None):
   """Forward the padded prompt into the empty cache.
 
-  Returns the logits [B, V] and requested hidden states [B, D] at each row's last prompt token, and
-  the state with the filled cache. Logits are computed for that one position only.
+  Returns the logits [B, V] and requested hidden states [B, D] at each row's last prompt token
+  (default: the layers the state's hook asks for), and the state with the filled cache. Logits are
+  computed for that one position only.
   """
+  if hidden_layers is None:
+    hidden_layers = () if state.hook is None else state.hook.hidden_layers
   b, p = state.prompt.shape
   valid = jnp.arange(p)[None, :] < state.prompt_len[:, None]
   out = model(state.prompt, input_mask=valid, cache=state.cache, hidden_layers=hidden_layers,
@@ -211,6 +334,9 @@ def init_state(cfg: ModelConfig, prompt, prompt_len, limit, rng: jax.Array, *, m
 
 
 def run_prefill(model: Transformer, strategy: Strategy, state: DecodeState) -> DecodeState:
+  """The strategy's prefill; the state takes the strategy's hook here, inside the traced function,
+  so that the state a compiled loop carries holds the hook of the strategy it was compiled for."""
+  state = state.replace(hook=strategy.hook)
   return strategy.prefill(model, state, jax.random.fold_in(state.rng, 0))
 
 
@@ -268,6 +394,7 @@ class GenerationResult:
   prefill_s: float
   decode_s: float
   extra: Any = None  # the strategy's final state (counters), as numpy
+  hook_state: Any = None  # the hook's final state, as numpy
 
   @property
   def new_tokens(self) -> int:
@@ -399,7 +526,7 @@ class Engine:
                        stop_sequences=stop_sequences, seed=seed)
     jax.block_until_ready(state.length)
     t1 = time.perf_counter()
-    state = self.advance(state, strategy, int(state.limit.max()))
+    state = self.advance(state, strategy, strategy.max_calls(int(state.limit.max())))
     jax.block_until_ready(state.length)
     t2 = time.perf_counter()
     return self._result(state, prompts, t1 - t0, t2 - t1)
@@ -420,7 +547,9 @@ class Engine:
       state = self.advance(state, strategy, chunk)
 
   def _result(self, state, prompts, prefill_s, decode_s) -> GenerationResult:
-    tokens, length, calls, extra = fetch((state.tokens, state.length, state.calls, state.extra))
+    tokens, length, calls, extra, hook_state = fetch(
+        (state.tokens, state.length, state.calls, state.extra, state.hook_state))
     return GenerationResult(tokens=[tokens[i, :length[i]].tolist() for i in range(len(prompts))],
                             prompt_tokens=[len(p) for p in prompts], model_calls=int(calls),
-                            prefill_s=prefill_s, decode_s=decode_s, extra=extra)
+                            prefill_s=prefill_s, decode_s=decode_s, extra=extra,
+                            hook_state=hook_state)

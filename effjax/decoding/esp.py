@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from effjax.decoding.engine import DecodeState, Strategy, append_tokens
+from effjax.decoding.engine import DecodeState, Strategy, sample_first
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.decoding.tree import (Layout, StepOutcome, Tree, count_appended, select_tree,
                                   tree_step)
@@ -56,6 +56,7 @@ class ESP(Strategy):
   init: MaskInit = "mean"
   ema: float = 0.1
   sampler: Sampler = GREEDY
+  hooks = True
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -129,14 +130,14 @@ class ESP(Strategy):
     k_init, k_tok = jax.random.split(key)
     masks = init_masks(model.embed_tokens(state.prompt), state.prompt_len, self.masks, self.init,
                        k_init)
-    logits, mask_logits, cache = prefill_with_masks(model, state, masks)
+    logits, mask_logits, hidden, cache = prefill_with_masks(model, state, masks)
     if mask_logits.shape[-1] < self.num_candidates:
       raise ValueError(f"the tree needs {self.num_candidates} candidates per mask, more than the "
                        f"vocabulary of {mask_logits.shape[-1]} tokens")
-    first = self.sampler(logits, k_tok)[:, None]
     before = state.length
-    state = append_tokens(state.replace(cache=cache), first, jnp.ones_like(before))
-    masks = ema_update(masks, model.embed_tokens(first), state.length - before, self.ema)
+    state = sample_first(state.replace(cache=cache), logits, hidden, self.sampler, k_tok)
+    masks = ema_update(masks, model.embed_tokens(state.last[:, None]), state.length - before,
+                       self.ema)
     tok, logp = candidates(mask_logits, self.num_candidates)
     hist = jnp.zeros((before.shape[0], self.max_step_tokens + 1), jnp.int32)
     return state.replace(extra=ESPState(masks, tok, logp, hist))
@@ -217,7 +218,8 @@ def prefill_with_masks(model: Transformer, state: DecodeState, masks: jax.Array)
   room; the engine's checks leave room either way: t + k < t + 1 + BC <= cache length).
 
   Returns the logits at the last prompt token [B, V] and at the masks [B, k, V] (one LM-head pass
-  over those rows only) and the cache holding the prompt alone.
+  over those rows only), the hidden states [B, D] there of the layers the state's hook asks for,
+  and the cache holding the prompt alone.
   """
   b, p = state.prompt.shape
   k = masks.shape[1]
@@ -225,10 +227,13 @@ def prefill_with_masks(model: Transformer, state: DecodeState, masks: jax.Array)
   tokens = jnp.pad(state.prompt, ((0, 0), (0, width - p)))
   emb = write_rows(model.embed_tokens(tokens), masks, state.prompt_len)
   valid = jnp.arange(width)[None, :] < (state.prompt_len + k)[:, None]
-  out = model(embeddings=emb, input_mask=valid, cache=state.cache, compute_logits=False)
+  out = model(embeddings=emb, input_mask=valid, cache=state.cache, compute_logits=False,
+              hidden_layers=() if state.hook is None else state.hook.hidden_layers)
   rows = state.prompt_len[:, None] - 1 + jnp.arange(k + 1)[None, :]
   logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
-  return logits[:, 0], logits[:, 1:], rollback(out.cache, state.prompt_len)
+  last = (state.prompt_len - 1)[:, None, None]
+  hidden = tuple(jnp.take_along_axis(h, last, axis=1)[:, 0] for h in out.layer_hidden)
+  return logits[:, 0], logits[:, 1:], hidden, rollback(out.cache, state.prompt_len)
 
 
 def candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:

@@ -93,6 +93,7 @@ class PromptLookup(Strategy):
   draft_len: int = 10
   min_ngram: int = 1
   sampler: Sampler = GREEDY
+  hooks = True
 
   def __post_init__(self):
     if not 1 <= self.min_ngram <= self.max_ngram or self.draft_len < 1:

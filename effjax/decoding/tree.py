@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from effjax.decoding.engine import DecodeState, append_tokens
+from effjax.decoding.engine import (DecodeState, append_tokens, block_steering, hook_choices,
+                                    observe_path)
 from effjax.decoding.sampling import Sampler
 from effjax.models.cache import KVCache, commit
 from effjax.models.transformer import Transformer
@@ -193,9 +194,11 @@ def model_choices(sampler: Sampler, logits: jax.Array, key: jax.Array) -> jax.Ar
   return sampler(logits.reshape(b * o, v), key).reshape(b, o)
 
 
-def verify(tree: Tree, choice: jax.Array, max_depth: int) -> tuple[jax.Array, jax.Array]:
+def verify(tree: Tree, choice: jax.Array, max_depth: int,
+           barrier: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Walk from the root, moving to the child whose token equals the model's choice at the current
-  owner, stopping at the first miss.
+  owner, stopping at the first miss (or at a node marked in `barrier` [B, O], which is not
+  accepted: its token can only be the step's bonus token).
 
   Returns the path [B, max_depth + 1] of owner indices (root first; entries past the accepted ones
   repeat the last) and the number of accepted nodes [B]. The tokens committed this step are
@@ -210,6 +213,8 @@ def verify(tree: Tree, choice: jax.Array, max_depth: int) -> tuple[jax.Array, ja
   for _ in range(max_depth):
     want = jnp.take_along_axis(choice, cur[:, None], axis=1)
     match = tree.valid & nodes & (tree.parent == cur[:, None]) & (tree.tokens == want)
+    if barrier is not None:
+      match = match & ~barrier
     found = going & match.any(axis=1)
     cur = jnp.where(found, jnp.argmax(match, axis=1).astype(jnp.int32), cur)
     accepted = accepted + found
@@ -253,24 +258,34 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   mostly is (the root when nothing is accepted, else the best candidate or the lookup chain at
   each depth). Only when a row's deepest accepted node is elsewhere does a second pass compute its
   k mask rows.
+
+  With a StepHook in the state (engine.StepHook), the root is steered, the owners' choices go
+  through its logits processing, its barrier caps acceptance and it observes the committed tokens.
   """
   b, o = tree.tokens.shape
   k = 0 if masks is None else masks.shape[1]
+  hook, hs = state.hook, state.hook_state
   emb = model.embed_tokens(tree.tokens)
   if k:
     emb = jnp.concatenate([emb, jnp.tile(masks.astype(emb.dtype), (1, o, 1))], axis=1)
   start = state.cache.index
   attn_mask, positions = block_attention(tree, k, start)
   out = model(embeddings=emb, positions=positions, attn_mask=attn_mask, cache=state.cache,
-              advance=False, compute_logits=False)
+              advance=False, compute_logits=False,
+              steering=None if hook is None else block_steering(hook, hs, emb.shape[1]),
+              hidden_layers=() if hook is None else hook.hidden_layers)
   rows = jnp.broadcast_to(jnp.arange(o), (b, o))
   if k:
     spine = first_child_path(tree, min(max_depth, SPINE_DEPTH))  # [B, d + 1]
     spine_rows = o + spine[:, :, None] * k + jnp.arange(k)[None, None, :]
     rows = jnp.concatenate([rows, spine_rows.reshape(b, -1)], axis=1)
   logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
-  choice = model_choices(sampler, logits[:, :o], key)
-  path, accepted = verify(tree, choice, max_depth)
+  owner_logits = logits[:, :o]
+  choice = model_choices(
+      sampler, owner_logits if hook is None else hook_choices(hook, hs, owner_logits), key)
+  barrier = None if hook is None else hook.barrier(
+      hs, tree.tokens, jnp.take_along_axis(tree.tokens, tree.parent, axis=1))
+  path, accepted = verify(tree, choice, max_depth, barrier)
   new = jnp.take_along_axis(choice, path, axis=1)
   after = append_tokens(state.replace(calls=state.calls + 1), new, accepted + 1)
   # Keep the KV of the owners whose successor token was appended: the root and the accepted nodes
@@ -278,6 +293,9 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   # so the cache always holds the prompt and every generated token but the last.
   appended = after.length - state.length
   after = after.replace(cache=commit_path(out.cache, start, path, appended))
+  if hook is not None:
+    after = after.replace(hook_state=observe_path(
+        hook, hs, owner_logits, out.layer_hidden, tree.tokens, path, new, appended))
   mask_logits = None
   if k:
     deepest = jnp.take_along_axis(path, accepted[:, None], axis=1)[:, 0]
@@ -294,7 +312,7 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
 
     mask_logits = jax.lax.cond(off.any(), second_pass, lambda x: x, mask_logits)
   return StepOutcome(state=after, path=path, accepted=accepted, tokens=new, appended=appended,
-                     mask_logits=mask_logits, logits=logits[:, :o])
+                     mask_logits=mask_logits, logits=owner_logits)
 
 
 def step_or_root(model: Transformer, state: DecodeState, tree: Tree, max_depth: int,

@@ -32,6 +32,7 @@ from effjax.checkpoints.registry import LoadedModel
 from effjax.data.records import Problem
 from effjax.decoding.engine import Engine, cache_len_for
 from effjax.rebalance import extract as ex
+from effjax.rebalance.disjoint import ProblemSet, require_disjoint, shingles
 from effjax.rebalance.prompts import encode_problem, eos_ids, think_tag_ids
 
 SEQ_BUCKET = 128  # teacher-forced lengths round up to this (fewer compiled shapes)
@@ -93,10 +94,10 @@ def teacher_forced(model) -> Callable:
   return lambda tokens, valid, anchors: run(params, tokens, valid, anchors)
 
 
-def measure(forward: Callable, items: Sequence[Calibration], pad_id: int, rows: int = 0
-            ) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Per item: step confidences c [n] and hidden states [num_layers, n, D] at the anchors.
-  The batch is padded to `rows` rows (a fixed shape for every batch)."""
+def measure(forward: Callable, items: Sequence[Calibration], pad_id: int, rows: int = 0,
+            statistic: str = ex.DEFAULT_STATISTIC) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per item: step confidences c [n] (of `statistic`) and hidden states [num_layers, n, D] at the
+  anchors. The batch is padded to `rows` rows (a fixed shape for every batch)."""
   t = _round_up(max(len(x.prompt) + len(x.response) for x in items), SEQ_BUCKET)
   k = _round_up(max(len(x.steps) for x in items), STEP_BUCKET)
   b = max(rows, len(items))
@@ -113,14 +114,24 @@ def measure(forward: Callable, items: Sequence[Calibration], pad_id: int, rows: 
   for i, x in enumerate(items):
     first = len(x.prompt) - 1 + x.span_start  # logp[j] is the probability of token j + 1
     span_logp = logp[i, first:first + len(x.response) - x.span_start]
-    out.append((ex.step_confidences(span_logp, x.steps), hidden[:, i, :len(x.steps)]))
+    out.append((ex.step_confidences(span_logp, x.steps, statistic), hidden[:, i, :len(x.steps)]))
   return out
 
 
 def fill_store(loaded: LoadedModel, problems: Sequence[Problem], store: ex.CalibrationStore, *,
                max_new_tokens: int, batch_size: int, cache_len: int | None = None,
+               disjoint_from: dict[str, ProblemSet] | None = None, mesh=None,
                log: Callable[[str], None] = print) -> None:
-  """Generates, measures and appends every problem the store does not hold yet."""
+  """Generates, measures and appends every problem the store does not hold yet.
+
+  disjoint_from: evaluation sets by name; a calibration problem equal or close to one of theirs is
+  refused (disjoint.require_disjoint) before anything is generated. mesh: the model's mesh (its
+  parameters already sharded on it, e.g. load_model(..., mesh=mesh)).
+  """
+  calibration = ProblemSet.of([p.prompt for p in problems], [p.id for p in problems])
+  for name, evaluation in (disjoint_from or {}).items():
+    require_disjoint(evaluation, calibration, reference_name=name,
+                     checked_name="calibration problems")
   tok = loaded.tokenizer
   todo = [p for p in problems if ex.problem_fingerprint(p.prompt) not in store.done]
   if len(todo) < len(problems):
@@ -129,15 +140,16 @@ def fill_store(loaded: LoadedModel, problems: Sequence[Problem], store: ex.Calib
     return
   prompts = [encode_problem(tok, p.prompt) for p in todo]
   eos = eos_ids(loaded.cfg, tok)
-  engine = Engine(loaded.model, eos_ids=eos, cache_len=cache_len or cache_len_for(
+  engine = Engine(loaded.model, eos_ids=eos, mesh=mesh, cache_len=cache_len or cache_len_for(
       [len(p) for p in prompts], max_new_tokens, loaded.cfg.max_position))
   forward = teacher_forced(loaded.model)
   for at in range(0, len(todo), batch_size):
     batch = prompts[at:at + batch_size]
     result = engine.generate(batch, max_new_tokens=max_new_tokens)
     items = [cut_steps(tok, p, r, eos) for p, r in zip(batch, result.tokens)]
-    measured = measure(forward, items, loaded.cfg.pad_id, batch_size)
+    measured = measure(forward, items, loaded.cfg.pad_id, batch_size, store.statistic)
     for problem, item, (c, hidden) in zip(todo[at:at + batch_size], items, measured):
-      store.append(ex.problem_fingerprint(problem.prompt), item.steps, c, hidden)
+      store.append(ex.problem_fingerprint(problem.prompt), item.steps, c, hidden,
+                   shingles(problem.prompt))
     log(f"{min(at + batch_size, len(todo))}/{len(todo)} problems, {store.num_rows} steps "
         f"({result.decode_s:.0f} s decoding)")

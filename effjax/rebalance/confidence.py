@@ -11,7 +11,9 @@ Call `update` once per decoded token, between sampling it and feeding it to the 
 
 Each token carries the confidence p_max of the distribution it was sampled from (temperature 1,
 before top-p/top-k). A non-delimiter token adds it to its step's running statistic; a delimiter
-token closes the step (if the step has tokens): c is its mean, v the variance of the last W step
+token closes the step (if the step has tokens): c is its mean (the profile's statistic: geometric,
+exp(mean log p_max), as the paper and the extraction; or arithmetic, the authors' decoding code),
+v the variance of the last W step
 confidences, alpha = control(c, v). The delimiter is then fed with alpha * S added at layer L when
 it lies inside the thinking span. A delimiter that closes no step (e.g. two in a row) reuses the
 last alpha (`initial_alpha` before the first step).
@@ -34,27 +36,33 @@ from flax import struct
 from effjax.rebalance.control import ReBalanceConstants, alpha, solve_k
 
 DELIMITER = "\n\n"
+# Step confidence statistics: the paper's geometric mean of p_max (the default, used by calibration
+# and decoding alike) and the authors' decoding code's arithmetic mean. A profile records the one
+# its quartiles were computed with, and decoding must use the same (ReBalanceProfile.tracker_config).
+STATISTICS = ("geometric", "arithmetic")
+DEFAULT_STATISTIC = "geometric"
 
 
 @dataclasses.dataclass(frozen=True)
 class TrackerConfig:
   """Static settings of the online bookkeeping (hashable: usable as a jit static argument).
 
-  mean: "arithmetic" (authors' code, default) or "geometric" (paper: exp(mean log p_max)).
+  mean: the step confidence statistic, "geometric" (paper: exp(mean log p_max), default) or
+    "arithmetic" (authors' decoding code); it must be the one the constants were calibrated with.
   think_open_id/think_close_id: the thinking span's tags; both None: the whole response is the span.
   """
 
   constants: ReBalanceConstants
   k: float
-  mean: Literal["arithmetic", "geometric"] = "arithmetic"
+  mean: Literal["geometric", "arithmetic"] = DEFAULT_STATISTIC
   window: int = 2
   think_open_id: int | None = None
   think_close_id: int | None = None
   initial_alpha: float = 0.0
 
   def __post_init__(self):
-    if self.mean not in ("arithmetic", "geometric"):
-      raise ValueError(f"mean must be 'arithmetic' or 'geometric', got {self.mean!r}")
+    if self.mean not in STATISTICS:
+      raise ValueError(f"mean must be one of {STATISTICS}, got {self.mean!r}")
     if self.window < 1:
       raise ValueError(f"window must be >= 1, got {self.window}")
     if (self.think_open_id is None) != (self.think_close_id is None):
@@ -139,6 +147,15 @@ def window_variance(history: jax.Array, n: jax.Array) -> jax.Array:
   return (((history - mean[:, None]) ** 2) * used).sum(axis=1) / size
 
 
+def next_in_span(in_span: jax.Array, token: jax.Array, active: jax.Array, think_open: int | None,
+                 think_close: int | None) -> jax.Array:
+  """[B] whether the thinking span is open after `token` (unchanged without think tags)."""
+  if think_open is None:
+    return in_span
+  in_span = jnp.where(active & (token == think_open), True, in_span)
+  return jnp.where(active & (token == think_close), False, in_span)
+
+
 def update(state: TrackerState, logits: jax.Array, fed_token: jax.Array, delimiter_mask: jax.Array,
            cfg: TrackerConfig, active: jax.Array | None = None,
            is_delimiter: jax.Array | None = None) -> tuple[TrackerState, StepSignal]:
@@ -169,10 +186,7 @@ def update(state: TrackerState, logits: jax.Array, fed_token: jax.Array, delimit
   grow = active & ~is_delim
   total = jnp.where(is_delim, 0.0, state.total + jnp.where(grow, conf, 0.0))
   count = jnp.where(is_delim, 0, state.count + grow.astype(jnp.int32))
-  in_span = state.in_span
-  if not cfg.whole_response:
-    in_span = jnp.where(active & (fed_token == cfg.think_open_id), True, in_span)
-    in_span = jnp.where(active & (fed_token == cfg.think_close_id), False, in_span)
+  in_span = next_in_span(state.in_span, fed_token, active, cfg.think_open_id, cfg.think_close_id)
   new_state = TrackerState(total=total, count=count, history=history, steps=steps,
                            in_span=in_span, alpha=new_alpha)
   signal = StepSignal(alpha=applied, closed=closes, c=c, v=v, tokens=state.count)

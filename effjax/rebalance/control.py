@@ -61,8 +61,8 @@ class ReBalanceConstants:
 
 
 # The authors' released constants (REBALANCE.md table). Qwen2-family layers are the published ones;
-# for Qwen3 the authors' code steers one layer later than the published index (34 -> 35), and the
-# preset reproduces that code.
+# for Qwen3 the authors' code steers one layer later than the published index (34 -> 35): the preset
+# reproduces that code, and `preset(name, layer="paper")` gives the published layer.
 PRESETS: dict[str, ReBalanceConstants] = {
     "deepseek-r1-distill-qwen-1.5b": ReBalanceConstants(
         q25c=0.662293, q75c=0.94805, L1=-1.02, q25v=0.000560, q75v=0.011597, L2=-1.91, H2=0.1,
@@ -77,6 +77,21 @@ PRESETS: dict[str, ReBalanceConstants] = {
         q25c=0.816174, q75c=0.965398, L1=-1.03, q25v=0.000149, q75v=0.003593, L2=-1.13, H2=0.1,
         layer=35),
 }
+
+
+# Where the paper's published layer differs from the one the authors' code steers.
+PAPER_LAYERS: dict[str, int] = {"qwen3-14b": 34}
+LAYER_SOURCES = ("code", "paper")
+
+
+def preset(name: str, layer: str = "code") -> ReBalanceConstants:
+  """A model's published constants with the layer of the authors' code (default) or the paper."""
+  if name not in PRESETS:
+    raise ValueError(f"no ReBalance preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+  if layer not in LAYER_SOURCES:
+    raise ValueError(f"layer must be one of {LAYER_SOURCES}, got {layer!r}")
+  consts = PRESETS[name]
+  return consts.replace(layer=PAPER_LAYERS.get(name, consts.layer)) if layer == "paper" else consts
 
 
 def preset_for(model_id: str) -> ReBalanceConstants | None:

@@ -22,7 +22,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from effjax.rebalance.confidence import DEFAULT_STATISTIC, STATISTICS, TrackerConfig
 from effjax.rebalance.control import ReBalanceConstants
+from effjax.rebalance.disjoint import ProblemSet, problem_fingerprint, require_disjoint
+from effjax.rebalance.seal import DEFAULT_STRENGTH, SealVector, seal_labels
 
 STEP_SPLIT = re.compile(r"\n\n+")
 # Reflection and transition markers: the spec's list, plus common variants of the same moves.
@@ -84,10 +87,21 @@ def split_steps(pieces: Sequence[str]) -> list[Step]:
           for a, z in zip(starts, stops) if text[a:z].strip()]
 
 
-def step_confidences(logprobs: np.ndarray, steps: Sequence[Step]) -> np.ndarray:
-  """c = exp(mean log p) over each step's tokens (greedy decoding: p is the max probability)."""
+def step_confidences(logprobs: np.ndarray, steps: Sequence[Step],
+                     statistic: str = DEFAULT_STATISTIC) -> np.ndarray:
+  """c of each step over its tokens' probabilities p (greedy decoding: p is the max probability):
+  exp(mean log p) ("geometric", the paper's) or mean p ("arithmetic")."""
+  check_statistic(statistic)
   logprobs = np.asarray(logprobs, np.float64)
-  return np.array([np.exp(logprobs[s.start:s.end].mean()) for s in steps], np.float64)
+  if statistic == "geometric":
+    return np.array([np.exp(logprobs[s.start:s.end].mean()) for s in steps], np.float64)
+  return np.array([np.exp(logprobs[s.start:s.end]).mean() for s in steps], np.float64)
+
+
+def check_statistic(statistic: str) -> None:
+  if statistic not in STATISTICS:
+    raise ValueError(f"unknown confidence statistic {statistic!r}; choose from "
+                     f"{', '.join(STATISTICS)}")
 
 
 def step_variances(c: np.ndarray) -> np.ndarray:
@@ -107,11 +121,6 @@ def has_reflection(texts: Sequence[str], words: Iterable[str] = REFLECTION_WORDS
   return np.array([pattern.search(t) is not None for t in texts], bool)
 
 
-def problem_fingerprint(text: str) -> str:
-  """Short hash of a problem statement, insensitive to case and whitespace."""
-  return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()[:16]
-
-
 def calibration_hash(fingerprints: Iterable[str]) -> str:
   return hashlib.sha256("\n".join(sorted(set(fingerprints))).encode()).hexdigest()
 
@@ -119,12 +128,16 @@ def calibration_hash(fingerprints: Iterable[str]) -> str:
 class CalibrationStore:
   """Hidden states at step starts on disk: `layer_XXX.bin` ([rows, dim] per layer, appended per
   problem), `steps.jsonl` (one line per problem: fingerprint, step confidences, texts, token counts)
-  and `meta.json`. Rows are steps, in append order; reads are memory-mapped per layer.
+  and `meta.json` (with the confidence statistic of every c). Rows are steps, in append order;
+  reads are memory-mapped per layer.
   """
 
-  def __init__(self, path: str | os.PathLike, num_layers: int, dim: int, dtype: str):
+  def __init__(self, path: str | os.PathLike, num_layers: int, dim: int, dtype: str,
+               statistic: str = DEFAULT_STATISTIC):
+    check_statistic(statistic)
     self.path = Path(path)
     self.num_layers, self.dim, self.dtype = num_layers, dim, np.dtype(dtype)
+    self.statistic = statistic
     self.problems: list[dict] = []
     steps_file = self.path / "steps.jsonl"
     if steps_file.exists():
@@ -139,24 +152,28 @@ class CalibrationStore:
         os.truncate(f, self.num_rows * row_bytes)
 
   @classmethod
-  def create(cls, path: str | os.PathLike, num_layers: int, dim: int,
-             dtype: str = "float32") -> "CalibrationStore":
+  def create(cls, path: str | os.PathLike, num_layers: int, dim: int, dtype: str = "float32",
+             statistic: str = DEFAULT_STATISTIC) -> "CalibrationStore":
     if np.dtype(dtype) not in (np.float16, np.float32):
       raise ValueError(f"store hidden states as float16 or float32, not {dtype}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if (path / "meta.json").exists():
       raise FileExistsError(f"{path} already holds a calibration store; open it to resume")
+    check_statistic(statistic)
     (path / "meta.json").write_text(json.dumps(
-        {"num_layers": num_layers, "dim": dim, "dtype": np.dtype(dtype).name}))
+        {"num_layers": num_layers, "dim": dim, "dtype": np.dtype(dtype).name,
+         "statistic": statistic}))
     for layer in range(num_layers):
       (path / f"layer_{layer:03d}.bin").touch()
-    return cls(path, num_layers, dim, dtype)
+    return cls(path, num_layers, dim, dtype, statistic)
 
   @classmethod
   def open(cls, path: str | os.PathLike) -> "CalibrationStore":
     meta = json.loads((Path(path) / "meta.json").read_text())
-    return cls(path, meta["num_layers"], meta["dim"], meta["dtype"])
+    # Stores written before the statistic was recorded hold geometric means.
+    return cls(path, meta["num_layers"], meta["dim"], meta["dtype"],
+               meta.get("statistic", "geometric"))
 
   def _layer_file(self, layer: int) -> Path:
     return self.path / f"layer_{layer:03d}.bin"
@@ -169,9 +186,11 @@ class CalibrationStore:
   def done(self) -> set[str]:
     return {p["problem"] for p in self.problems}
 
-  def append(self, problem: str, steps: Sequence[Step], c: np.ndarray, hidden: np.ndarray):
-    """Adds one problem: its fingerprint, steps, their confidences c [n] and the hidden states
-    entering every layer at the steps' first tokens, hidden [num_layers, n, dim]."""
+  def append(self, problem: str, steps: Sequence[Step], c: np.ndarray, hidden: np.ndarray,
+             grams: np.ndarray | None = None):
+    """Adds one problem: its fingerprint, steps, their confidences c [n], the hidden states
+    entering every layer at the steps' first tokens, hidden [num_layers, n, dim], and the 5-gram
+    hashes of its statement (disjoint.shingles; for the near-duplicate check)."""
     n = len(steps)
     if hidden.shape != (self.num_layers, n, self.dim) or len(c) != n:
       raise ValueError(f"expected hidden {(self.num_layers, n, self.dim)} and {n} confidences, "
@@ -180,7 +199,8 @@ class CalibrationStore:
       with open(self._layer_file(layer), "ab") as f:
         f.write(np.ascontiguousarray(hidden[layer], self.dtype).tobytes())
     record = {"problem": problem, "c": [float(x) for x in c],
-              "tokens": [s.end - s.start for s in steps], "text": [s.text for s in steps]}
+              "tokens": [s.end - s.start for s in steps], "text": [s.text for s in steps],
+              "grams": [] if grams is None else [int(g) for g in grams]}
     with open(self.path / "steps.jsonl", "a") as f:
       f.write(json.dumps(record) + "\n")
     self.problems.append(record)
@@ -201,6 +221,11 @@ class CalibrationStore:
 
   def texts(self) -> list[str]:
     return [t for p in self.problems for t in p["text"]]
+
+  def problem_set(self) -> ProblemSet:
+    """The calibration problems' fingerprints and 5-gram hashes."""
+    return ProblemSet(tuple(p["problem"] for p in self.problems),
+                      tuple(np.asarray(p.get("grams", []), np.int64) for p in self.problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,33 +314,58 @@ def steering_vector(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ReBalanceProfile:
-  """Everything `eval` needs to steer a model: the vector, the constants (with the layer), and
-  where they came from (calibration problem fingerprints, so overlaps with evaluation data can be
-  refused)."""
+  """Everything `eval` needs to steer a model: the vector, the constants (with the layer), the
+  confidence statistic they were calibrated with, optionally the SEAL vector from the same traces,
+  and where they came from (the calibration problems' fingerprints and 5-gram hashes, so that
+  evaluation problems equal or close to them are refused)."""
 
   vector: np.ndarray
   constants: ReBalanceConstants
   model_id: str
-  calibration_problems: tuple[str, ...]
+  calibration: ProblemSet
   layer_r2: tuple[float, ...] = ()
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  statistic: str = DEFAULT_STATISTIC
+  seal: SealVector | None = None
+
+  def __post_init__(self):
+    check_statistic(self.statistic)
+
+  @property
+  def calibration_problems(self) -> tuple[str, ...]:
+    return self.calibration.fingerprints
 
   @property
   def calibration_hash(self) -> str:
-    return calibration_hash(self.calibration_problems)
+    return calibration_hash(self.calibration.fingerprints)
 
-  def overlaps(self, problem_texts: Iterable[str]) -> list[int]:
-    """Indices of problems that were part of the calibration set."""
-    seen = set(self.calibration_problems)
-    return [i for i, t in enumerate(problem_texts) if problem_fingerprint(t) in seen]
+  def check_disjoint(self, problems: ProblemSet) -> None:
+    """Refuses evaluation problems equal or near-identical to calibration problems."""
+    require_disjoint(self.calibration, problems, reference_name="the profile's calibration set",
+                     checked_name="evaluation problems")
+
+  def tracker_config(self, statistic: str | None = None, **kw) -> TrackerConfig:
+    """The online settings for these constants; decoding uses the profile's confidence statistic
+    (asking for another is an error: its quartiles would not describe the decoding's c)."""
+    if statistic is not None and statistic != self.statistic:
+      raise ValueError(f"the profile's quartiles are of the {self.statistic} mean of p_max; "
+                       f"decoding with the {statistic} mean would compare a different statistic "
+                       f"with them (extract a profile with --confidence {statistic})")
+    return TrackerConfig.create(self.constants, mean=self.statistic, **kw)
 
   def save(self, path: str | os.PathLike):
+    grams, offsets = self.calibration.packed()
     meta = {"constants": dataclasses.asdict(self.constants), "model_id": self.model_id,
             "calibration_hash": self.calibration_hash,
-            "calibration_problems": list(self.calibration_problems),
-            "layer_r2": list(self.layer_r2), "counts": self.counts}
-    save_file({"vector": np.ascontiguousarray(self.vector, np.float32)}, str(path),
-              metadata={PROFILE_KEY: json.dumps(meta)})
+            "calibration_problems": list(self.calibration.fingerprints),
+            "layer_r2": list(self.layer_r2), "counts": self.counts, "confidence": self.statistic}
+    tensors = {"vector": np.ascontiguousarray(self.vector, np.float32),
+               "calibration_grams": grams, "calibration_offsets": offsets}
+    if self.seal is not None:
+      meta["seal"] = {"layer": self.seal.layer, "strength": self.seal.strength,
+                      "counts": self.seal.counts}
+      tensors["seal_vector"] = np.ascontiguousarray(self.seal.vector, np.float32)
+    save_file(tensors, str(path), metadata={PROFILE_KEY: json.dumps(meta)})
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "ReBalanceProfile":
@@ -323,12 +373,23 @@ class ReBalanceProfile:
       metadata = f.metadata() or {}
       if PROFILE_KEY not in metadata:
         raise ValueError(f"{path} is not a ReBalance profile")
-      vector = f.get_tensor("vector")
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta = json.loads(metadata[PROFILE_KEY])
-    profile = cls(vector=vector, constants=ReBalanceConstants(**meta["constants"]),
-                  model_id=meta["model_id"],
-                  calibration_problems=tuple(meta["calibration_problems"]),
-                  layer_r2=tuple(meta["layer_r2"]), counts=meta["counts"])
+    fingerprints = tuple(meta["calibration_problems"])
+    if "calibration_offsets" in tensors:
+      calibration = ProblemSet.unpack(fingerprints, tensors["calibration_grams"],
+                                      tensors["calibration_offsets"])
+    else:  # written before near-duplicate checks: exact matches only
+      calibration = ProblemSet(fingerprints, tuple(np.zeros((0,), np.int64) for _ in fingerprints))
+    seal = None
+    if "seal" in meta:
+      seal = SealVector(tensors["seal_vector"], meta["seal"]["layer"], meta["seal"]["strength"],
+                        meta["seal"]["counts"])
+    # Profiles written before the statistic was recorded were calibrated with the geometric mean.
+    profile = cls(vector=tensors["vector"], constants=ReBalanceConstants(**meta["constants"]),
+                  model_id=meta["model_id"], calibration=calibration,
+                  layer_r2=tuple(meta["layer_r2"]), counts=meta["counts"],
+                  statistic=meta.get("confidence", "geometric"), seal=seal)
     if profile.calibration_hash != meta["calibration_hash"]:
       raise ValueError(f"{path}: calibration hash does not match its problem list")
     return profile
@@ -337,8 +398,10 @@ class ReBalanceProfile:
 def build_profile(store: CalibrationStore, model_id: str, *, L1: float = DEFAULT_L1,
                   L2: float = DEFAULT_L2, H2: float = DEFAULT_H2, seed: int = 0,
                   words: Iterable[str] = REFLECTION_WORDS,
-                  preset: ReBalanceConstants | None = None) -> ReBalanceProfile:
-  """Quartiles, labels, layer choice and steering vector from a filled store.
+                  preset: ReBalanceConstants | None = None, seal_layer: int | None = None,
+                  seal_strength: float = DEFAULT_STRENGTH) -> ReBalanceProfile:
+  """Quartiles, labels, layer choice and steering vector from a filled store, and SEAL's vector
+  from the same steps (at `seal_layer`; default ReBalance's layer).
 
   With `preset` (published constants) its quartiles label the steps and its layer and amplitudes
   are kept: only S comes from the store.
@@ -355,8 +418,17 @@ def build_profile(store: CalibrationStore, model_id: str, *, L1: float = DEFAULT
     stats = StepStats(preset.q25c, preset.q75c, preset.q25v, preset.q75v)
     layer, scores, constants = preset.layer, (), preset
   labels = label_steps(c, has_reflection(store.texts(), words), stats)
+  seal_layer = layer if seal_layer is None else seal_layer
+  if not 0 <= seal_layer < store.num_layers:
+    raise ValueError(f"SEAL layer {seal_layer} is outside the store's {store.num_layers} layers")
+  thought_labels, thought_counts = seal_labels(store.problems)
+  seal = None  # without both kinds of thought SEAL has no vector (eval says so if asked for it)
+  if (thought_labels == 1).any() and (thought_labels == 0).any():
+    seal = SealVector(steering_vector(store.layer(seal_layer), thought_labels), seal_layer,
+                      seal_strength, thought_counts)
   return ReBalanceProfile(
       vector=steering_vector(store.layer(layer), labels), constants=constants, model_id=model_id,
-      calibration_problems=tuple(p["problem"] for p in store.problems), layer_r2=scores,
+      calibration=store.problem_set(), layer_r2=scores, statistic=store.statistic, seal=seal,
       counts={"problems": len(store.problems), "steps": len(c),
-              "overthinking": int((labels == 1).sum()), "normal": int((labels == 0).sum())})
+              "overthinking": int((labels == 1).sum()), "normal": int((labels == 0).sum()),
+              **{f"seal_{k}": n for k, n in thought_counts.items()}})

@@ -50,3 +50,6 @@ class NoWaitHook(StepHook):
     banned = np.zeros((self.vocab_size,), bool)
     banned[list(self.token_ids)] = True
     return jnp.where(jnp.asarray(banned), NEG_INF, logits)
+
+  def barrier(self, state, tokens, parent_tokens):
+    return None  # no steering, and the same logit edit for every token: any node may be accepted

@@ -61,6 +61,17 @@ class Delimiters:
   def is_delimiter(self, prev_ends_newline: jax.Array, token: jax.Array) -> jax.Array:
     return jnp.asarray(self.inside)[token] | (prev_ends_newline & jnp.asarray(self.starts)[token])
 
+  def barrier(self, in_span: jax.Array, tokens: jax.Array, parent_tokens: jax.Array,
+              think_open: int | None) -> jax.Array:
+    """[B, O] the tree nodes a steering hook must not accept (StepHook.barrier): delimiters while
+    the span is open (feeding them would be steered), and the open tag while it is closed (the
+    delimiters after it would be). in_span [B] at the start of the step."""
+    delim = self.is_delimiter(jnp.asarray(self.ends)[parent_tokens], tokens)
+    out = delim & in_span[:, None]
+    if think_open is not None:
+      out = out | ((tokens == think_open) & ~in_span[:, None])
+    return out
+
 
 @struct.dataclass
 class StepTrace:
@@ -116,6 +127,10 @@ class ReBalanceHook(StepHook):
 
   def steering(self, state: SteerState) -> Steering:
     return Steering(jnp.asarray(self.vector), state.coef[:, None], self.tracker.constants.layer)
+
+  def barrier(self, state: SteerState, tokens, parent_tokens):
+    return self.delimiters.barrier(state.tracker.in_span, tokens, parent_tokens,
+                                   self.tracker.think_open_id)
 
   def observe(self, state: SteerState, logits, layer_hidden, fed, sampled, active) -> SteerState:
     is_delim = self.delimiters.is_delimiter(state.prev_newline, sampled)
