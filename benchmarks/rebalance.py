@@ -75,7 +75,7 @@ def overhead(args) -> dict:
   from effjax.rebalance.deer import DEER, Vocabulary
   from effjax.rebalance.nowait import NoWaitHook, reflection_token_ids
   from effjax.rebalance.prompts import encode_problem
-  from effjax.rebalance.seal import SealHook
+  from effjax.rebalance.seal import SealHook, SealVector
   from effjax.rebalance.steering import Delimiters, ReBalanceHook, token_texts
 
   loaded = load_model(args.model)
@@ -92,7 +92,10 @@ def overhead(args) -> dict:
               tuple(tok.encode("\\boxed", add_special_tokens=False)), think_ratio=1.0)
   strategies = {"unsteered": AutoRegressive(), "rebalance": AutoRegressive(hook=hook(0)),
                 "rebalance + trace": AutoRegressive(hook=hook(args.new_tokens)),
-                "seal": AutoRegressive(hook=SealHook(profile.seal, delims)),
+                # SEAL's per-step cost does not depend on its vector: time it with S where the
+                # profile has none.
+                "seal": AutoRegressive(hook=SealHook(
+                    profile.seal or SealVector(profile.vector, profile.constants.layer), delims)),
                 "nowait": AutoRegressive(hook=NoWaitHook(reflection_token_ids(tok),
                                                          cfg.vocab_size)),
                 "deer (no trigger)": deer}
@@ -204,8 +207,17 @@ def speculative(args) -> dict:
   return out
 
 
+def _methods(profile) -> tuple[str, ...]:
+  """The methods a profile can evaluate: SEAL only where extraction found its thoughts."""
+  if profile.seal is None:
+    print("no SEAL vector in the profile (its traces lack reflection / transition thoughts): "
+          "SEAL is left out", file=sys.stderr)
+  return tuple(m for m in METHODS if m != "seal" or profile.seal is not None)
+
+
 def quality(args) -> None:
   from effjax.cli import main
+  from effjax.rebalance.extract import ReBalanceProfile
 
   if args.calib_n > CALIBRATION_SPLIT:
     raise SystemExit(f"--calib-n must stay within the calibration split ({CALIBRATION_SPLIT})")
@@ -221,10 +233,12 @@ def quality(args) -> None:
     if rc:
       raise SystemExit(f"extract failed (exit code {rc})")
   log["extract_s"] = time.perf_counter() - t0
+  methods = _methods(ReBalanceProfile.load(profile))
+  log["methods"] = list(methods)
   (work / "quality.json").write_text(json.dumps(log, indent=2) + "\n")
   t0 = time.perf_counter()
   rc = main(["rebalance", "eval", *common, "--profile", str(profile), "--offset",
-             str(CALIBRATION_SPLIT), "--limit", str(args.eval_n), "--method", ",".join(METHODS),
+             str(CALIBRATION_SPLIT), "--limit", str(args.eval_n), "--method", ",".join(methods),
              "--temperature", "0", "--out", str(work / "eval")])
   if rc:
     raise SystemExit(f"eval failed (exit code {rc}); nothing is recorded as finished")
@@ -284,11 +298,11 @@ def report(args) -> None:
     profile = ex.ReBalanceProfile.load(work / "profile.safetensors")
     c = profile.constants
     records = {m: [json.loads(l) for l in (work / "eval" / f"{m}.jsonl").read_text().splitlines()]
-               if (work / "eval" / f"{m}.jsonl").exists() else [] for m in METHODS}
+               if (work / "eval" / f"{m}.jsonl").exists() else [] for m in _methods(profile)}
     summaries = summarize(records)
     base = {r["id"]: r["response"] for r in records["baseline"]}
     same = {m: sum(r["id"] in base and r["response"] == base[r["id"]] for r in records[m])
-            for m in METHODS[1:]}
+            for m in list(records)[1:]}
     store = ex.CalibrationStore.open(work / "profile.safetensors.store")
     reflective = ex.has_reflection(store.texts()).mean()
     trace = work / "eval" / "rebalance.trace.jsonl"
@@ -319,7 +333,7 @@ def report(args) -> None:
         "budget 0.6 x the token limit.", "",
         table(summaries), "",
         "Responses identical to the baseline's: " + ", ".join(
-            f"{m} {same[m]}" for m in METHODS[1:]) + f" (of {len(records['baseline'])}). "
+            f"{m} {same[m]}" for m in same) + f" (of {len(records['baseline'])}). "
         f"Calibration steps with a reflection word: {reflective:.1%}. ReBalance steps: median "
         f"alpha {statistics.median(alphas):+.3f}, {np.mean(np.array(alphas) < 0):.0%} negative.",
         ""]

@@ -191,3 +191,14 @@ def test_eval_on_smollm2(tmp_path, capsys):
   # The rerun finds every problem done and only re-summarises.
   assert main(argv) == 0
   assert len((out / "baseline.jsonl").read_text().splitlines()) == 2
+  # Greedy, steered inside prompt lookup: the same responses as steered plain decoding.
+  at = argv.index("--out")
+  greedy = argv[:at] + argv[at + 2:]
+  greedy[greedy.index("--method") + 1] = "rebalance"
+  responses = {}
+  for decoding in ("ar", "pld"):
+    assert main(greedy + ["--temperature", "0", "--decoding", decoding, "--out",
+                          str(tmp_path / decoding)]) == 0
+    responses[decoding] = [json.loads(l)["response"] for l in
+                           (tmp_path / decoding / "rebalance.jsonl").read_text().splitlines()]
+  assert responses["pld"] == responses["ar"]
