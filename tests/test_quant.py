@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from effjax.checkpoints import orbax_io
+from effjax.checkpoints import checkpoint_dir
 from effjax.checkpoints.assemble import assemble, checkpoint_names, checkpoint_tensors, quantize_model
 from effjax.checkpoints.gguf_reader import load_gguf
 from effjax.checkpoints.registry import convert, load_model
@@ -174,7 +174,7 @@ def test_int8_shards_like_float_on_a_mesh():
 def test_int8_checkpoint_saves_quantized_and_restores(tmp_path):
   _, path = _tiny_gguf(tmp_path, "qwen2", gguf.GGMLQuantizationType.F32)
   loaded, out = convert(path, tmp_path / "ckpt", quant="int8")
-  assert loaded.cfg.quant == "int8" and orbax_io.read_meta(out)["config"]["quant"] == "int8"
+  assert loaded.cfg.quant == "int8" and checkpoint_dir.read_meta(out)["config"]["quant"] == "int8"
   restored = load_model(out)  # as stored: int8
   assert restored.cfg == loaded.cfg
   for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(restored.model)),

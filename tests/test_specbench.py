@@ -103,7 +103,7 @@ def test_method_registry():
 
 
 def test_bench_specbench_command_end_to_end(tmp_path, capsys):
-  from effjax.checkpoints.orbax_io import save_checkpoint
+  from effjax.checkpoints.checkpoint_dir import save_checkpoint
   from effjax.models import create_model, tiny_config
 
   cfg = tiny_config("llama", eos_ids=(1,))

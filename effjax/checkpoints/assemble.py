@@ -7,14 +7,15 @@ stores them its own way (models/layout.py, models/quant.py): float kernels [in, 
 [D, V]; q, k and v fused into one QKV kernel and gate and up into one (cfg.fused_projections);
 int8 codes with per-row scales (cfg.quant). `assemble` converts as tensors arrive, so every load
 path gets the same model; an array may also arrive already quantized (`quant.Int8Rows`, e.g. from
-GGUF Q8_0). It places each parameter on device (with its NamedSharding when a mesh is given) as soon
-as it is complete, so peak host memory is about one fused tensor, and fails with a clear error on
-anything missing, extra or mis-shaped. `checkpoint_tensors` is the inverse.
+GGUF Q8_0). It places each parameter on its devices as soon as it is complete, each device receiving
+only its shard when a mesh is given (`place`), so peak host memory is about one fused tensor and no
+device holds a whole tensor it does not keep, and fails with a clear error on anything missing,
+extra or mis-shaped. `checkpoint_tensors` is the inverse.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,42 @@ def checkpoint_names(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]
   return {name: (shape, cfg.dtype) for name, (_, shape) in _checkpoint_layout(cfg).items()}
 
 
+def abstract_params(cfg: ModelConfig, mesh=None, rules: ShardingRules = DEFAULT_RULES):
+  """The abstract model of `cfg` split as (graphdef, abstract state), with every parameter's
+  target {name: (shape, dtype)} and sharding {name: sharding} by name ("layers.3.attn.q.kernel").
+  Without a mesh everything goes to the first device; with one, a warning names each dim that stays
+  replicated because its mesh axes do not divide it."""
+  graphdef, abstract = nnx.split(abstract_model(cfg))
+  flat = [(_key(p), v.get_value()) for p, v in nnx.to_flat_state(abstract)]
+  targets = {name: (tuple(v.shape), v.dtype) for name, v in flat}
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = {name: device for name in targets}
+  else:
+    shardings = dict((_key(p), s) for p, s in nnx.to_flat_state(
+        state_shardings(abstract, mesh, rules, warn=True)))
+  return graphdef, abstract, targets, shardings
+
+
+def place(host: np.ndarray, dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host array on the devices of `sharding`, in `dtype`: each device receives only its own shard
+  (cast on the host, shard by shard), never a copy of the whole tensor first."""
+  dtype = np.dtype(dtype)
+
+  def shard(index) -> np.ndarray:
+    part = host[index]
+    return part if part.dtype == dtype else np.asarray(part, dtype=dtype)
+
+  return jax.make_array_from_callback(host.shape, sharding, shard)
+
+
+def fill(graphdef, abstract, values: Mapping[str, jax.Array]) -> Transformer:
+  """The model with each abstract parameter replaced by its array in `values` (by name)."""
+  for path, var in nnx.to_flat_state(abstract):
+    var.set_value(values[_key(path)])
+  return nnx.merge(graphdef, abstract)
+
+
 def _destination(cfg: ModelConfig, param: str) -> tuple[str, str, int, int]:
   """Parameter of the unfused model -> (module of the model, leaf, part index, number of parts)."""
   module, _, leaf = param.rpartition(".")
@@ -102,13 +139,9 @@ def _model_arrays(cfg: ModelConfig, module: str, leaf: str, parts: list) -> dict
 def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray | Int8Rows]], *, source: str,
              mesh=None, rules: ShardingRules = DEFAULT_RULES) -> Transformer:
   """Build a Transformer of `cfg` from (name, array) pairs in the checkpoints' layout read from
-  `source` (for messages)."""
-  graphdef, abstract = nnx.split(abstract_model(cfg))
-  flat = dict((_key(p), v) for p, v in nnx.to_flat_state(abstract))
+  `source` (for messages), sharded over `mesh` by `rules` when given."""
+  graphdef, abstract, targets, shardings = abstract_params(cfg, mesh, rules)
   ckpt = _checkpoint_layout(cfg)
-  shardings = None
-  if mesh is not None:
-    shardings = dict((_key(p), s) for p, s in nnx.to_flat_state(state_shardings(abstract, mesh, rules)))
   seen: set[str] = set()
   pending: dict[tuple[str, str], list] = {}  # parts of fused weights waiting for the others
   filled: dict[str, jax.Array] = {}
@@ -132,17 +165,12 @@ def assemble(cfg: ModelConfig, tensors: Iterable[tuple[str, np.ndarray | Int8Row
       continue
     del pending[(module, leaf)]
     for key, value in _model_arrays(cfg, module, leaf, parts).items():
-      value = jnp.asarray(value, dtype=flat[key].get_value().dtype)
-      if shardings is not None:
-        value = jax.device_put(value, shardings[key])
-      filled[key] = value
+      filled[key] = place(np.asarray(value), targets[key][1], shardings[key])
   missing = sorted(name for name in ckpt if name not in seen)
   if missing:
     more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
     raise CheckpointError(f"{source}: missing tensors {missing[:5]}{more}")
-  for path, var in nnx.to_flat_state(abstract):
-    var.set_value(filled[_key(path)])
-  return nnx.merge(graphdef, abstract)
+  return fill(graphdef, abstract, filled)
 
 
 def checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:

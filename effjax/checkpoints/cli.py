@@ -27,7 +27,8 @@ def _models(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
   from effjax.checkpoints.registry import convert
 
-  loaded, out = convert(args.src, args.out, dtype=args.dtype, quant=args.quant, overwrite=args.force)
+  loaded, out = convert(args.src, args.out, dtype=args.dtype, quant=args.quant, overwrite=args.force,
+                        params=args.params)
   cfg = loaded.cfg
   weights = f", {cfg.quant} weights" if cfg.quant else ""
   print(f"wrote {out}: {cfg.family}, {cfg.num_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}, "
@@ -39,7 +40,7 @@ def register(subparsers) -> None:
   p = subparsers.add_parser("models", help="list the named models and where their weights come from")
   p.set_defaults(func=_models)
   p = subparsers.add_parser("convert", help="convert a GGUF file, HF directory or named model to an "
-                                            "effjax (Orbax) checkpoint directory")
+                                            "effjax checkpoint directory")
   p.add_argument("src", help="GGUF file, Hugging Face directory, or a named model")
   p.add_argument("out", help="output directory (must not exist unless --force)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -47,4 +48,7 @@ def register(subparsers) -> None:
                  help="save weight-only int8 weights with per-channel scales (Q8_0 GGUF tensors are "
                       "rescaled, not dequantized)")
   p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+  p.add_argument("--params", default="safetensors", choices=("safetensors", "orbax"),
+                 help="parameters as one memory-mapped safetensors file (fast to load, default) "
+                      "or as an Orbax checkpoint (for multi-host jobs)")
   p.set_defaults(func=_convert)

@@ -20,6 +20,7 @@ from effjax.errors import CheckpointError
 from effjax.models.config import LayerKind, ModelConfig, RopeScaling, make_config
 from effjax.models.families import FAMILIES, FamilyTable
 from effjax.models.quant import Int8Rows, from_q8_0
+from effjax.models.sharding import DEFAULT_RULES, ShardingRules
 from effjax.models.transformer import Transformer, rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)  # GGUF architecture names are effjax's family names
@@ -290,9 +291,11 @@ def gguf_tensors(src: str | os.PathLike | GGUFFile,
 
 
 def load_gguf(src: str | os.PathLike | GGUFFile, *, dtype: str = "float32", mesh=None,
+              rules: ShardingRules = DEFAULT_RULES,
               quant: str | None = None) -> tuple[ModelConfig, Transformer]:
   """Config and model from a GGUF file; tensors are dequantized (or, for quant="int8", Q8_0 ones
-  rescaled) and placed one at a time."""
+  rescaled) and placed one at a time (each device receiving its shard when `mesh` is given, split
+  by `rules`)."""
   f = as_gguf(src)
   cfg = config_from_gguf(f, dtype=dtype).replace(quant=quant)
-  return cfg, assemble(cfg, gguf_tensors(f, cfg), source=str(f.path), mesh=mesh)
+  return cfg, assemble(cfg, gguf_tensors(f, cfg), source=str(f.path), mesh=mesh, rules=rules)

@@ -7,6 +7,8 @@ constrained with `constrain`. A `ShardingRules` maps each logical name to a mesh
 from __future__ import annotations
 
 import dataclasses
+import re
+import warnings
 from typing import Any
 
 import jax
@@ -32,9 +34,15 @@ class ShardingRules:
   def spec(self, logical: tuple[str | None, ...], shape: tuple[int, ...] | None = None,
            mesh: Mesh | None = None) -> P:
     """PartitionSpec for `logical` names; a dim a mesh axis does not divide stays replicated."""
+    return P(*(axes for axes, _ in self._place(logical, shape, mesh)))
+
+  def _place(self, logical, shape, mesh):
+    """Per dim: (the mesh axes it is split over or None, the axes its rule names that would split
+    it but do not divide its size)."""
     out, used = [], set()
     for i, name in enumerate(logical):
       axes = getattr(self, name) if name else None
+      undivided = ()
       if axes is not None and mesh is not None:
         axes_t = (axes,) if isinstance(axes, str) else tuple(axes)
         axes_t = tuple(a for a in axes_t if a in mesh.shape and a not in used)
@@ -42,12 +50,21 @@ class ShardingRules:
         for a in axes_t:
           size *= mesh.shape[a]
         if not axes_t or (shape is not None and shape[i] % size):
+          undivided = axes_t if axes_t and size > 1 else ()
           axes = None
         else:
           axes = axes_t[0] if len(axes_t) == 1 else axes_t
           used.update(axes_t)
-      out.append(axes)
-    return P(*out)
+      out.append((axes, undivided))
+    return out
+
+  def replicated_dims(self, logical: tuple[str | None, ...], shape: tuple[int, ...],
+                      mesh: Mesh) -> list[str]:
+    """The dims that stay whole on every device because the mesh axes their rule names do not
+    divide their size, described for a warning: 'dim 1 (kv_heads, 3) over tensor=2'."""
+    return [f"dim {i} ({logical[i]}, {shape[i]}) over "
+            + ",".join(f"{a}={mesh.shape[a]}" for a in undivided)
+            for i, (_, undivided) in enumerate(self._place(logical, shape, mesh)) if undivided]
 
 
 DEFAULT_RULES = ShardingRules()
@@ -89,8 +106,11 @@ def parse_mesh(spec: str | None, devices=None) -> Mesh | None:
   return make_mesh(**{"data": 1, "fsdp": 1, "tensor": 1, **kw}, devices=devices)
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:
-  """NamedShardings for an nnx.State (or abstract state) from each variable's `axes` metadata."""
+def state_shardings(state: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES, *,
+                    warn: bool = False) -> Any:
+  """NamedShardings for an nnx.State (or abstract state) from each variable's `axes` metadata.
+  `warn`: warn once, naming every parameter dim that stays replicated because its mesh axes do not
+  divide it (loaders set it: a silently replicated weight can exhaust device memory)."""
   from flax import nnx
 
   def one(var):
@@ -100,7 +120,23 @@ def state_shardings(state: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES
       return NamedSharding(mesh, P())
     return NamedSharding(mesh, rules.spec(axes, value.shape, mesh))
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  if warn:
+    found: dict[str, None] = {}  # ordered set; layers folded into "layers.*"
+    for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=is_var):
+      axes = var.get_metadata().get("axes") if is_var(var) else None
+      if axes is not None:
+        name = re.sub(r"\.\d+\.", ".*.", ".".join(str(getattr(k, "key", k)) for k in path))
+        for dim in rules.replicated_dims(axes, var.get_value().shape, mesh):
+          found[f"{name} {dim}"] = None
+    if found:
+      warnings.warn("replicated on every device because the mesh axes do not divide them: "
+                    + "; ".join(found), ReplicatedWarning, stacklevel=2)
+  return jax.tree.map(one, state, is_leaf=is_var)
+
+
+class ReplicatedWarning(UserWarning):
+  """Parameter dims kept whole on every device because their mesh axes do not divide them."""
 
 
 def array_sharding(logical: tuple[str | None, ...], shape, mesh: Mesh,

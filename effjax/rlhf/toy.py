@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from effjax.checkpoints.orbax_io import VERSION as PARAMS_FORMAT
+from effjax.checkpoints.checkpoint_dir import VERSION as PARAMS_FORMAT
 from effjax.models.config import ModelConfig, make_config
 from effjax.models.transformer import Transformer
 from effjax.rlhf import rollout
