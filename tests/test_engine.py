@@ -152,9 +152,9 @@ def test_prompts_in_one_bucket_share_one_compilation():
   eng.generate([[1, 2, 3]], max_new_tokens=4)
   eng.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], max_new_tokens=4)
   (prefill, decode), = eng._compiled.values()  # generate() reuses its default strategy
-  assert prefill._cache_size() == 1 and decode._cache_size() == 1
+  assert prefill.cache_size() == 1 and decode.cache_size() == 1
   eng.generate([[1] * 20], max_new_tokens=4)  # next bucket: one more
-  assert prefill._cache_size() == 2
+  assert prefill.cache_size() == 2
 
 
 def test_strategies_are_cached_by_value_with_a_bound():
@@ -166,7 +166,7 @@ def test_strategies_are_cached_by_value_with_a_bound():
   again = eng.generate([[1, 2, 3]], strategy=steer(vector.copy()), max_new_tokens=4, seed=1)
   assert again.tokens == first.tokens and len(eng._compiled) == 1  # an equal strategy: no compile
   (prefill, decode), = eng._compiled.values()
-  assert prefill._cache_size() == 1 and decode._cache_size() == 1
+  assert prefill.cache_size() == 1 and decode.cache_size() == 1
   eng.generate([[1, 2, 3]], strategy=steer(vector * 2), max_new_tokens=4)  # new content
   assert len(eng._compiled) == 2
   eng.generate([[1, 2, 3]], strategy=steer(vector, coef=2.0), max_new_tokens=4)

@@ -1,7 +1,11 @@
 """`effjax generate`: clear errors before any work, real generation with the embedded model."""
 
 import json
+import os
+import subprocess
+import sys
 
+import jax
 import pytest
 
 from effjax.cli import main
@@ -38,3 +42,32 @@ def test_streams_text_and_batches_a_jsonl_file(tmp_path, capsys):
   rows = [json.loads(l) for l in res.read_text().splitlines()]
   assert [r["prompt"] for r in rows] == ["Say hello.", "Count to three."]
   assert all(0 < r["new_tokens"] <= 8 and r["output"] for r in rows)
+
+
+QUESTION = "What is the capital of France? Answer in one word."
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,want", [
+    ([], "The capital of France is Paris."),
+    (["--temperature", "0.7", "--top-k", "20", "--seed", "3"],
+     "That's not entirely accurate. The capital of France is Paris, not Paris itself. I'm using a "
+     "helper named Sm"),
+])
+def test_cold_start_output_is_unchanged_and_restores_stored_programs(tmp_path, capsys, monkeypatch,
+                                                                      flags, want):
+  """The same text as before the fast start (recorded with effjax a371fdc); a second process
+  restores the programs the first stored instead of compiling, and reports its phases."""
+  monkeypatch.setenv("EFFJAX_PROGRAMS", str(tmp_path / "programs"))
+  argv = ["generate", "--prompt", QUESTION, "--max-new-tokens", "24", *flags]
+  assert main(argv) == 0
+  assert capsys.readouterr().out == want
+  # The same JAX configuration as this process (conftest's matmul precision is part of the key).
+  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION=jax.config.values["jax_default_matmul_precision"])
+  proc = subprocess.run([sys.executable, "-m", "effjax.cli", *argv, "--verbose"],
+                        capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout == want
+  rows = {line.split()[0]: line for line in proc.stderr.splitlines()[-10:] if line.strip()}
+  assert {"start", "import", "load", "prompt", "compile", "prefill", "decode", "total"} <= set(rows)
+  assert "prefill: disk" in proc.stderr and "decode: disk" in proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import warnings
 
 import jax
@@ -137,13 +138,7 @@ def _write_meta(path, **changes):
 ])
 def test_damaged_parameter_file_is_an_error_never_a_misread(tiny, tmp_path, damage, msg):
   _, _, root, _ = tiny
-  path = tmp_path / "ckpt"
-  path.mkdir()
-  for f in root.joinpath("safetensors").rglob("*"):
-    if f.is_file():
-      dest = path / f.relative_to(root / "safetensors")
-      dest.parent.mkdir(exist_ok=True)
-      dest.write_bytes(f.read_bytes())
+  path = shutil.copytree(root / "safetensors", tmp_path / "ckpt")
   file = path / checkpoint_dir.PARAMS_FILE
   file.write_bytes(damage(file.read_bytes()))
   with pytest.raises(CheckpointError, match=msg):
@@ -165,13 +160,7 @@ def test_parameters_of_another_model_are_refused(tiny, tmp_path):
 def test_old_orbax_checkpoints_still_load(tiny, tmp_path):
   """Version 2 checkpoints (Orbax only) read as before."""
   _, model, root, _ = tiny
-  old = tmp_path / "v2"
-  old.mkdir()
-  for f in root.joinpath("orbax").rglob("*"):
-    if f.is_file():
-      dest = old / f.relative_to(root / "orbax")
-      dest.parent.mkdir(parents=True, exist_ok=True)
-      dest.write_bytes(f.read_bytes())
+  old = shutil.copytree(root / "orbax", tmp_path / "v2")
   meta = json.loads((old / checkpoint_dir.MARKER).read_text())
   del meta["params"]
   (old / checkpoint_dir.MARKER).write_text(json.dumps({**meta, "format": "effjax-orbax",

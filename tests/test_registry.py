@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 from effjax import cli
 from effjax.checkpoints import checkpoint_dir
-from effjax.checkpoints.assemble import CheckpointError
+from effjax.errors import CheckpointError
 from effjax.checkpoints.registry import MODELS, load_model
 from effjax.models import create_model, make_mesh, tiny_config
 from tiny_gguf import params_of, tiny_bpe, write_gguf

@@ -1,7 +1,13 @@
-"""Problem and prompt sets (JSONL, TFDS) and the resumable, per-host prompt stream for RLHF."""
+"""Problem and prompt sets (JSONL, TFDS) and the resumable, per-host prompt stream for RLHF.
 
-from effjax.data.loader import load_problems
-from effjax.data.records import Problem, ProblemSet, Skipped
-from effjax.data.stream import PromptStream
+Names are imported on first use: `effjax.data.chat` (what `effjax generate` needs) does not pull in
+the stream's Grain and Orbax.
+"""
 
-__all__ = ["Problem", "ProblemSet", "PromptStream", "Skipped", "load_problems"]
+from effjax.lazy import exports
+
+_MODULE_OF = {"load_problems": "loader", "Problem": "records", "ProblemSet": "records",
+              "Skipped": "records", "PromptStream": "stream"}
+__all__ = sorted(_MODULE_OF)
+
+__getattr__ = exports(__name__, _MODULE_OF)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from effjax import program_cache
 from effjax.decoding.compiled import DEFAULT_MAX_STRATEGIES, StrategyCache
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.models.cache import KV_AXES, KVCache
@@ -372,17 +373,25 @@ def generate_arrays(model: Transformer, prompt: jax.Array, prompt_len: jax.Array
   return jnp.where(mask, state.tokens[:, :max_new_tokens], cfg.pad_id), mask
 
 
-def jitted_programs(graphdef: nnx.GraphDef, strategy: Strategy):
-  """The engine's two programs for one model graph and strategy, the decode state donated:
-  prefill(params, state) -> state and decode(params, state, until) -> state. `Engine` runs them;
-  `effjax plan` compiles the same two ahead of time for a TPU topology."""
+def engine_functions(graphdef: nnx.GraphDef, strategy: Strategy):
+  """The engine's two programs for one model graph and strategy, as functions of arrays only:
+  prefill(params, state) -> state and decode(params, state, steps) -> state after at most `steps`
+  more strategy steps (the limit computed inside, so advancing dispatches nothing else)."""
 
   def prefill(params, state):
     return run_prefill(nnx.merge(graphdef, params), strategy, state)
 
-  def decode(params, state, until):
-    return run_loop(nnx.merge(graphdef, params), strategy, state, until)
+  def decode(params, state, steps):
+    return run_loop(nnx.merge(graphdef, params), strategy, state, state.calls + steps)
 
+  return prefill, decode
+
+
+def jitted_programs(graphdef: nnx.GraphDef, strategy: Strategy):
+  """`engine_functions` jitted, the decode state donated. `Engine` runs the same two (compiled
+  ahead of time and stored, effjax/program_cache.py); `effjax plan` compiles them for a TPU
+  topology."""
+  prefill, decode = engine_functions(graphdef, strategy)
   return jax.jit(prefill, donate_argnums=1), jax.jit(decode, donate_argnums=1)
 
 
@@ -486,8 +495,9 @@ class Engine:
   def _bucket(self, n: int) -> int:
     return next(b for b in self.buckets if b >= n)
 
-  def initial_state(self, prompts, limits, stop: np.ndarray, seed: int,
-                    strategy: Strategy) -> DecodeState:
+  def _inputs(self, prompts, limits, stop: np.ndarray, seed: int, strategy: Strategy) -> tuple:
+    """The init program's host inputs: prompts right-padded to their bucket, what sizes and ends
+    each row, and the cache length (static, as max_new_tokens)."""
     p = self._bucket(max(len(x) for x in prompts))
     prompt = np.full((len(prompts), p), self.cfg.pad_id, np.int32)
     for i, x in enumerate(prompts):
@@ -495,27 +505,46 @@ class Engine:
     cache_len = self.cache_len
     if self.fit_cache:
       cache_len = min(cache_len, -(-(p + int(limits.max()) + strategy.block_size) // 128) * 128)
-    return init_state(self.cfg, prompt, [len(x) for x in prompts], limits, jax.random.key(seed),
-                      max_new_tokens=int(limits.max()), cache_len=cache_len, eos=self.eos_ids,
-                      stop=stop, strategy=strategy, mesh=self.mesh, rules=self.rules,
-                      ring_cache=self.ring_cache)
+    return (prompt, np.asarray([len(x) for x in prompts], np.int32), np.asarray(limits, np.int32),
+            np.int32(seed), np.asarray(self.eos_ids, np.int32), stop, int(limits.max()), cache_len)
 
   def _functions(self, strategy: Strategy):
-    return self._compiled.get(strategy, lambda s: jitted_programs(self.graphdef, s))
+    return self._compiled.get(strategy, self._programs)
+
+  def _programs(self, strategy: Strategy):
+    """(init, prefill, decode) for `strategy`: init builds the initial state from host arrays in
+    one program (no per-array dispatch); prefill and decode are `engine_functions`."""
+    cfg, ring_cache, mesh, rules = self.cfg, self.ring_cache, self.mesh, self.rules
+
+    def init(prompt, prompt_len, limit, seed, eos, stop, max_new_tokens, cache_len):
+      return init_state(cfg, prompt, prompt_len, limit, jax.random.key(seed),
+                        max_new_tokens=max_new_tokens, cache_len=cache_len, eos=eos, stop=stop,
+                        strategy=strategy, mesh=mesh, rules=rules, ring_cache=ring_cache)
+
+    prefill, decode = engine_functions(self.graphdef, strategy)
+    # Everything the programs close over, by value; a strategy holding arrays or other objects
+    # (e.g. a steering hook) has no such description and its programs stay in this process.
+    described = program_cache.describe(strategy)
+    devices = None if mesh is None else (repr(mesh), mesh.device_ids.tolist())
+    key = None if described is None else repr((cfg, repr(self.graphdef), ring_cache, devices,
+                                               rules, described))
+    return (program_cache.CachedJit(init, name="init", program_key=key, static_argnums=(6, 7)),
+            program_cache.CachedJit(prefill, name="prefill", program_key=key, donate_argnums=(1,)),
+            program_cache.CachedJit(decode, name="decode", program_key=key, donate_argnums=(1,)))
 
   def start(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
             stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0) -> DecodeState:
     """Check inputs, then prefill: the state holds the first generated token."""
     strategy = strategy or PLAIN_GREEDY
     limits = self._check(prompts, max_new_tokens, strategy)
-    state = self.initial_state(prompts, limits, stop_array(stop_sequences), seed, strategy)
-    prefill, _ = self._functions(strategy)
+    init, prefill, _ = self._functions(strategy)
+    state = init(*self._inputs(prompts, limits, stop_array(stop_sequences), seed, strategy))
     return prefill(self.params, state)
 
   def advance(self, state: DecodeState, strategy: Strategy, steps: int) -> DecodeState:
     """Run up to `steps` more loop iterations (fewer if every row is done)."""
-    _, decode = self._functions(strategy)
-    return decode(self.params, state, state.calls + steps)
+    *_, decode = self._functions(strategy)
+    return decode(self.params, state, np.int32(steps))
 
   def generate(self, prompts: Sequence[Sequence[int]], *, strategy: Strategy | None = None,
                max_new_tokens=256, stop_sequences: Sequence[Sequence[int]] = (),

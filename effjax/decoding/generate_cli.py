@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
 
 from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
-from effjax.decoding.sampling import Sampler
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -19,7 +19,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0)
 
 
-def sampler_from_args(args) -> Sampler:
+def sampler_from_args(args):
+  from effjax.decoding.sampling import Sampler
+
   return Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
 
 
@@ -49,15 +51,25 @@ def register(sub) -> None:
   add_strict_arg(p, default=False)
   p.add_argument("--out", default=None, help="with --file: write JSONL results here (default stdout)")
   add_sampling_args(p)
+  p.add_argument("--verbose", action="store_true",
+                 help="report where the time went: start-up, imports, loading, compiling or "
+                      "restoring programs, prefill, decode")
   p.set_defaults(func=run)
 
 
 def run(args) -> int:
+  from effjax.phases import Phases
+
+  phases = Phases()
+  # Start-up creates about a million long-lived objects (modules, the model tree); collecting
+  # garbage among them is wasted work (~15% of a cold run): collect again once the answer starts.
+  gc.disable()
   from effjax.checkpoints.registry import load_model
   from effjax.data.chat import TextStream, encode_prompt
   from effjax.decoding.engine import AutoRegressive, Engine, cache_len_for
   from effjax.models.sharding import parse_mesh
 
+  phases.mark("import", "jax, flax, effjax")
   strategy = AutoRegressive(sampler_from_args(args))  # bad sampling flags fail here, before loading
   mesh = parse_mesh(args.mesh)
   problems = None
@@ -65,25 +77,36 @@ def run(args) -> int:
     from effjax.data import load_problems
     problems = load_problems(args.file, strict=args.strict)
   loaded = load_model(args.model, dtype=args.dtype, mesh=mesh, quant=args.quant)
+  phases.mark("load", f"weights and tokenizer: {loaded.source}")
   eos = set(loaded.cfg.eos_ids) | {loaded.tokenizer.eos_token_id} - {None}
   encode = lambda text: encode_prompt(loaded.tokenizer, text, chat=args.chat, system=args.system)
   prompts = [encode(args.prompt)] if problems is None else [encode(p.prompt) for p in problems]
   cache_len = args.cache_len or cache_len_for([len(p) for p in prompts], args.max_new_tokens,
                                               loaded.cfg.max_position)
   engine = Engine(loaded.model, cache_len=cache_len, eos_ids=sorted(eos), mesh=mesh)
+  phases.mark("prompt", "chat template, tokenizer, engine set-up")
 
   if problems is None:
     stream = TextStream(loaded.tokenizer)
     t0, n = time.perf_counter(), 0
-    for chunk in engine.stream(prompts, strategy=strategy,
-                               max_new_tokens=args.max_new_tokens, seed=args.seed):
+    programs = _ProgramRows(phases)
+    chunks = engine.stream(prompts, strategy=strategy, max_new_tokens=args.max_new_tokens,
+                           seed=args.seed)
+    for i, chunk in enumerate(chunks):
       n += len(chunk[0])
       print(stream.push(chunk[0]), end="", flush=True)
+      if i == 0:  # the prefill samples the first token
+        phases.mark("prefill", f"{len(prompts[0])} prompt tokens", minus=programs())
+        _collect_garbage_again()
     dt = time.perf_counter() - t0
+    phases.mark("decode", f"{n - 1} more tokens", minus=programs())
     print(f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s including compilation]",
           file=sys.stderr)
+    if args.verbose:
+      print(phases.report(), file=sys.stderr)
     return 0
 
+  _collect_garbage_again()
   out = open(args.out, "w") if args.out else sys.stdout
   total, t0 = 0, time.perf_counter()
   try:
@@ -101,6 +124,33 @@ def run(args) -> int:
     if args.out:
       out.close()
   dt = time.perf_counter() - t0
+  phases.mark("generate", f"{len(problems)} prompts, {total} tokens (compiling included)")
   print(f"[{len(problems)} prompts, {total} tokens in {dt:.2f}s, {total / dt:.1f} tokens/s]",
         file=sys.stderr)
+  if args.verbose:
+    print(phases.report(), file=sys.stderr)
   return 0
+
+
+
+def _collect_garbage_again() -> None:
+  gc.freeze()  # what start-up made stays; later garbage is collected as usual
+  gc.enable()
+
+
+class _ProgramRows:
+  """Adds the programs compiled or restored since the last call to `phases` as a "compile" row and
+  returns their (wall, cpu) seconds, for the phase that contained them to leave out."""
+
+  def __init__(self, phases):
+    from effjax import program_cache
+
+    self.phases, self.events, self.seen = phases, program_cache.events, len(program_cache.events)
+
+  def __call__(self) -> tuple[float, float]:
+    new, self.seen = self.events[self.seen:], len(self.events)
+    if not new:
+      return 0.0, 0.0
+    wall, cpu = sum(e.seconds for e in new), sum(e.cpu_seconds for e in new)
+    self.phases.add("compile", wall, cpu, ", ".join(f"{e.name}: {e.source}" for e in new))
+    return wall, cpu

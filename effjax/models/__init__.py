@@ -1,13 +1,20 @@
-"""The Flax NNX decoder family (Llama, Qwen2, Qwen3, Gemma 2, Gemma 3), its KV cache and sharding."""
+"""The Flax NNX decoder family (Llama, Qwen2, Qwen3, Gemma 2, Gemma 3), its KV cache and sharding.
 
-from effjax.models.cache import KVCache, commit, rollback
-from effjax.models.config import PRESETS, ModelConfig, RopeScaling, make_config, tiny_config
-from effjax.models.sharding import DEFAULT_RULES, ShardingRules, make_mesh, parse_mesh
-from effjax.models.transformer import (ModelOutput, Steering, Transformer, abstract_model,
-                                       create_model)
+Names are imported on first use, so that reading configs (`effjax.models.config`, e.g. for
+`effjax models`) does not import JAX.
+"""
 
-__all__ = [
-    "KVCache", "commit", "rollback", "PRESETS", "ModelConfig", "RopeScaling", "make_config",
-    "tiny_config", "DEFAULT_RULES", "ShardingRules", "make_mesh", "parse_mesh", "ModelOutput",
-    "Steering", "Transformer", "abstract_model", "create_model",
-]
+from effjax.lazy import exports
+
+_MODULE_OF = {
+    "KVCache": "cache", "commit": "cache", "rollback": "cache",
+    "PRESETS": "config", "ModelConfig": "config", "RopeScaling": "config", "make_config": "config",
+    "tiny_config": "config",
+    "DEFAULT_RULES": "sharding", "ShardingRules": "sharding", "make_mesh": "sharding",
+    "parse_mesh": "sharding",
+    "ModelOutput": "transformer", "Steering": "transformer", "Transformer": "transformer",
+    "abstract_model": "transformer", "create_model": "transformer",
+}
+__all__ = list(_MODULE_OF)
+
+__getattr__ = exports(__name__, _MODULE_OF)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax.numpy as jnp
-
 from effjax.models.families import Family, LayerKind, family_table
 
 
@@ -77,6 +75,8 @@ class ModelConfig:
 
   @property
   def jnp_dtype(self):
+    import jax.numpy as jnp  # here, so that reading configs (e.g. `effjax models`) needs no JAX
+
     return jnp.dtype(self.dtype)
 
   def layer_kind(self, i: int) -> LayerKind:

@@ -182,14 +182,14 @@ def engine_programs(cfg: ModelConfig, graphdef, params, strategy, mesh, *, label
   prefill, decode = jitted_programs(graphdef, strategy)
   state = decode_state(cfg, strategy, mesh, rows=rows, prompt_len=prompt_len,
                        max_new_tokens=max_new_tokens, cache_len=cache_len)
-  until = jax.ShapeDtypeStruct((), jnp.int32)
+  steps = jax.ShapeDtypeStruct((), jnp.int32)  # decode runs at most this many more steps
   after = state
   if not with_prefill:
     after = jax.eval_shape(prefill, params, state)
     after = after.replace(cache=after.cache.replace(k=state.cache.k, v=state.cache.v))
   shrink = "a smaller batch (decode.batches) or shorter prompts (decode.prompt_len)"
   out = [Program(f"{label} decode", decode,
-                 [Arg(params, PARAMS, "params"), Arg(after, cache_kind), Arg(until, INPUTS)],
+                 [Arg(params, PARAMS, "params"), Arg(after, cache_kind), Arg(steps, INPUTS)],
                  shrink=shrink)]
   if with_prefill:
     out.insert(0, Program(f"{label} prefill", prefill,
