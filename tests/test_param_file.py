@@ -157,15 +157,21 @@ def test_parameters_of_another_model_are_refused(tiny, tmp_path):
     param_file.load(ints, {"w": ((2, 3), np.float32)}, {})
 
 
-def test_old_orbax_checkpoints_still_load(tiny, tmp_path):
-  """Version 2 checkpoints (Orbax only) read as before."""
+def test_orbax_only_checkpoints_load_and_older_layouts_are_refused(tiny, tmp_path):
+  """"effjax-orbax" version 3 checkpoints (Orbax only, the same parameter tree) read as before;
+  older layouts (unfused kernels) are a clear error, never misread."""
   _, model, root, _ = tiny
-  old = shutil.copytree(root / "orbax", tmp_path / "v2")
+  old = shutil.copytree(root / "orbax", tmp_path / "v3")
   meta = json.loads((old / checkpoint_dir.MARKER).read_text())
   del meta["params"]
-  (old / checkpoint_dir.MARKER).write_text(json.dumps({**meta, "format": "effjax-orbax",
-                                                       "version": 2}))
-  _assert_bitwise_equal(_flat(checkpoint_dir.restore_checkpoint(old)[1]), _flat(model))
+  for fmt, version in (("effjax-orbax", 3), ("effjax-orbax", 2), ("effjax", 3)):
+    (old / checkpoint_dir.MARKER).write_text(json.dumps({**meta, "format": fmt, "version": version}))
+    if (fmt, version) == ("effjax-orbax", 3):
+      _assert_bitwise_equal(_flat(checkpoint_dir.restore_checkpoint(old)[1]), _flat(model))
+    else:
+      with pytest.raises(CheckpointError, match=f"version {version}; this effjax reads 'effjax' "
+                                                f"version {checkpoint_dir.VERSION}"):
+        checkpoint_dir.restore_checkpoint(old)
 
 
 def test_named_model_cache_is_rebuilt_when_stale_or_damaged(tiny, tmp_path, monkeypatch, capsys):
@@ -185,7 +191,7 @@ def test_named_model_cache_is_rebuilt_when_stale_or_damaged(tiny, tmp_path, monk
   err = capsys.readouterr().err
   assert "rebuilding the cache of tiny" in err and "checksum" in err
   _assert_bitwise_equal(_flat(again.model), _flat(first.model))
-  _write_meta(named.cache_dir, version=2)  # an older format: not cached, converted again
+  _write_meta(named.cache_dir, version=3)  # an older format: not cached, converted again
   assert not named.cached()
   load_model("tiny")
   assert named.cached() and load_model("tiny").source.startswith("tiny (cache ")
