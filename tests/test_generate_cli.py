@@ -62,8 +62,9 @@ def test_cold_start_output_is_unchanged_and_restores_stored_programs(tmp_path, c
   argv = ["generate", "--prompt", QUESTION, "--max-new-tokens", "24", *flags]
   assert main(argv) == 0
   assert capsys.readouterr().out == want
-  # The same JAX configuration as this process (conftest's matmul precision is part of the key).
-  env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION=jax.config.values["jax_default_matmul_precision"])
+  # The same JAX configuration as this process (a set matmul precision is part of the key).
+  precision = jax.config.values["jax_default_matmul_precision"]
+  env = dict(os.environ, **({} if precision is None else {"JAX_DEFAULT_MATMUL_PRECISION": precision}))
   proc = subprocess.run([sys.executable, "-m", "effjax.cli", *argv, "--verbose"],
                         capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr
