@@ -115,7 +115,7 @@ def test_gguf_load_takes_rules_and_names_each_replicated_dim(tiny):
     cfg, sharded = load_gguf(gguf, mesh=mesh)
   message = str(record[0].message)
   assert f"embed dim 1 (vocab, {cfg.vocab_size}) over tensor=3" in message
-  assert f"layers.*.mlp.gate.kernel dim 1 (mlp, {cfg.mlp_dim}) over tensor=3" in message
+  assert f"layers.*.mlp.gate_up.kernel dim 2 (mlp, {cfg.mlp_dim}) over tensor=3" in message
   assert "layers.0." not in message  # one entry per parameter kind, not per layer
   np.testing.assert_array_equal(np.asarray(sharded.embed[...]), np.asarray(plain.embed[...]))
   rules = dataclasses.replace(DEFAULT_RULES, vocab=None, mlp=None, heads=None, kv_heads=None)

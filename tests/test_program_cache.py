@@ -42,15 +42,15 @@ def test_a_new_engine_restores_the_stored_programs(model, store):
   strategy = AutoRegressive(Sampler(temperature=0.8, top_k=5))
   seen = len(program_cache.events)
   want = _generate(model, strategy)
-  assert _sources(seen) == [("prefill", "compiled"), ("decode", "compiled")]
-  assert len(list(store.glob("*.pkl"))) == 2
+  assert _sources(seen) == [("init", "compiled"), ("prefill", "compiled"), ("decode", "compiled")]
+  assert len(list(store.glob("*.pkl"))) == 3
   seen = len(program_cache.events)
   again = _generate(model, AutoRegressive(Sampler(temperature=0.8, top_k=5)))  # equal value
-  assert _sources(seen) == [("prefill", "disk"), ("decode", "disk")]
+  assert _sources(seen) == [("init", "disk"), ("prefill", "disk"), ("decode", "disk")]
   assert again == want
   seen = len(program_cache.events)
   _generate(model, AutoRegressive(Sampler(temperature=0.8, top_k=6)))  # another program
-  assert _sources(seen) == [("prefill", "compiled"), ("decode", "compiled")]
+  assert _sources(seen) == [("init", "compiled"), ("prefill", "compiled"), ("decode", "compiled")]
 
 
 def test_shapes_config_and_mesh_change_the_key(model, store):
@@ -61,7 +61,7 @@ def test_shapes_config_and_mesh_change_the_key(model, store):
   _generate(model, mesh=make_mesh(data=2, fsdp=2, tensor=2))
   eng = Engine(model, cache_len=32, buckets=[16, 32])
   eng.generate([[1] * 20], max_new_tokens=6)  # the next prompt bucket
-  assert [s for _, s in _sources(seen)] == ["compiled"] * 6
+  assert [s for _, s in _sources(seen)] == ["compiled"] * 9
 
 
 def test_unusable_program_files_are_recompiled(model, store, capsys):
@@ -70,11 +70,11 @@ def test_unusable_program_files_are_recompiled(model, store, capsys):
     path.write_bytes(path.read_bytes()[:100])
   seen = len(program_cache.events)
   assert _generate(model) == want
-  assert _sources(seen) == [("prefill", "compiled"), ("decode", "compiled")]
+  assert _sources(seen) == [("init", "compiled"), ("prefill", "compiled"), ("decode", "compiled")]
   assert "stored program unusable" in capsys.readouterr().err
   seen = len(program_cache.events)
   assert _generate(model) == want
-  assert _sources(seen) == [("prefill", "disk"), ("decode", "disk")]
+  assert _sources(seen) == [("init", "disk"), ("prefill", "disk"), ("decode", "disk")]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -100,7 +100,7 @@ def test_without_a_directory_nothing_is_stored(model, tmp_path, monkeypatch):
   monkeypatch.delenv("EFFJAX_PROGRAMS", raising=False)
   seen = len(program_cache.events)
   _generate(model)
-  assert _sources(seen) == [("prefill", "compiled"), ("decode", "compiled")]
+  assert _sources(seen) == [("init", "compiled"), ("prefill", "compiled"), ("decode", "compiled")]
   assert not list(tmp_path.rglob("*.pkl"))
 
 
@@ -135,4 +135,4 @@ def test_programs_are_stored_whole_when_jax_has_them_cached(model, jax_persisten
   assert _generate(model, strategy) == want  # stored
   seen = len(program_cache.events)
   assert _generate(model, strategy) == want  # restored from the store
-  assert _sources(seen) == [("prefill", "disk"), ("decode", "disk")]
+  assert _sources(seen) == [("init", "disk"), ("prefill", "disk"), ("decode", "disk")]
