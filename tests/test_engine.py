@@ -151,8 +151,8 @@ def test_prompts_in_one_bucket_share_one_compilation():
   eng = Engine(model, cache_len=64, buckets=[16, 64])
   eng.generate([[1, 2, 3]], max_new_tokens=4)
   eng.generate([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], max_new_tokens=4)
-  (prefill, decode), = eng._compiled.values()  # generate() reuses its default strategy
-  assert prefill.cache_size() == 1 and decode.cache_size() == 1
+  (init, prefill, decode), = eng._compiled.values()  # generate() reuses its default strategy
+  assert init.cache_size() == 1 and prefill.cache_size() == 1 and decode.cache_size() == 1
   eng.generate([[1] * 20], max_new_tokens=4)  # next bucket: one more
   assert prefill.cache_size() == 2
 
@@ -165,12 +165,12 @@ def test_strategies_are_cached_by_value_with_a_bound():
   first = eng.generate([[1, 2, 3]], strategy=steer(vector), max_new_tokens=4, seed=1)
   again = eng.generate([[1, 2, 3]], strategy=steer(vector.copy()), max_new_tokens=4, seed=1)
   assert again.tokens == first.tokens and len(eng._compiled) == 1  # an equal strategy: no compile
-  (prefill, decode), = eng._compiled.values()
-  assert prefill.cache_size() == 1 and decode.cache_size() == 1
+  programs, = eng._compiled.values()  # init, prefill, decode
+  assert [p.cache_size() for p in programs] == [1, 1, 1]
   eng.generate([[1, 2, 3]], strategy=steer(vector * 2), max_new_tokens=4)  # new content
   assert len(eng._compiled) == 2
   eng.generate([[1, 2, 3]], strategy=steer(vector, coef=2.0), max_new_tokens=4)
-  assert len(eng._compiled) == 2 and (prefill, decode) not in eng._compiled.values()  # bound: LRU out
+  assert len(eng._compiled) == 2 and programs not in eng._compiled.values()  # bound: LRU out
   assert value_key(steer(vector)) == value_key(steer(jnp.asarray(vector)))
   assert value_key(steer(vector)) != value_key(steer(vector.astype(np.float16)))
   assert value_key(steer(vector, coef=1)) != value_key(steer(vector, coef=1.0))  # traced apart
