@@ -17,6 +17,8 @@ from effjax.cli import main
     (["--prompt", "hi", "--top-p", "1.5", "--temperature", "1"], "top_p"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "max-new-tokens"),
     (["--prompt", "hi", "--mesh", "data=x"], "mesh"),
+    (["--prompt", "hi", "--method", "medusa"], "unknown decoding method"),
+    (["--prompt", "hi", "--method", "esp-bc20"], "BC must be one of"),
 ])
 def test_bad_arguments_are_clear_errors(argv, msg, capsys):
   assert main(["generate", *argv]) == 2
@@ -33,7 +35,12 @@ def test_streams_text_and_batches_a_jsonl_file(tmp_path, capsys):
                "--cache-len", "256"]) == 0
   out = capsys.readouterr()
   assert "Paris" in out.out
-  assert "tokens/s" in out.err
+  assert "[ar: 12 tokens" in out.err and "tau 1.00" in out.err and "tokens/s" in out.err
+  # A speculative method streams the same text (lossless) and reports its tokens per forward.
+  assert main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
+               "--cache-len", "256", "--method", "pld"]) == 0
+  spec = capsys.readouterr()
+  assert spec.out == out.out and "[pld: 12 tokens" in spec.err and "tau " in spec.err
   prompts = tmp_path / "p.jsonl"
   prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Say hello.", "Count to three."]))
   res = tmp_path / "out.jsonl"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -561,18 +561,26 @@ class Engine:
     return self._result(state, prompts, t1 - t0, t2 - t1)
 
   def stream(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
-             stop_sequences=(), seed: int = 0, chunk: int = 8) -> Iterator[list[list[int]]]:
-    """Yield each row's newly generated tokens every `chunk` loop steps (one host trip per chunk)."""
+             stop_sequences=(), seed: int = 0, chunk: int = 8
+             ) -> Generator[list[list[int]], None, GenerationResult]:
+    """Yield each row's newly generated tokens every `chunk` loop steps (one host trip per chunk).
+
+    The generator's return value is the GenerationResult: prefill_s covers the prefill and the
+    loop's compilation, decode_s the loop after them (host trips included)."""
     strategy = strategy or PLAIN_GREEDY
+    t0 = time.perf_counter()
     state = self.start(prompts, strategy=strategy, max_new_tokens=max_new_tokens,
                        stop_sequences=stop_sequences, seed=seed)
+    state = self.advance(state, strategy, 0)  # compiles the loop before decoding is timed
+    jax.block_until_ready(state.length)
+    t1 = time.perf_counter()
     sent = np.zeros(len(prompts), np.int64)
     while True:
       tokens, length, done = fetch((state.tokens, state.length, state.done))
       yield [tokens[i, sent[i]:length[i]].tolist() for i in range(len(prompts))]
       sent = length.astype(np.int64)
       if done.all():
-        return
+        return self._result(state, prompts, t1 - t0, time.perf_counter() - t1)
       state = self.advance(state, strategy, chunk)
 
   def _result(self, state, prompts, prefill_s, decode_s) -> GenerationResult:

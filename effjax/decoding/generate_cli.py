@@ -37,6 +37,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                  help="KV cache slots per row (default: sized to the prompts and --max-new-tokens)")
 
 
+def summary(method: str, res, strategy) -> str:
+  """One line: tokens, tau (tokens per decode forward), decoding tokens/s (and for auto, the
+  steps each budget ran)."""
+  n = res.new_tokens
+  runs = ""
+  if getattr(res.extra, "runs", None) is not None:
+    runs = "; steps " + ", ".join(f"{o.name} {int(c)}" for o, c in
+                                  zip(strategy.options, res.extra.runs) if c)
+  return (f"[{method}: {n} tokens; prefill + compile {res.prefill_s:.2f}s, decoding "
+          f"{res.decode_s:.2f}s; {res.model_calls} decode forwards, tau {res.tokens_per_call:.2f} "
+          f"tokens per forward; {(n - 1) / max(res.decode_s, 1e-9):.1f} tokens/s decoding{runs}]")
+
+
 def register(sub) -> None:
   p = sub.add_parser("generate", help="generate text (streams for a single prompt)")
   add_model_args(p)
@@ -50,6 +63,13 @@ def register(sub) -> None:
   p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch with --file")
   add_strict_arg(p, default=False)
   p.add_argument("--out", default=None, help="with --file: write JSONL results here (default stdout)")
+  p.add_argument("--method", default="ar",
+                 help="decoding method: ar (plain), pld, lookahead, esp-bc10|30|60, "
+                      "hybrid-bc10|30|60 (a method and its BC budget), or auto (the budget that "
+                      "pays on this device, step by step); all lossless")
+  p.add_argument("--cost-model", default=None,
+                 help="for auto: a JSON table of forward costs {\"entries\": [[cache_len, tokens, "
+                      "seconds], ...]} (default: measured once per device and model, cached)")
   add_sampling_args(p)
   p.add_argument("--verbose", action="store_true",
                  help="report where the time went: start-up, imports, loading, compiling or "
@@ -66,11 +86,13 @@ def run(args) -> int:
   gc.disable()
   from effjax.checkpoints.registry import load_model
   from effjax.data.chat import TextStream, encode_prompt
-  from effjax.decoding.engine import AutoRegressive, Engine, cache_len_for
+  from effjax.decoding.engine import Engine, cache_len_for
+  from effjax.decoding.methods import make_strategy, parse_label, prepare
   from effjax.models.sharding import parse_mesh
 
   phases.mark("import", "jax, flax, effjax")
-  strategy = AutoRegressive(sampler_from_args(args))  # bad sampling flags fail here, before loading
+  # Bad method or sampling flags fail here, before loading.
+  strategy = make_strategy(*parse_label(args.method), sampler=sampler_from_args(args))
   mesh = parse_mesh(args.mesh)
   problems = None
   if args.file is not None:  # read before the model: a bad file fails in a moment
@@ -81,39 +103,46 @@ def run(args) -> int:
   eos = set(loaded.cfg.eos_ids) | {loaded.tokenizer.eos_token_id} - {None}
   encode = lambda text: encode_prompt(loaded.tokenizer, text, chat=args.chat, system=args.system)
   prompts = [encode(args.prompt)] if problems is None else [encode(p.prompt) for p in problems]
-  cache_len = args.cache_len or cache_len_for([len(p) for p in prompts], args.max_new_tokens,
+  cache_len = args.cache_len or cache_len_for([len(p) for p in prompts],
+                                              args.max_new_tokens + strategy.block_size - 1,
                                               loaded.cfg.max_position)
   engine = Engine(loaded.model, cache_len=cache_len, eos_ids=sorted(eos), mesh=mesh)
+  strategy = prepare(strategy, loaded.model, cost_model=args.cost_model,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
   phases.mark("prompt", "chat template, tokenizer, engine set-up")
 
   if problems is None:
     stream = TextStream(loaded.tokenizer)
-    t0, n = time.perf_counter(), 0
+    n = 0
     programs = _ProgramRows(phases)
     chunks = engine.stream(prompts, strategy=strategy, max_new_tokens=args.max_new_tokens,
                            seed=args.seed)
-    for i, chunk in enumerate(chunks):
-      n += len(chunk[0])
+    while True:
+      try:
+        chunk = next(chunks)
+      except StopIteration as end:
+        res = end.value
+        break
       print(stream.push(chunk[0]), end="", flush=True)
-      if i == 0:  # the prefill samples the first token
+      if n == 0:  # the prefill samples the first token
         phases.mark("prefill", f"{len(prompts[0])} prompt tokens", minus=programs())
         _collect_garbage_again()
-    dt = time.perf_counter() - t0
+      n += len(chunk[0])
     phases.mark("decode", f"{n - 1} more tokens", minus=programs())
-    print(f"\n[{n} tokens in {dt:.2f}s, {n / dt:.1f} tokens/s including compilation]",
-          file=sys.stderr)
+    print("\n" + summary(args.method, res, strategy), file=sys.stderr)
     if args.verbose:
       print(phases.report(), file=sys.stderr)
     return 0
 
   _collect_garbage_again()
   out = open(args.out, "w") if args.out else sys.stdout
-  total, t0 = 0, time.perf_counter()
+  total, calls, t0 = 0, 0, time.perf_counter()
   try:
     for i in range(0, len(problems), args.batch_size):
       batch = problems[i:i + args.batch_size]
       res = engine.generate(prompts[i:i + args.batch_size], strategy=strategy,
                             max_new_tokens=args.max_new_tokens, seed=args.seed + i)
+      calls += res.model_calls
       for rec, toks in zip(batch, res.tokens):
         total += len(toks)
         text = loaded.tokenizer.decode(toks, skip_special_tokens=True)
@@ -125,8 +154,8 @@ def run(args) -> int:
       out.close()
   dt = time.perf_counter() - t0
   phases.mark("generate", f"{len(problems)} prompts, {total} tokens (compiling included)")
-  print(f"[{len(problems)} prompts, {total} tokens in {dt:.2f}s, {total / dt:.1f} tokens/s]",
-        file=sys.stderr)
+  print(f"[{args.method}: {len(problems)} prompts, {total} tokens in {dt:.2f}s, {total / dt:.1f} "
+        f"tokens/s; {calls} decode forwards]", file=sys.stderr)
   if args.verbose:
     print(phases.report(), file=sys.stderr)
   return 0
