@@ -10,7 +10,7 @@ from pathlib import Path
 
 from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
 from effjax.decoding.methods import (BC_PRESETS, BC_REQUIRED, METHODS, label, make_strategy,
-                                     parse_label)
+                                     parse_label, prepare)
 
 
 def register(subparsers) -> None:
@@ -87,6 +87,8 @@ def run_specbench(args) -> int:
   questions = specbench.select(problems.problems, args.limit)
 
   loaded = load_model(args.model, dtype=args.dtype, quant=args.quant)
+  methods = {k: prepare(v, loaded.model, log=lambda s: print(s, flush=True))
+             for k, v in methods.items()}
   fmt = specbench.PromptFormat.for_tokenizer(loaded.tokenizer, args.chat)
   block = max(s.block_size for s in methods.values()) if methods else 1
   cache_len = args.cache_len or specbench.cache_len_for(fmt, questions, args.max_new_tokens, block)

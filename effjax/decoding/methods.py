@@ -1,12 +1,14 @@
 """Decoding methods by name: plain decoding, prompt lookup, lookahead, ESP (static and dynamic
-trees), Token Recycling, the suffix drafter and the hybrid tree.
+trees), Token Recycling, the suffix drafter, the hybrid tree, and `auto` (cost-aware budgets:
+effjax.decoding.budget).
 
 Methods with a block-complexity budget (BC: tokens processed per forward) take one of the presets
 10 / 30 / 60 (ESP.md), named like 'esp-bc30'. ESP has two trees (ESP.md): 'esp-bcN' is the static
 top-1 tree (BC10 [4], BC30 [14], BC60 [15, 4]); 'esp-dyn-bcN' the dynamic tree of the paper's
 Alg. 1 with the same masks and budget. The paper's result tables report the dynamic tree, and its
-ablation finds the best static tree within 0.01 tau of it. Strategy modules are imported when a
-method is asked for, so a method whose module is missing fails by name without breaking the others.
+ablation finds the best static tree within 0.01 tau of it. `auto` picks its budget every step from
+the device's cost model. Strategy modules are imported when a method is asked for, so a method whose
+module is missing fails by name without breaking the others.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 from effjax.decoding.engine import AutoRegressive, Strategy
 from effjax.decoding.sampling import GREEDY, Sampler
 
-METHODS: tuple[str, ...] = ("ar", "pld", "lookahead", "esp", "esp-dyn", "tr", "suffix", "hybrid")
+METHODS: tuple[str, ...] = ("ar", "pld", "lookahead", "esp", "esp-dyn", "tr", "suffix", "hybrid",
+                           "auto")
 BC_METHODS = frozenset({"lookahead", "esp", "esp-dyn", "tr", "hybrid"})
 BC_REQUIRED = frozenset({"esp", "esp-dyn", "hybrid"})  # the others have a reference setting
 BC_PRESETS: tuple[int, ...] = (10, 30, 60)
@@ -62,6 +65,10 @@ def make_strategy(method: str, bc: int | None = None, sampler: Sampler = GREEDY)
     raise ValueError(f"{method} needs a BC budget ({', '.join(map(str, BC_PRESETS))})")
   if method == "ar":
     return AutoRegressive(sampler)
+  if method == "auto":
+    from effjax.decoding.budget import Auto
+
+    return Auto(sampler=sampler)
   if method == "lookahead":
     from effjax.decoding.lookahead import SPEC_BENCH, Lookahead
 
@@ -88,3 +95,15 @@ def make_strategy(method: str, bc: int | None = None, sampler: Sampler = GREEDY)
   from effjax.decoding.hybrid import Hybrid
 
   return Hybrid.preset(bc, sampler=sampler)
+
+
+def prepare(strategy: Strategy, model, *, cost_model: str | None = None, log=None) -> Strategy:
+  """The strategy ready for `model` on this device: `auto` gets its cost model (the user's JSON
+  file `cost_model`, else the one cached for this device and model, measured on first use)."""
+  from effjax.decoding.budget import Auto
+
+  if not isinstance(strategy, Auto) or strategy.cost_model is not None:
+    return strategy
+  from effjax.decoding.cost_model import cost_model_for
+
+  return strategy.with_cost_model(cost_model_for(model, strategy.blocks, path=cost_model, log=log))

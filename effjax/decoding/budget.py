@@ -1,0 +1,238 @@
+"""Cost-aware budgets ("auto"): each step speculates exactly as much as pays on this device.
+
+A speculative step of T tokens costs cost(T) (effjax.decoding.cost_model: measured per device and
+model) and appends E tokens in expectation; plain decoding appends 1 for cost(1). `Auto` compiles
+a few fixed-shape step bodies, the options:
+
+- plain: the root alone (one token);
+- chain-n: the prompt-lookup chain (effjax.decoding.pld), n draft tokens;
+- hybrid-N: the lookup chain and ESP's dynamic-tree candidates (one mask) merged into one tree of
+  N nodes, 2 (N + 1) tokens with the masks, which also refreshes the mask candidates;
+
+and at every step runs the one with the most expected tokens per second, sum over active rows of
+E_i / cost(T_i) at the engine's cache length, through `lax.switch` inside the jitted decode loop
+(no host round trip). Every option is a lossless tree step, so the output is plain decoding's.
+
+The expected tokens come from online estimates that start empty in every generation:
+- the lookup chain: per depth d, the rate a_d at which the model generated the chain's d-th token
+  when it had generated the first d - 1 (observed after every step whatever ran: the model's own
+  tokens are compared with the chain drafted before it), with a prior of 1/2; a chain token at
+  depth d is reached with probability a_1 ... a_d;
+- ESP: a node is reached with probability c * prod q_i (the masks' own probabilities), c the ratio
+  of how often the model's token at the root was one of the depth-1 candidates to the probability
+  the masks gave them (prior 1); mask candidates count only when computed at the current root (a
+  plain or chain step leaves them one token behind, and they are then worth nothing).
+E(option) = 1 + the sum of the reach probabilities of the nodes it would draft (for hybrid-N the
+N most probable of both sources).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from effjax.decoding.cost_model import CostModel
+from effjax.decoding.engine import DecodeState, Strategy
+from effjax.decoding.esp import ESP, ESPState, dynamic_candidates, ema_update, esp_step
+from effjax.decoding.pld import chain_tree, context, lookup
+from effjax.decoding.sampling import GREEDY, Sampler
+from effjax.decoding.tree import Tree, count_appended, select_tree, tree_step
+from effjax.models.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  kind: str  # "plain", "chain" or "hybrid"
+  nodes: int = 0  # draft tokens (chain) or tree nodes (hybrid)
+
+  @property
+  def block(self) -> int:
+    """Tokens in the option's forward."""
+    return {"plain": 1, "chain": self.nodes + 1, "hybrid": 2 * (self.nodes + 1)}[self.kind]
+
+  @property
+  def name(self) -> str:
+    return "plain" if self.kind == "plain" else f"{self.kind}-{self.nodes}"
+
+
+# Plain steps, short and full lookup chains, and the hybrid tree at BC 10 / 30 / 60 (one mask).
+DEFAULT_OPTIONS = (Option("plain"), Option("chain", 3), Option("chain", 10), Option("hybrid", 4),
+                   Option("hybrid", 14), Option("hybrid", 29))
+
+
+@struct.dataclass
+class AutoState:
+  esp: ESPState  # one mask: its embedding, its candidates; hist counts tokens per model call
+  fresh: jax.Array  # [B] whether the candidates were computed at the current root
+  chain_seen: jax.Array  # [B, L] per depth: chain tokens whose first d - 1 the model generated
+  chain_hits: jax.Array  # [B, L] ... and whose d-th too
+  esp_mass: jax.Array  # [B] summed mask probability of the depth-1 candidates, when fresh
+  esp_hits: jax.Array  # [B] times the model's token at the root was one of them
+  runs: jax.Array  # [n_options] steps each option ran
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Auto(Strategy):
+  """Cost-aware speculation over `options` with the device's `cost_model` (None: set it with
+  `with_cost_model` before decoding, e.g. from cost_model_for(model, auto.blocks)). chain: the
+  longest lookup chain any option drafts; max_ngram: the lookup's longest n-gram."""
+
+  options: tuple[Option, ...] = DEFAULT_OPTIONS
+  cost_model: CostModel | None = None
+  chain: int = 10
+  max_ngram: int = 3
+  ema: float = 0.1
+  sampler: Sampler = GREEDY
+
+  def __post_init__(self):
+    object.__setattr__(self, "options", tuple(self.options))
+    if not self.options or self.options[0].kind != "plain":
+      raise ValueError("the first option must be plain decoding (Option('plain'))")
+    for o in self.options:
+      if o.kind not in ("plain", "chain", "hybrid") or (o.kind != "plain") != (o.nodes >= 1):
+        raise ValueError(f"bad option {o}: plain has no nodes, chain and hybrid at least one")
+      if o.kind == "chain" and o.nodes > self.chain:
+        raise ValueError(f"option {o.name} drafts more than chain={self.chain} tokens")
+    if self.chain < 1 or self.max_ngram < 1:
+      raise ValueError(f"chain and max_ngram must be >= 1, got {self.chain}, {self.max_ngram}")
+
+  def with_cost_model(self, cost_model: CostModel) -> "Auto":
+    return dataclasses.replace(self, cost_model=cost_model)
+
+  @property
+  def blocks(self) -> tuple[int, ...]:
+    return tuple(o.block for o in self.options)
+
+  @property
+  def max_nodes(self) -> int:
+    return max((o.nodes for o in self.options if o.kind == "hybrid"), default=1)
+
+  @property
+  def _esp(self) -> ESP:
+    """The mask machinery: one mask, candidates for the largest hybrid tree."""
+    return ESP(masks=1, budget=2 * (self.max_nodes + 1), ema=self.ema, sampler=self.sampler)
+
+  @property
+  def block_size(self) -> int:
+    return max(self.blocks)
+
+  @property
+  def max_step_tokens(self) -> int:
+    return self.chain + 1
+
+  def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    state = self._esp.prefill(model, state, key)
+    b, n = state.length.shape[0], self.chain
+    esp = state.extra.replace(hist=jnp.zeros((b, self.max_step_tokens + 1), jnp.int32))
+    zeros = jnp.zeros((b,), jnp.float32)
+    return state.replace(extra=AutoState(
+        esp=esp, fresh=jnp.ones((b,), bool), chain_seen=jnp.zeros((b, n), jnp.float32),
+        chain_hits=jnp.zeros((b, n), jnp.float32), esp_mass=zeros, esp_hits=zeros,
+        runs=jnp.zeros((len(self.options),), jnp.int32)))
+
+  def expected(self, ex: AutoState, chain_valid: jax.Array, esp_score: jax.Array,
+               esp_valid: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
+    """Expected tokens appended [B] per option, and the reach probabilities they sum: the lookup
+    chain's [B, L] and the ESP candidates' [B, C] (esp_score: their log prod q)."""
+    rate = (ex.chain_hits + 1.0) / (ex.chain_seen + 2.0)
+    chain_p = jnp.cumprod(rate, axis=1) * (jnp.arange(self.chain)[None, :] < chain_valid[:, None])
+    calib = (ex.esp_hits + 1.0) / (ex.esp_mass + 1.0)
+    esp_p = jnp.where(esp_valid & ex.fresh[:, None],
+                      jnp.clip(calib[:, None] * jnp.exp(esp_score), 0.0, 1.0), 0.0)
+    out = []
+    for o in self.options:
+      if o.kind == "plain":
+        out.append(jnp.ones_like(calib))
+      elif o.kind == "chain":
+        out.append(1.0 + chain_p[:, :o.nodes].sum(axis=1))
+      else:
+        both = jnp.concatenate([chain_p[:, :min(self.chain, o.nodes)], esp_p], axis=1)
+        out.append(1.0 + jax.lax.top_k(both, min(o.nodes, both.shape[1]))[0].sum(axis=1))
+    return tuple(out), chain_p, esp_p
+
+  def choose(self, expected: tuple[jax.Array, ...], active: jax.Array, cache_len: int) -> jax.Array:
+    """Index of the option with the most expected tokens per second over the active rows."""
+    if self.cost_model is None:
+      raise ValueError("Auto needs a cost model: auto.with_cost_model(cost_model_for(model, "
+                       "auto.blocks))")
+    rate = jnp.stack([jnp.where(active, e, 0.0).sum() / self.cost_model.seconds(o.block, cache_len)
+                      for e, o in zip(expected, self.options)])
+    return jnp.argmax(rate).astype(jnp.int32)
+
+  def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
+    ex: AutoState = state.extra
+    b, n = state.last.shape[0], self.chain
+    ctx, length = context(state)
+    chain, chain_valid = lookup(ctx, length, self.max_ngram, n)
+    parent, tokens, score, valid, levels = dynamic_candidates(
+        state.last, ex.esp.cand_tokens, ex.esp.cand_logp, self.max_nodes + 1)
+    expected, chain_p, esp_p = self.expected(ex, chain_valid, score, valid)
+    active = ~state.done
+    choice = self.choose(expected, active, state.cache.length)
+
+    def draft_only(tree: Tree, depth: int):
+      """A step without masks: the candidates fall one token behind."""
+      def run(s):
+        out = tree_step(model, s, tree, None, depth, self.sampler, key)
+        masks = ema_update(s.extra.masks, model.embed_tokens(out.tokens), out.appended, self.ema)
+        esp = s.extra.replace(masks=masks, hist=count_appended(s.extra.hist, out.appended, active))
+        return out.state.replace(extra=esp), _pad(out.tokens, n + 1), jnp.zeros((b,), bool)
+      return run
+
+    def hybrid(nodes: int):
+      """The lookup chain and the mask candidates in one tree; the masks are refreshed."""
+      m = min(n, nodes)
+
+      def run(s):
+        tree = select_tree(
+            s.last,
+            jnp.concatenate([jnp.broadcast_to(jnp.arange(-1, m - 1, dtype=jnp.int32), (b, m)),
+                             jnp.where(parent >= 0, parent + m, -1)], axis=1),
+            jnp.concatenate([chain[:, :m], tokens], axis=1),
+            jnp.log(jnp.maximum(jnp.concatenate([chain_p[:, :m], esp_p], axis=1), 1e-9)),
+            jnp.concatenate([jnp.arange(m)[None, :] < chain_valid[:, None], valid], axis=1),
+            tuple(range(1, m + 1)) + levels, nodes)
+        new = esp_step(model, s, tree, m, self.sampler, self.ema, self._esp.num_candidates, key)
+        # The model's tokens along the accepted path, as appended at the old length.
+        toks = jax.vmap(lambda row, at: jax.lax.dynamic_slice_in_dim(row, at, n + 1))(
+            _pad(new.tokens, new.tokens.shape[1] + n + 1), s.length)
+        return new, toks, jnp.ones((b,), bool)
+      return run
+
+    branches = []
+    for o in self.options:
+      if o.kind == "plain":
+        root = Tree(state.last[:, None], jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1), bool))
+        branches.append(draft_only(root, 0))
+      elif o.kind == "chain":
+        branches.append(draft_only(chain_tree(state.last, chain[:, :o.nodes],
+                                              jnp.minimum(chain_valid, o.nodes)), o.nodes))
+      else:
+        branches.append(hybrid(o.nodes))
+    new, toks, fresh = jax.lax.switch(choice, branches, state.replace(extra=ex.esp))
+    appended = new.length - state.length
+    # Observe the chain drafted before the step against the tokens the model generated: depth d
+    # was reached when the model generated the chain's first d - 1 tokens and a d-th.
+    made = jnp.arange(n)[None, :] < appended[:, None]
+    same = (toks[:, :n] == chain) & made
+    prefix = jnp.cumprod(jnp.concatenate([jnp.ones((b, 1), jnp.int32), same[:, :-1]], axis=1),
+                         axis=1) > 0
+    seen = prefix & made & (jnp.arange(n)[None, :] < chain_valid[:, None]) & active[:, None]
+    # ... and the depth-1 mask candidates, where fresh, against the model's first token.
+    observe = active & ex.fresh & (appended > 0)
+    first = ex.esp.cand_tokens[:, 0, :self.max_nodes]
+    mass = jnp.exp(ex.esp.cand_logp[:, 0, :self.max_nodes]).sum(axis=1)
+    hit = (first == toks[:, :1]).any(axis=1)
+    return new.replace(extra=AutoState(
+        esp=new.extra, fresh=jnp.where(active, fresh, ex.fresh),
+        chain_seen=ex.chain_seen + seen, chain_hits=ex.chain_hits + (seen & same),
+        esp_mass=ex.esp_mass + jnp.where(observe, mass, 0.0),
+        esp_hits=ex.esp_hits + (observe & hit),
+        runs=ex.runs.at[choice].add(active.any().astype(jnp.int32))))
+
+
+def _pad(x: jax.Array, width: int) -> jax.Array:
+  return jnp.pad(x, ((0, 0), (0, width - x.shape[1])))

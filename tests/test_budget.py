@@ -1,0 +1,67 @@
+"""Cost-aware budgets (`auto`): output equal to plain greedy decoding whatever the costs, and the
+cost model decides what runs: flat costs (an accelerator) speculate, costs growing with the block
+(a CPU at its worst) decode plainly, and the lookup chain is taken where the text repeats."""
+
+import functools
+
+import numpy as np
+import pytest
+
+from effjax.decoding.budget import Auto, Option
+from effjax.decoding.cost_model import CostModel
+from effjax.decoding.engine import Engine
+from effjax.models import create_model, tiny_config
+
+PROMPTS = [[1, 2, 3, 4, 9, 10, 11, 14, 15, 20, 21], [7, 8, 9], [5, 6, 7, 8] * 3 + [5, 6]]
+LIMITS = [14, 18, 24]
+OPTIONS = (Option("plain"), Option("chain", 3), Option("chain", 10), Option("hybrid", 4),
+           Option("hybrid", 14))
+
+
+def costs(per_token: float) -> CostModel:
+  """cost(k) = 1 + per_token * (k - 1) ms, at any cache length."""
+  return CostModel(tuple((64, k, 1e-3 * (1 + per_token * (k - 1))) for k in (1, 2, 4, 11, 30)))
+
+
+@functools.cache
+def engine_and_plain():
+  cfg = tiny_config("llama", vocab_size=32, tie_embeddings=False, num_layers=2)
+  eng = Engine(create_model(cfg, seed=0), cache_len=96)
+  return eng, eng.generate(PROMPTS, max_new_tokens=LIMITS).tokens
+
+
+@pytest.mark.parametrize("per_token,runs", [
+    (0.0, "speculates"),  # flat: an accelerator
+    (1.0, "plain"),  # cost grows as fast as the block: nothing can pay
+    (0.08, "chain"),  # cheap short blocks: the lookup chain pays where the text repeats
+])
+def test_auto_equals_plain_and_follows_the_cost_model(per_token, runs):
+  eng, want = engine_and_plain()
+  auto = Auto(options=OPTIONS, cost_model=costs(per_token))
+  res = eng.generate(PROMPTS, strategy=auto, max_new_tokens=LIMITS)
+  assert res.tokens == want
+  ran = dict(zip([o.name for o in OPTIONS], res.extra.runs.tolist()))
+  assert sum(ran.values()) == res.model_calls
+  hist = res.extra.esp.hist
+  np.testing.assert_array_equal((hist * np.arange(hist.shape[1])).sum(axis=1),
+                                [len(t) - 1 for t in want])
+  if runs == "plain":
+    assert ran["plain"] == res.model_calls == max(len(t) for t in want) - 1
+  elif runs == "speculates":
+    assert ran["hybrid-14"] > ran["plain"] and hist[:, 2:].sum() > 0
+  else:
+    assert ran["chain-3"] + ran["chain-10"] > 0 and res.model_calls < max(len(t) for t in want) - 1
+
+
+def test_auto_checks_its_settings():
+  with pytest.raises(ValueError, match="first option"):
+    Auto(options=(Option("chain", 3),))
+  with pytest.raises(ValueError, match="bad option"):
+    Auto(options=(Option("plain"), Option("chain", 0)))
+  with pytest.raises(ValueError, match="more than chain"):
+    Auto(options=(Option("plain"), Option("chain", 12)))
+  auto = Auto()
+  assert auto.blocks == (1, 4, 11, 10, 30, 60) and auto.block_size == 60
+  eng, _ = engine_and_plain()
+  with pytest.raises(ValueError, match="needs a cost model"):
+    eng.generate(PROMPTS[:1], strategy=Auto(options=OPTIONS[:2]), max_new_tokens=4)
