@@ -56,7 +56,8 @@ def model_configs(dry_run: bool) -> dict:
 
   if dry_run:
     return {"smollm2-135m": tiny_config("llama", num_layers=2, dtype="bfloat16"),
-            "gemma3-270m": tiny_config("gemma3", num_layers=2, dtype="bfloat16"),
+            "gemma3-270m": tiny_config("gemma3", num_layers=2, layer_kinds=("sliding", "global"),
+                               dtype="bfloat16"),
             "llama3.1-8b": tiny_config("llama", num_layers=3, dtype="bfloat16")}
   llama8b = PRESETS.get("llama3.1-8b") or make_config(
       "llama", vocab_size=128256, dim=4096, mlp_dim=14336, num_layers=32, num_heads=32,
@@ -205,7 +206,8 @@ def markdown(r: dict) -> str:
   lines += ["", "| model | decode tokens/s | roofline tokens/s | fraction |", "|---|---|---|---|"]
   for name, m in models.items():
     if "decode_tokens_per_s" in m:
-      lines.append(f"| {name} | {m['decode_tokens_per_s']:.1f} | {m['roofline_tokens_per_s']:.1f} | "
+      lines.append(f"| {name} | {m['decode_tokens_per_s']:.1f} | "
+                   f"{m['roofline_tokens_per_s']:.1f} | "
                    f"{m['roofline_fraction']:.2f} |")
   lines += ["", "Speedup implied by the CPU-measured tau (tau x cost(1) / cost(block)):", "",
             "| model | method | tau | block | implied speedup |", "|---|---|---|---|---|"]

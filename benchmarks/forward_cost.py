@@ -127,7 +127,8 @@ def main(argv=None) -> int:
   from effjax.decoding.methods import make_strategy, parse_label
 
   strategies = {m: make_strategy(*parse_label(m)) for m in args.methods.split(",") if m}
-  ks = sorted({int(k) for k in args.ks.split(",") if k} | {s.block_size for s in strategies.values()})
+  ks = sorted({int(k) for k in args.ks.split(",") if k}
+              | {s.block_size for s in strategies.values()})
 
   loaded = load_model(args.model)
   cfg = loaded.cfg
