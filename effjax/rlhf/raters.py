@@ -4,7 +4,8 @@ A rater gives, for a batch of pairs (a, b), the probability P(a > b) (when it ha
 (1: a preferred, 0: b preferred). Simulated raters are Bradley-Terry over a scalar scorer,
 P = sigmoid((s_a - s_b) / temperature), with labels flipped at a configurable noise rate; each
 label's coin is drawn from its own key, so asking again for a subset gives the same labels.
-People answer from a label queue: a JSONL file pair in a directory, optionally served on 127.0.0.1.
+People answer from a label queue: a JSONL file pair in a directory, optionally served on 127.0.0.1
+by the label server (effjax/rlhf/label_server.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import json
 import os
 import pathlib
 import re
+import secrets
+import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Protocol
 
 import jax
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax.rlhf.config import RaterConfig
+from effjax.rlhf.label_server import LabelServer, Rejected, parse_answer
 
 
 @dataclasses.dataclass
@@ -169,28 +172,47 @@ class CheckpointScorer:
 # ---- people ----------------------------------------------------------------------------------------
 
 class QueueRater:
-  """People label pairs through a queue directory.
+  """People label pairs through a queue directory, which several runs may share.
 
-  Each batch's pairs are appended to queries.jsonl ({"id", "prompt", "a", "b"}, text when a decoder is
-  given, else token ids); answers arrive as lines {"id": ..., "choice": 1 | 0} in answers.jsonl (1:
-  a is better). With `port`, a local server on 127.0.0.1 serves GET /queries (unanswered ones) and
-  POST /answer (one answer object) and appends to the same file. Waits are bounded.
+  Each batch's pairs are appended to queries.jsonl ({"id", "prompt", "a", "b"}: text when a decoder
+  is given, else token ids); answers are lines {"id": ..., "choice": 1 | 0} in answers.jsonl (1: a is
+  better), written by the label server (effjax.rlhf.label_server, with `port`: 0 = any free port) or
+  by hand. Ids are "<run nonce>-<batch tag>-<row>": a run reads only answers to its own ids, so runs
+  sharing the folder never take each other's answers, and a resumed run (same nonce, kept in its run
+  directory) reuses the answers already given. An answer line that is malformed, has a choice other
+  than 0 or 1, or names an id this run never asked is ignored. The last answer to an id counts until
+  the run has used it; after that it cannot change. Waits are bounded.
   """
 
-  def __init__(self, queue_dir: str, *, decode: Callable[[np.ndarray], str] | None = None,
-               port: int = 0, wait_seconds: float = 3600.0, poll_seconds: float = 0.5):
+  def __init__(self, queue_dir: str, *, run_nonce: str | None = None,
+               decode: Callable[[np.ndarray], str] | None = None, port: int | None = None,
+               wait_seconds: float = 3600.0, poll_seconds: float = 0.5, log=None):
     if not queue_dir:
       raise ValueError("the human rater needs rater.queue_dir")
     self.dir = pathlib.Path(queue_dir)
     self.dir.mkdir(parents=True, exist_ok=True)
-    self.queries = self.dir / "queries.jsonl"
-    self.answers = self.dir / "answers.jsonl"
-    self.answers.touch()
+    self.queries_path = self.dir / "queries.jsonl"
+    self.answers_path = self.dir / "answers.jsonl"
+    self.answers_path.touch()
+    self.nonce = run_nonce or secrets.token_hex(8)
     self.decode = decode
     self.wait_seconds = wait_seconds
     self.poll_seconds = poll_seconds
-    self._lock = threading.Lock()
-    self.server = _serve(self, port) if port else None
+    self.log = log or (lambda msg: print(msg, file=sys.stderr))
+    self._lock = threading.RLock()
+    self.queries: dict[str, dict] = {}  # this run's queries, in order
+    for q in _json_lines(self.queries_path):
+      if isinstance(q, dict) and str(q.get("id", "")).startswith(self.nonce + "-"):
+        self.queries[q["id"]] = q
+    self.consumed: set[str] = set()
+    self._bad_lines = 0
+    self.server = None
+    if port is not None:
+      self.server = LabelServer(self, port, log=self.log)
+
+  @property
+  def url(self) -> str | None:
+    return self.server.url if self.server is not None else None
 
   def prob(self, batch: PairBatch) -> None:
     return None
@@ -200,106 +222,117 @@ class QueueRater:
     return self.decode(toks) if self.decode else [int(t) for t in toks]
 
   def label(self, batch: PairBatch, key: jax.Array) -> np.ndarray:
+    return self.wait(self.ask(batch, key))
+
+  def ask(self, batch: PairBatch, key: jax.Array) -> list[str]:
+    """Queue the batch's pairs (those not queued before) and return their ids."""
     tag = int(jax.random.randint(key, (), 0, 2**31 - 1))
     uid = np.arange(len(batch.prompt_ids)) if batch.uid is None else batch.uid
-    ids = [f"{tag}-{int(u)}" for u in uid]
-    pending = set(ids) - set(self.read_answers())
-    with self._lock, open(self.queries, "a") as f:
-      for qid, i in zip(ids, range(len(ids))):
-        if qid in pending:
-          f.write(json.dumps(dict(id=qid, prompt=self._text(batch.prompts[i][:batch.prompt_lens[i]]),
-                                  a=self._text(batch.a[i], batch.a_mask[i]),
-                                  b=self._text(batch.b[i], batch.b_mask[i]))) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    ids = [f"{self.nonce}-{tag}-{int(u)}" for u in uid]
+    with self._lock:
+      new = [dict(id=qid, prompt=self._text(batch.prompts[i][:batch.prompt_lens[i]]),
+                  a=self._text(batch.a[i], batch.a_mask[i]), b=self._text(batch.b[i], batch.b_mask[i]))
+             for i, qid in enumerate(ids) if qid not in self.queries]
+      _append_lines(self.queries_path, new)
+      self.queries.update((q["id"], q) for q in new)
+    return ids
+
+  def wait(self, ids: list[str]) -> np.ndarray:
+    """The answers to `ids` once all are on file (bounded wait); from then on they cannot change."""
     deadline = time.monotonic() + self.wait_seconds
     while True:
-      got = self.read_answers()
-      if all(q in got for q in ids):
-        return np.asarray([got[q] for q in ids], np.int32)
+      with self._lock:
+        got = self.read_answers()
+        if all(q in got for q in ids):
+          self.consumed.update(ids)
+          return np.asarray([got[q] for q in ids], np.int32)
       if time.monotonic() > deadline:
         missing = sum(q not in got for q in ids)
-        raise TimeoutError(f"{missing} of {len(ids)} answers missing in {self.answers} after "
+        raise TimeoutError(f"{missing} of {len(ids)} answers missing in {self.answers_path} after "
                            f"{self.wait_seconds:.0f}s")
       time.sleep(self.poll_seconds)
 
   def read_answers(self) -> dict[str, int]:
-    got = {}
+    """This run's answers on file, last valid one per id."""
+    got, bad = {}, 0
     with self._lock:
-      lines = self.answers.read_text().splitlines()
-    for line in lines:
+      lines = self.answers_path.read_bytes().split(b"\n")
+    for line in lines[:-1]:  # the last piece has no newline yet: still being written
       try:
-        rec = json.loads(line)
-        got[str(rec["id"])] = int(rec["choice"] in (1, "a", True))
-      except (json.JSONDecodeError, KeyError, TypeError):
-        continue  # a line still being written, or not an answer
+        qid, choice = parse_answer(line)
+      except Rejected:
+        bad += 1
+        continue
+      if qid.startswith(self.nonce + "-"):
+        if qid in self.queries:
+          got[qid] = choice
+        else:
+          bad += 1
+    if bad > self._bad_lines:
+      self.log(f"{self.answers_path}: ignoring {bad - self._bad_lines} malformed or unknown answer "
+               "line(s)")
+      self._bad_lines = bad
     return got
 
-  def add_answer(self, qid: str, choice: int) -> None:
-    with self._lock, open(self.answers, "a") as f:
-      f.write(json.dumps(dict(id=qid, choice=int(choice))) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+  def submit(self, qid: str, choice: int) -> tuple[int, str]:
+    """One answer from the label server: (HTTP status, message)."""
+    with self._lock:
+      if qid not in self.queries:
+        return 404, "unknown id"
+      current = self.read_answers().get(qid)
+      if current == choice:
+        return 200, "already recorded"
+      if qid in self.consumed:
+        return 409, "this pair's label is already in use; it can no longer change"
+      _append_lines(self.answers_path, [dict(id=qid, choice=choice)])
+      return 200, "recorded" if current is None else "changed"
 
-  def unanswered(self) -> list[dict]:
-    done = self.read_answers()
-    if not self.queries.exists():
-      return []
-    out = []
-    for line in self.queries.read_text().splitlines():
-      try:
-        q = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if q["id"] not in done:
-        out.append(q)
-    return out
+  def pending(self) -> list[dict]:
+    """This run's queries without an answer, in the order they were asked."""
+    with self._lock:
+      done = self.read_answers()
+      return [q for qid, q in self.queries.items() if qid not in done and qid not in self.consumed]
 
   def close(self) -> None:
     if self.server is not None:
-      self.server.shutdown()
-      self.server.server_close()
+      self.server.close()
 
 
-def _serve(rater: QueueRater, port: int) -> ThreadingHTTPServer:
-  class Handler(BaseHTTPRequestHandler):
-    def _send(self, code: int, payload) -> None:
-      body = json.dumps(payload).encode()
-      self.send_response(code)
-      self.send_header("Content-Type", "application/json")
-      self.send_header("Content-Length", str(len(body)))
-      self.end_headers()
-      self.wfile.write(body)
-
-    def do_GET(self):
-      if self.path.rstrip("/") == "/queries":
-        self._send(200, rater.unanswered())
-      else:
-        self._send(404, {"error": "GET /queries or POST /answer"})
-
-    def do_POST(self):
-      if self.path.rstrip("/") != "/answer":
-        self._send(404, {"error": "POST /answer"})
-        return
+def _json_lines(path: pathlib.Path) -> list:
+  out = []
+  if path.exists():
+    for line in path.read_text().splitlines():
       try:
-        n = min(int(self.headers.get("Content-Length", 0)), 1 << 16)
-        rec = json.loads(self.rfile.read(n))
-        rater.add_answer(str(rec["id"]), int(rec["choice"]))
-      except (ValueError, KeyError, TypeError) as e:
-        self._send(400, {"error": str(e)})
-        return
-      self._send(200, {"ok": True})
-
-    def log_message(self, *args):
-      pass
-
-  server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  return server
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue  # a line still being written
+  return out
 
 
-def make_rater(cfg: RaterConfig, env) -> Rater:
-  """The rater of `cfg` for environment `env` (which provides score / decode / gold as needed)."""
+def _append_lines(path: pathlib.Path, records: list[dict]) -> None:
+  """Append, flush and fsync (people's answers are as precious as any label)."""
+  if not records:
+    return
+  with open(path, "a") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def run_nonce(run_dir: str | pathlib.Path | None) -> str | None:
+  """The run's label-id nonce, kept in run_dir/label_nonce so a resumed run keeps it."""
+  if run_dir is None:
+    return None
+  path = pathlib.Path(run_dir) / "label_nonce"
+  if not path.exists():
+    path.write_text(secrets.token_hex(8))
+  return path.read_text().strip()
+
+
+def make_rater(cfg: RaterConfig, env, run_dir: str | pathlib.Path | None = None, log=None) -> Rater:
+  """The rater of `cfg` for environment `env` (which provides score / decode / gold as needed);
+  run_dir keeps a human rater's label-id nonce across resumes."""
   if cfg.kind == "teacher":
     if not hasattr(env, "score"):
       raise ValueError("rater.kind='teacher' needs an environment with a hidden teacher (the toy)")
@@ -312,6 +345,6 @@ def make_rater(cfg: RaterConfig, env) -> Rater:
       raise ValueError("rater.kind='checkpoint' needs rater.checkpoint")
     return ScorerRater(CheckpointScorer(cfg.checkpoint), cfg.temperature, cfg.noise)
   if cfg.kind == "human":
-    return QueueRater(cfg.queue_dir, decode=getattr(env, "decode", None), port=cfg.serve_port,
-                      wait_seconds=cfg.wait_seconds)
+    return QueueRater(cfg.queue_dir, run_nonce=run_nonce(run_dir), decode=getattr(env, "decode", None),
+                      port=cfg.serve_port or None, wait_seconds=cfg.wait_seconds, log=log)
   raise ValueError(f"unknown rater kind {cfg.kind!r}")
