@@ -54,7 +54,8 @@ def pair_batch(key, m=8, p=5, length=4):
   return dict(prompts=jax.random.randint(k1, (m, p), 1, 16), prompt_lens=jnp.full((m,), p, jnp.int32),
               a=jax.random.randint(k2, (m, length), 1, 16), a_mask=jnp.ones((m, length), bool),
               b=jax.random.randint(k3, (m, length), 1, 16), b_mask=jnp.ones((m, length), bool),
-              choice=jax.random.bernoulli(k4, 0.7, (m,)).astype(jnp.int32))
+              choice=jax.random.bernoulli(k4, 0.7, (m,)).astype(jnp.int32),
+              num_labels=jnp.float32(4 * m))
 
 
 # ---- ENN ------------------------------------------------------------------------------------------
@@ -77,13 +78,17 @@ def test_priors_never_change():
 
 
 def test_frozen_backbone_trains_only_the_heads():
-  """enn.backbone_lr_scale = 0: heads on fixed features; the backbone's weights stay bit-identical."""
+  """enn.backbone_lr_scale = 0: heads on fixed features; the backbone is not a learning parameter
+  (no optimizer state) and is the policy's own arrays, not a copy."""
   cfg = dataclasses.replace(ENN, backbone_lr_scale=0.0)
-  graphdef, params, priors = enn.split(enn.create_reward_model(tiny_policy(), cfg, seed=1))
+  sft = tiny_policy()
+  graphdef, params, frozen = enn.split(enn.create_reward_model(sft, cfg, seed=1))
+  assert "backbone" not in params and "backbone" in frozen
+  sft_leaves = jax.tree.leaves(nnx.split(sft)[1])
+  assert all(a is b for a, b in zip(jax.tree.leaves(frozen["backbone"]), sft_leaves))
   opt = enn.rm_optimizer(cfg)
-  new, _, _ = enn.make_rm_update(graphdef, opt)(params, priors, opt.init(params),
+  new, _, _ = enn.make_rm_update(graphdef, opt)(params, frozen, opt.init(params),
                                                 five(pair_batch(jax.random.key(3))))
-  chex.assert_trees_all_equal(new["backbone"], params["backbone"])
   moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new["point"]),
                                                       jax.tree.leaves(params["point"]))]
   assert max(moved) > 1e-3
@@ -141,6 +146,98 @@ def test_non_finite_rm_loss_skips_the_update():
   new, _, metrics = update(params, priors, opt.init(params), five(batch))
   assert int(metrics["rm_skipped"]) == 5
   chex.assert_trees_all_equal(new, params)
+
+
+def _shift_diff(params, delta):
+  """params with every differential-head weight and bias moved by delta (a constant)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x + delta if "diff" in jax.tree_util.keystr(path) else x, params)
+
+
+def test_regulariser_pulls_toward_the_initial_weights_and_fades_with_labels():
+  """loss = BT + diff_reg / N * mean_z ||theta_z - theta_z(0)||^2: zero at init, the exact value
+  and gradient 2 diff_reg / (N Z) (theta - theta(0)) once moved, and a pull back to the initial
+  weights (not to zero)."""
+  graphdef, params, frozen, _, _ = rm_setup()
+  batch = pair_batch(jax.random.key(8))
+  loss = jax.jit(lambda p, b: enn.rm_loss(nnx.merge(graphdef, p, frozen), b))
+  base, metrics = loss(params, batch)
+  assert float(metrics["rm_diff_distance"]) == 0.0
+  n_diff = sum(x.size for x in jax.tree.leaves(params["diff"])) // ENN.num_particles
+  delta = 0.01
+  moved = _shift_diff(params, delta)
+  no_reg = dataclasses.replace(ENN, diff_reg=0.0)
+  total = lambda cfg, p, b: enn.rm_loss(_with_enn(graphdef, p, frozen, cfg), b)[0]
+  with_reg, m2 = loss(moved, batch)
+  want = ENN.diff_reg / float(batch["num_labels"]) * n_diff * delta ** 2
+  np.testing.assert_allclose(float(m2["rm_diff_distance"]), n_diff * delta ** 2, rtol=1e-3)
+  np.testing.assert_allclose(float(with_reg - total(no_reg, moved, batch)), want, rtol=2e-2)
+  # Twice the labels, half the pull.
+  twice = dict(batch, num_labels=2 * batch["num_labels"])
+  np.testing.assert_allclose(float(with_reg - loss(moved, twice)[0]), want / 2, rtol=2e-2)
+  # The regulariser's gradient on the diff heads: 2 diff_reg / (N Z) (theta - theta(0)).
+  g_reg = jax.grad(lambda p: total(ENN, p, batch))(moved)["diff"]
+  g_plain = jax.grad(lambda p: total(no_reg, p, batch))(moved)["diff"]
+  expected = 2 * ENN.diff_reg / (float(batch["num_labels"]) * ENN.num_particles) * delta
+  for g, g0 in zip(jax.tree.leaves(g_reg), jax.tree.leaves(g_plain)):
+    np.testing.assert_allclose(np.asarray(g - g0), expected, rtol=1e-3, atol=1e-9)
+  # Where the labels weigh nothing (bootstrap weight 0 for every particle) only the pull acts: plain
+  # SGD brings moved heads back to their own initial draw (not to zero), by a factor
+  # (1 - 2 * 50 / (32 * 8)) per step, 10 steps.
+  strong = dataclasses.replace(ENN, diff_reg=50.0)
+  opt = optax.sgd(1.0)
+  update = enn.make_rm_update(enn.split(_with_enn(graphdef, moved, frozen, strong))[0], opt)
+  ties = dict(batch, particle_weights=jnp.zeros((8, ENN.num_particles)))
+  state, p = opt.init(moved), moved
+  for _ in range(2):
+    p, state, _ = update(p, frozen, state, five(ties))
+  dist = lambda q: float(sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(q["diff"]),
+                                                                   jax.tree.leaves(params["diff"]))))
+  np.testing.assert_allclose(dist(p), dist(moved) * (1 - 100 / 256) ** 20, rtol=2e-2)
+  init_norm = float(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(params["diff"])))
+  assert dist(p) < 1e-3 * init_norm
+
+
+def _with_enn(graphdef, params, frozen, cfg):
+  rm = nnx.merge(graphdef, params, frozen)
+  rm.enn = cfg
+  return rm
+
+
+def test_bootstrap_weights_are_fixed_per_label_and_weigh_the_particle_loss():
+  key = jax.random.key(3)
+  idx = jnp.arange(400).reshape(4, 100)
+  w = enn.bootstrap_weights(key, idx, 16)
+  chex.assert_shape(w, (4, 100, 16))
+  assert set(np.unique(np.asarray(w)).tolist()) == {0.0, 2.0}
+  np.testing.assert_allclose(float(w.mean()), 1.0, atol=0.05)
+  # The same label (by its log index) gets the same weights in any batch; particles differ.
+  again = enn.bootstrap_weights(key, jnp.array([[205, 3]]), 16)
+  np.testing.assert_array_equal(again[0, 0], w[2, 5])
+  np.testing.assert_array_equal(again[0, 1], w[0, 3])
+  assert not bool((w[..., 0] == w[..., 1]).all())
+  # A particle that weighs every label 0 gets no gradient from the labels (at its initial weights
+  # the regulariser's gradient is zero too); the others do.
+  graphdef, params, frozen, _, _ = rm_setup()
+  weights = jnp.ones((8, ENN.num_particles)).at[:, 0].set(0.0)
+  batch = dict(pair_batch(jax.random.key(9)), particle_weights=weights)
+  grads = jax.grad(lambda p: enn.rm_loss(nnx.merge(graphdef, p, frozen), batch)[0])(params)["diff"]
+  for g in jax.tree.leaves(grads):
+    assert float(jnp.abs(g[0]).max()) == 0.0 and float(jnp.abs(g[1:]).max()) > 0.0
+
+
+def test_untrained_particles_never_move_but_the_point_head_learns():
+  """enn.train_particles = False (the control agent): the differential heads keep their initial
+  weights exactly; the point head and backbone still learn from the labels."""
+  cfg = dataclasses.replace(ENN, train_particles=False)
+  graphdef, params, frozen = enn.split(enn.create_reward_model(tiny_policy(), cfg, seed=1))
+  opt = enn.rm_optimizer(cfg)
+  new, _, _ = enn.make_rm_update(graphdef, opt)(params, frozen, opt.init(params),
+                                                five(pair_batch(jax.random.key(3))))
+  chex.assert_trees_all_equal(new["diff"], params["diff"])
+  moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new["point"]),
+                                                         jax.tree.leaves(params["point"])))
+  assert moved > 1e-3
 
 
 # ---- pair selection -----------------------------------------------------------------------------
@@ -234,9 +331,9 @@ def test_ordered_pairs():
   assert pb.tolist() == [[1, 2], [2, 1], [3, 4], [4, 3]]
 
 
-def _update_inputs(b=8, n=4, p=5, length=4):
-  policy_model = tiny_policy(5)
-  pg, theta = nnx.split(policy_model)
+def _update_inputs(b=8, n=4, p=5, length=4, policy_model=None, pcfg=PolicyConfig()):
+  policy_model = policy_model or tiny_policy(5)
+  pg, theta, frozen = policy.split_policy(policy_model, pcfg)
   rm = enn.create_reward_model(policy_model, ENN, seed=6)
   rg, phi, priors = enn.split(rm)
   ks = jax.random.split(jax.random.key(7), 4)
@@ -245,11 +342,11 @@ def _update_inputs(b=8, n=4, p=5, length=4):
                          responses=jax.random.randint(jax.random.fold_in(k, 1), (b, n, length), 1, 16),
                          mask=jnp.ones((b, n, length), bool))
   a = dict(group(ks[0]), pair=jnp.tile(jnp.array([[0, 2]]), (b, 1)))
-  return pg, theta, rg, phi, priors, a, group(ks[1]), pair_batch(ks[2], m=b)
+  return pg, theta, rg, phi, priors, a, group(ks[1]), pair_batch(ks[2], m=b), frozen
 
 
 def test_sharded_steps_equal_unsharded():
-  pg, theta, rg, phi, priors, a, b, rm_batch = _update_inputs()
+  pg, theta, rg, phi, priors, a, b, rm_batch, frozen = _update_inputs()
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   from effjax.models.sharding import state_shardings
   pcfg = PolicyConfig(lr=1e-2, eps=0.05, beta=0.1, eta=0.9)
@@ -261,7 +358,7 @@ def test_sharded_steps_equal_unsharded():
     place = (lambda t: t) if m is None else (lambda t: jax.device_put(t, state_shardings(t, m)))
     upd = policy.make_policy_update(pg, rg, pcfg, popt, use_a=True, mesh=m)
     pol, anc, _, met = upd(place(theta), place(theta), place(popt.init(theta)), place(phi),
-                           place(priors), a, b)
+                           place(priors), a, b, frozen)
     rm_upd = enn.make_rm_update(rg, ropt, mesh=m)
     new_phi, _, rm_met = rm_upd(place(phi), place(priors), place(ropt.init(phi)),
                                 jax.tree.map(lambda x: jnp.stack([x, x]), rm_batch))
@@ -279,19 +376,48 @@ def test_sharded_steps_equal_unsharded():
 
 def test_micro_batched_policy_step_equals_whole_batch():
   """policy.micro_batch accumulates gradients over chunks: the same step, less memory."""
-  pg, theta, rg, phi, priors, a, b, _ = _update_inputs()
+  pg, theta, rg, phi, priors, a, b, _, frozen = _update_inputs()
   popt = optax.sgd(1.0)
   outs = []
   for micro in (0, 8):  # 32 ordered pairs per group -> 4 chunks of 8
     pcfg = PolicyConfig(lr=1e-2, eps=0.05, beta=0.1, eta=0.9, micro_batch=micro)
     upd = policy.make_policy_update(pg, rg, pcfg, popt, use_a=True)
-    pol, _, _, met = upd(theta, theta, popt.init(theta), phi, priors, a, b)
+    pol, _, _, met = upd(theta, theta, popt.init(theta), phi, priors, a, b, frozen)
     outs.append((pol, met["policy_loss"], met["kl"], met["grad_norm"]))
   chex.assert_trees_all_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
   assert float(outs[0][3]) > 1e-3  # a real step, not a vacuous equality
   bad = policy.make_policy_update(pg, rg, PolicyConfig(micro_batch=5), popt, use_a=True)
   with pytest.raises(ValueError, match="micro_batch=5 must divide"):
-    bad(theta, theta, popt.init(theta), phi, priors, a, b)
+    bad(theta, theta, popt.init(theta), phi, priors, a, b, frozen)
+
+
+def test_trainable_layers_update_only_the_top_blocks_with_the_full_gradient():
+  """policy.trainable_layers = 1 on a 2-block policy: the last block and the final norm learn, by
+  exactly the step the whole-model update gives them; the frozen rest is the SFT model's own arrays."""
+  model = create_model(CFG.replace(num_layers=2), 5)
+  pcfg = PolicyConfig(lr=1e-2, eps=0.05, beta=0.1, eta=0.9)
+  top = dataclasses.replace(pcfg, trainable_layers=1)
+  popt = optax.sgd(1.0)
+  steps = {}
+  for cfg in (pcfg, top):
+    pg, theta, rg, phi, priors, a, b, _, frozen = _update_inputs(policy_model=model, pcfg=cfg)
+    upd = policy.make_policy_update(pg, rg, cfg, popt, use_a=True)
+    new, _, _, _ = upd(theta, theta, popt.init(theta), phi, priors, a, b, frozen)
+    steps[cfg.trainable_layers] = (theta, frozen, new)
+  paths = lambda t: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  theta, frozen, new = steps[1]
+  learned = paths(new)
+  assert learned and all(k.startswith("['final_norm']") or k.startswith("['layers'][1]") for k in learned)
+  assert any(k.startswith("['layers'][0]") for k in paths(frozen)) and "['embed']" in "".join(paths(frozen))
+  whole = paths(steps[0][2])
+  for k, v in learned.items():
+    np.testing.assert_allclose(np.asarray(v), np.asarray(whole[k]), rtol=1e-5, atol=1e-6)
+  assert max(float(jnp.abs(v - paths(theta)[k]).max()) for k, v in learned.items()) > 1e-4
+  # Not copied: the frozen part holds the model's own arrays.
+  own = paths(nnx.split(model)[1])
+  assert all(v is own[k] for k, v in paths(frozen).items())
+  with pytest.raises(ValueError, match="trainable_layers=3 must be in"):
+    policy.split_policy(model, dataclasses.replace(pcfg, trainable_layers=3))
 
 
 # ---- sampler --------------------------------------------------------------------------------------

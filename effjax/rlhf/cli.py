@@ -58,7 +58,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
   from effjax.rlhf import curves
   groups = curves.load_runs(args.runs)
   summary = curves.summarize(groups, args.reference)
-  curves.plot(groups, summary, args.out)
+  curves.plot([("win rate vs SFT (rater probability)", groups, summary)], args.out)
   text = json.dumps(summary, indent=1)
   if args.summary:
     pathlib.Path(args.summary).write_text(text)

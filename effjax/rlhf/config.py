@@ -31,7 +31,11 @@ class ENNConfig:
   diff_hidden: tuple[int, ...] = (1024, 1024)
   prior_scale: float = 1.0  # output scale of the frozen random priors: the initial disagreement
   particles_include_point: bool = True  # r_z = point + prior_z + diff_z (else prior_z + diff_z)
-  diff_l2: float = 0.0  # L2 on the differential heads' weights (anchors them to their zero-mean init)
+  # Pull of each differential head toward its initial weights: diff_reg / labels * squared distance
+  # (a Gaussian prior at the initial draw; enn.py). Chosen on the toy (BENCHMARKS.md).
+  diff_reg: float = 1.0
+  bootstrap: bool = False  # each particle weighs each label 0 or 2 (its own bootstrap of the labels)
+  train_particles: bool = True  # False: the differential heads never learn (a control experiment)
   lr: float = 1e-3
   backbone_lr_scale: float = 1.0  # backbone lr = lr * this (0 freezes the backbone)
   steps_per_batch: int = 4  # RM gradient steps after each labelled batch (online agents)
@@ -53,6 +57,7 @@ class PolicyConfig:
   top_k: int = 5
   temperature: float = 1.0
   retrain_steps: int = 100  # offline / periodic: policy steps against the frozen RM
+  trainable_layers: int = 0  # 0: every parameter learns; k: only the last k blocks + final norm
   # Rows (ordered pairs) per forward/backward in a policy step; gradients are accumulated over
   # the chunks, so the step is the same, only peak memory shrinks. 0: all rows at once.
   micro_batch: int = 0
@@ -69,7 +74,9 @@ class AgentConfig:
   retrain_at: tuple[int, ...] = ()  # offline / periodic: retrain after these batch counts (overrides tau)
   dts_tries: int = 8  # double Thompson sampling: redraws of the second particle
   boltzmann_temperature: float = 1.0
-  eval_every: int = 10  # online agents: win rate every this many batches
+  eval_every: int = 10  # online agents: evaluate every this many batches
+  eval_at: tuple[int, ...] = ()  # online agents: evaluate after these batch counts (overrides eval_every)
+  eval_samples: int = 4  # sampled responses per held-out prompt for the sampled-response metrics
 
   @property
   def pair_selection(self) -> Selection:
@@ -129,10 +136,26 @@ class GSM8KConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArithmeticConfig:
+  """Real-model environment: one-step arithmetic items a short response can answer (gsm8k.py)."""
+
+  model: str = "smollm2-135m-instruct"
+  seed: int = 0  # the item generator's seed (the same items for every run seed)
+  ops: str = "+-*"
+  max_operand: int = 99
+  num_train_prompts: int = 5000
+  num_eval_prompts: int = 32
+  max_prompt_len: int = 64
+  response_len: int = 16
+  system: str = ""  # a system message ("": the chat template's default)
+
+
+@dataclasses.dataclass(frozen=True)
 class EnvConfig:
-  kind: Literal["toy", "gsm8k"] = "toy"
+  kind: Literal["toy", "gsm8k", "arithmetic"] = "toy"
   toy: ToyConfig = ToyConfig()
   gsm8k: GSM8KConfig = GSM8KConfig()
+  arithmetic: ArithmeticConfig = ArithmeticConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +169,7 @@ class RaterConfig:
   target_len: int = 96
   checkpoint: str = ""  # checkpoint rater: directory written by effjax.rlhf.enn.save_reward_model
   queue_dir: str = ""  # human rater: where queries.jsonl is written and answers.jsonl is read
-  serve_port: int = 0  # human rater: also serve the queue on 127.0.0.1:port (0 = file only)
+  serve_port: int = 0  # human rater: also serve the queue to a browser on 127.0.0.1:port (0 = file only)
   wait_seconds: float = 3600.0  # human rater: how long to wait for a batch's answers
 
 

@@ -5,9 +5,18 @@ position that has attended to the whole prompt and response. On it sit
   - a point head (MLP, trained with the backbone by the Bradley-Terry loss),
   - Z frozen random prior heads (randomized prior functions: never trained, a `Prior` variable that
     no optimizer sees, read through stop_gradient),
-  - Z trainable differential heads, trained by the same loss with the backbone frozen for them.
+  - Z trainable differential heads, trained by the same loss with the backbone frozen for them,
+    each pulled toward its own initial draw (below) and optionally fit to its own bootstrap of the
+    labels.
 Particle z's reward is r_z = prior_z(h) + diff_z(h) (+ point(h), detached, by default). The Z heads
 are stacked weights [Z, out, in] evaluated with one einsum per layer.
+
+Regularisation toward the initial weights: the particle loss is the MAP objective of a Gaussian
+prior centred at each differential head's initial weights (anchored ensembles),
+    mean BT loss + diff_reg / N * mean_z ||theta_z - theta_z(0)||^2,
+N = labels seen so far: the pull fades as data accumulates, as a posterior's would, and keeps
+particles apart where the labels say nothing. With enn.bootstrap each particle weighs each label by
+its own fixed double-or-nothing draw (0 or 2), so particles also disagree about what the data say.
 """
 
 from __future__ import annotations
@@ -29,15 +38,23 @@ from effjax.rlhf import rollout
 from effjax.rlhf.config import ENNConfig
 
 
-class Prior(nnx.Variable):
-  """Weights of the frozen random prior heads: not an nnx.Param, so no optimizer ever holds them."""
+class Frozen(nnx.Variable):
+  """Never trained: not an nnx.Param, so no optimizer ever holds it."""
+
+
+class Prior(Frozen):
+  """Weights of the frozen random prior heads."""
+
+
+class Initial(Frozen):
+  """A copy of a trainable head's initial weights (what the regulariser pulls toward)."""
 
 
 class StackedMLP(nnx.Module):
   """`num` MLPs of the same shape, d_in -> hidden... -> 1, as stacked [num, out, in] weights."""
 
   def __init__(self, num: int, d_in: int, hidden: tuple[int, ...], *, rngs: nnx.Rngs,
-               variable: type[nnx.Variable] = nnx.Param):
+               variable: type[nnx.Variable] = nnx.Param, keep_initial: bool = False):
     dims = (d_in, *hidden, 1)
     ws, bs = [], []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -48,6 +65,14 @@ class StackedMLP(nnx.Module):
       bs.append(variable(jnp.zeros((num, b), jnp.float32), axes=("particles", out_axis)))
     self.weights = nnx.List(ws)
     self.biases = nnx.List(bs)
+    if keep_initial:
+      self.initial = nnx.List([Initial(jnp.copy(v[...]), **v.get_metadata()) for v in (*ws, *bs)])
+
+  def sq_distance_from_initial(self) -> jax.Array:
+    """||theta_z - theta_z(0)||^2 per stacked MLP: [num]."""
+    now = (*self.weights, *self.biases)
+    return sum(jnp.sum((v[...] - v0[...]).reshape(v0.shape[0], -1) ** 2, axis=-1)
+               for v, v0 in zip(now, self.initial))
 
   def __call__(self, h: jax.Array) -> jax.Array:
     """h [N, D] -> [N, num]."""
@@ -64,7 +89,7 @@ class RewardModel(nnx.Module):
     self.enn = enn
     self.point = StackedMLP(1, d, enn.point_hidden, rngs=rngs)
     self.prior = StackedMLP(enn.num_particles, d, enn.prior_hidden, rngs=rngs, variable=Prior)
-    self.diff = StackedMLP(enn.num_particles, d, enn.diff_hidden, rngs=rngs)
+    self.diff = StackedMLP(enn.num_particles, d, enn.diff_hidden, rngs=rngs, keep_initial=True)
 
   def features(self, prompts, prompt_lens, responses, response_mask, *, mesh=None) -> jax.Array:
     h = rollout.last_hidden(self.backbone, prompts, prompt_lens, responses, response_mask,
@@ -87,15 +112,20 @@ class RewardModel(nnx.Module):
 
 
 def create_reward_model(backbone: Transformer, enn: ENNConfig, seed: int) -> RewardModel:
-  """Heads drawn from `seed` on `backbone` (the SFT policy's weights, copied)."""
+  """Heads drawn from `seed` on `backbone` (the SFT policy's weights: copied when the RM trains
+  them, shared when it does not, enn.backbone_lr_scale = 0)."""
   graphdef, state = nnx.split(backbone)
-  copy = nnx.merge(graphdef, jax.tree.map(jnp.array, state))
-  return RewardModel(copy, enn, rngs=nnx.Rngs(seed))
+  if enn.backbone_lr_scale != 0:
+    state = jax.tree.map(jnp.array, state)
+  return RewardModel(nnx.merge(graphdef, state), enn, rngs=nnx.Rngs(seed))
 
 
 def split(rm: RewardModel):
-  """(graphdef, trainable params, frozen priors)."""
-  return nnx.split(rm, nnx.Param, Prior)
+  """(graphdef, trainable params, frozen variables: priors, initial weights and, when it does not
+  learn (enn.backbone_lr_scale = 0), the backbone)."""
+  frozen_backbone = rm.enn.backbone_lr_scale == 0
+  learns = lambda path, x: isinstance(x, nnx.Param) and not (frozen_backbone and path[0] == "backbone")
+  return nnx.split(rm, learns, ...)
 
 
 def bt_nll(margin: jax.Array, choice: jax.Array) -> jax.Array:
@@ -115,28 +145,44 @@ def pair_rewards(rm: RewardModel, batch: dict, mesh=None):
 
 
 def rm_loss(rm: RewardModel, batch: dict, mesh=None) -> tuple[jax.Array, dict]:
-  """Point BT loss + mean particle BT loss (+ L2 on differential weights)."""
+  """Point BT loss + particle BT loss (bootstrap-weighted when the batch carries particle_weights
+  [M, Z]) + diff_reg / num_labels * mean squared distance of the particles from their initial weights."""
   point, particles = pair_rewards(rm, batch, mesh)
   c = batch["choice"].astype(jnp.float32)
   point_loss = bt_nll(point[0] - point[1], c).mean()
-  particle_loss = bt_nll(particles[0] - particles[1], c[:, None]).mean()
-  l2 = sum(jnp.sum(w[...] ** 2) for w in rm.diff.weights) / rm.enn.num_particles
-  loss = point_loss + particle_loss + rm.enn.diff_l2 * l2
+  particle_nll = bt_nll(particles[0] - particles[1], c[:, None])
+  if "particle_weights" in batch:
+    particle_nll = particle_nll * batch["particle_weights"]
+  particle_loss = particle_nll.mean()
+  reg = rm.diff.sq_distance_from_initial().mean()
+  loss = point_loss + particle_loss + rm.enn.diff_reg * reg / batch["num_labels"]
   accuracy = jnp.mean((point[0] > point[1]) == (c > 0.5))
-  return loss, dict(rm_loss=point_loss, rm_particle_loss=particle_loss, rm_accuracy=accuracy)
+  return loss, dict(rm_loss=point_loss, rm_particle_loss=particle_loss, rm_accuracy=accuracy,
+                    rm_diff_distance=reg)
 
 
-def _backbone_mask(params):
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: str(getattr(path[0], "key", "")) == "backbone", params)
+def bootstrap_weights(key: jax.Array, label_index, num_particles: int) -> jax.Array:
+  """Double-or-nothing bootstrap: weight 0 or 2 per (label, particle), fixed by the label's index in
+  the run's label log, so every step that replays a label weighs it the same: [..., Z] float32."""
+  idx = jnp.asarray(label_index)
+  draw = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 0.5, (num_particles,)))
+  return 2.0 * draw(idx.reshape(-1)).reshape(*idx.shape, num_particles).astype(jnp.float32)
+
+
+def _top_level_mask(name: str):
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: str(getattr(path[0], "key", "")) == name, params)
 
 
 def rm_optimizer(enn: ENNConfig) -> optax.GradientTransformation:
-  """Adam on heads; the backbone's updates scaled by backbone_lr_scale. Priors are not params."""
+  """Adam on heads; the backbone's updates scaled by backbone_lr_scale. Frozen variables are not
+  params. With train_particles off the differential heads' gradients are zeroed before anything
+  else sees them (the control agent: particle disagreement that labels never inform)."""
   return optax.chain(
+      *([] if enn.train_particles else [optax.masked(optax.set_to_zero(), _top_level_mask("diff"))]),
       optax.clip_by_global_norm(enn.clip_norm),
       optax.adam(enn.lr),
-      optax.masked(optax.scale(enn.backbone_lr_scale), _backbone_mask),
+      optax.masked(optax.scale(enn.backbone_lr_scale), _top_level_mask("backbone")),
   )
 
 
@@ -156,26 +202,27 @@ def keep_if(ok: jax.Array, new, old):
 
 
 def make_rm_update(graphdef, optimizer: optax.GradientTransformation, mesh=None) -> Callable:
-  """(params, priors, opt_state, batches) -> (params, opt_state, metrics).
+  """(params, frozen, opt_state, batches) -> (params, opt_state, metrics).
 
-  batches: a pair batch with a leading [S] axis; S gradient steps, one after another. A step whose
+  batches: a pair batch (pair_rewards' fields, choice, num_labels, optionally particle_weights) with a
+  leading [S] axis; S gradient steps, one after another. A step whose
   loss or gradient is not finite is skipped (state kept) and counted in metrics["rm_skipped"].
   """
 
   @jax.jit
-  def gradients(params, priors, batch):
+  def gradients(params, frozen, batch):
     def loss_fn(p):
-      return rm_loss(nnx.merge(graphdef, p, priors), batch, mesh)
+      return rm_loss(nnx.merge(graphdef, p, frozen), batch, mesh)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, metrics, grads
 
   apply = jax.jit(functools.partial(apply_if_finite, optimizer))
 
-  def update(params, priors, opt_state, batches):
+  def update(params, frozen, opt_state, batches):
     skipped = 0
     for s in range(jax.tree.leaves(batches)[0].shape[0]):
-      loss, metrics, grads = gradients(params, priors, jax.tree.map(lambda x: x[s], batches))
+      loss, metrics, grads = gradients(params, frozen, jax.tree.map(lambda x: x[s], batches))
       params, opt_state, ok = apply(params, opt_state, grads, loss)
       skipped += 1 - ok.astype(jnp.int32)
     return params, opt_state, dict(metrics, rm_total_loss=loss, rm_skipped=skipped)
@@ -207,8 +254,8 @@ def score(rm: RewardModel, prompts, prompt_lens, responses, response_mask, mesh=
 
 def make_scorer(graphdef, mesh=None) -> Callable:
   @jax.jit
-  def run(params, priors, prompts, prompt_lens, responses, response_mask):
-    return score(nnx.merge(graphdef, params, priors), prompts, prompt_lens, responses, response_mask,
+  def run(params, frozen, prompts, prompt_lens, responses, response_mask):
+    return score(nnx.merge(graphdef, params, frozen), prompts, prompt_lens, responses, response_mask,
                  mesh)
 
   return run

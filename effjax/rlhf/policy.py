@@ -7,6 +7,11 @@ the exact one over the vocabulary at every response token of Y. One update sums 
   (a) the queried prompts: the queried pair both ways and (best, worst) by the updated RM both ways;
   (b) fresh prompts: (best, worst), (worst, best), (2nd best, 2nd worst), (2nd worst, 2nd best);
 then clips and applies them with optax, and moves the anchor: theta_bar <- eta theta_bar + (1-eta) theta.
+
+With policy.trainable_layers = k > 0 only the last k blocks and the final norm learn: the policy's
+parameters are split once into a trainable part (what the optimizer, the anchor and checkpoints hold)
+and a frozen part shared with the SFT model (never copied); gradients are taken with respect to the
+trainable part only, so nothing runs backward below the first trainable block.
 """
 
 from __future__ import annotations
@@ -20,6 +25,29 @@ from flax import nnx
 
 from effjax.rlhf import enn, rollout
 from effjax.rlhf.config import PolicyConfig
+
+
+def trainable(cfg: PolicyConfig, num_layers: int):
+  """nnx filter of the learning parameters: all (trainable_layers = 0) or the last k blocks and
+  the final norm."""
+  k = cfg.trainable_layers
+  if not 0 <= k <= num_layers:
+    raise ValueError(f"policy.trainable_layers={k} must be in [0, {num_layers}]")
+
+  def keep(path, x) -> bool:
+    if not isinstance(x, nnx.Param):
+      return False
+    if k == 0:
+      return True
+    return path[0] == "final_norm" or (path[0] == "layers" and int(path[1]) >= num_layers - k)
+
+  return keep
+
+
+def split_policy(model, cfg: PolicyConfig):
+  """(graphdef, trainable params, frozen params) of a policy model (the frozen arrays are the
+  model's own: not copied)."""
+  return nnx.split(model, trainable(cfg, model.cfg.num_layers), ...)
 
 
 def policy_optimizer(cfg: PolicyConfig) -> optax.GradientTransformation:
@@ -105,8 +133,9 @@ def chunked_value_and_grad(loss_fn: Callable, params, rows: dict, micro_batch: i
 def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
                        optimizer: optax.GradientTransformation, *, use_a: bool, mesh=None,
                        eps: float | None = None) -> Callable:
-  """(policy, anchor, opt_state, rm_params, rm_priors, a, b) -> (policy, anchor, opt_state, metrics):
-  a jitted gradient, then a jitted optimizer step (see enn.apply_if_finite).
+  """(policy, anchor, opt_state, rm_params, rm_frozen, a, b, frozen) -> (policy, anchor, opt_state,
+  metrics): a jitted gradient, then a jitted optimizer step (see enn.apply_if_finite). policy, anchor
+  and opt_state are over the trainable parameters; `frozen` is the rest of the policy (split_policy).
 
   a: queried prompts {prompts, prompt_lens, responses [B, n, L], mask, pair [B, 2]} (ignored unless
   use_a); b: fresh prompts {prompts, prompt_lens, responses, mask}. The RM ranks responses inside.
@@ -119,8 +148,8 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
     return jax.lax.stop_gradient(point)
 
   @jax.jit
-  def gradients(policy, anchor, rm_params, rm_priors, a, b):
-    rm = nnx.merge(rm_graphdef, rm_params, rm_priors)
+  def gradients(policy, anchor, rm_params, rm_frozen, a, b, frozen):
+    rm = nnx.merge(rm_graphdef, rm_params, rm_frozen)
     groups = []
     if use_a:
       point_a = rewards(rm, a)
@@ -129,12 +158,12 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
     point_b = rewards(rm, b)
     groups.append(gather_pairs(b["prompts"], b["prompt_lens"], b["responses"], b["mask"], point_b,
                                ordered_pairs_b(point_b)))
-    anchor_model = nnx.merge(policy_graphdef, anchor)
+    anchor_model = nnx.merge(policy_graphdef, anchor, frozen)
 
     def group_value_and_grad(g):
       return chunked_value_and_grad(
-          lambda params, rows: pair_loss(nnx.merge(policy_graphdef, params), anchor_model, rows, eps,
-                                         cfg.beta, mesh), policy, g, cfg.micro_batch)
+          lambda params, rows: pair_loss(nnx.merge(policy_graphdef, params, frozen), anchor_model, rows,
+                                         eps, cfg.beta, mesh), policy, g, cfg.micro_batch)
 
     per_group = [group_value_and_grad(g) for g in groups]
     loss = sum(l for (l, _), _ in per_group)
@@ -150,8 +179,8 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
                               new_policy)
     return new_policy, enn.keep_if(ok, new_anchor, anchor), new_opt, (~ok).astype(jnp.int32)
 
-  def update(policy, anchor, opt_state, rm_params, rm_priors, a, b):
-    loss, metrics, grads = gradients(policy, anchor, rm_params, rm_priors, a, b)
+  def update(policy, anchor, opt_state, rm_params, rm_frozen, a, b, frozen):
+    loss, metrics, grads = gradients(policy, anchor, rm_params, rm_frozen, a, b, frozen)
     policy, anchor, opt_state, skipped = apply(policy, anchor, opt_state, grads, loss)
     return policy, anchor, opt_state, dict(metrics, policy_skipped=skipped)
 

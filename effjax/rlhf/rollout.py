@@ -99,14 +99,33 @@ def token_logprobs(model: Transformer, prompts, prompt_lens, responses, response
   return logp, logp_all
 
 
+def as_model(graphdef: nnx.GraphDef, params) -> Transformer:
+  """The model from its graph and params: one state, or a tuple of states that partition it (a
+  policy's trainable and frozen parts)."""
+  return nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+
+
 def make_sampler(graphdef: nnx.GraphDef, *, num_samples: int, length: int, top_k: int,
                  temperature: float, mesh=None) -> Callable:
-  """A jitted (params, prompts, prompt_lens, rng) -> (responses, mask) for one model graph."""
+  """A jitted (params, prompts, prompt_lens, rng) -> (responses, mask) for one model graph (params:
+  one state or a (trainable, frozen) tuple, see as_model)."""
 
   @jax.jit
   def run(params, prompts, prompt_lens, rng):
-    model = nnx.merge(graphdef, params)
+    model = as_model(graphdef, params)
     return sample(model, prompts, prompt_lens, rng, num_samples=num_samples, length=length,
                   top_k=top_k, temperature=temperature, mesh=mesh)
+
+  return run
+
+
+def make_sequence_logprob(graphdef: nnx.GraphDef, mesh=None) -> Callable:
+  """A jitted (params, prompts, prompt_lens, responses [N, L], mask) -> log pi(response | prompt) [N]."""
+
+  @jax.jit
+  def run(params, prompts, prompt_lens, responses, response_mask):
+    logp, _ = token_logprobs(as_model(graphdef, params), prompts, prompt_lens, responses,
+                             response_mask, mesh=mesh)
+    return jnp.sum(jnp.where(response_mask, logp, 0.0), axis=-1)
 
   return run
