@@ -39,16 +39,18 @@ from effjax.rlhf.config import load_config  # noqa: E402
 
 OFFLINE_RETRAIN = "agent.retrain_at=[1,4,16,40,100,400]"  # 64 ... 25,600 labels
 TUNING_SEEDS = (100, 101)
+TUNE_HORIZON = ("agent.num_batches=24", "agent.eval_at=[1,2,4,8,16,24]")  # 1,536 labels: cheaper
 NUDGE = ("agent.kind=online", "rater.noise=0.2", "agent.num_batches=80",
          "agent.eval_at=[1,2,4,8,16,32,40,64,80]")
 STUDIES: dict[str, dict] = {
     "tune_enn": dict(seeds=TUNING_SEEDS, variants={
-        "reg0": ("enn.diff_reg=0",),
-        "reg1": ("enn.diff_reg=1",),
-        "reg10": ("enn.diff_reg=10",),
-        "reg100": ("enn.diff_reg=100",),
-        "reg1_bootstrap": ("enn.diff_reg=1", "enn.bootstrap=true"),
-    }),
+        name: ("agent.kind=info_directed", *TUNE_HORIZON, *o) for name, o in {
+            "reg0": ("enn.diff_reg=0",),
+            "reg1": ("enn.diff_reg=1",),
+            "reg10": ("enn.diff_reg=10",),
+            "reg100": ("enn.diff_reg=100",),
+            "reg1_bootstrap": ("enn.diff_reg=1", "enn.bootstrap=true"),
+        }.items()}),
     "tune_offline": dict(seeds=TUNING_SEEDS, variants={
         name: ("agent.kind=offline", "agent.num_batches=100", "agent.retrain_at=[16,100]", *o)
         for name, o in {
@@ -189,7 +191,7 @@ def cmd_report(args) -> int:
   n_final = max(cfg.agent.eval_at or (cfg.agent.num_batches,)) * cfg.agent.prompts_per_batch
 
   tune_rows = {}
-  for study, labels in (("tune_enn", n_final), ("tune_offline", 6400)):
+  for study, labels in (("tune_enn", 1536), ("tune_offline", 6400)):
     rows, best = tuning_table(out, study, labels)
     tune_rows[study] = (rows, best)
     say(f"{study}: best {best}")
@@ -349,7 +351,7 @@ curves per resample).
 {env_txt}
 
 **Tuning** (tuning seeds {', '.join(map(str, TUNING_SEEDS))}, not among the reported seeds; 5 settings x 2 seeds
-each for the ENN agents and for offline). ENN regulariser on info-directed (chosen: `{enn_best}`):
+each for the ENN agents and for offline). ENN regulariser on info-directed, 1,536 labels (chosen: `{enn_best}`):
 
 {chr(10).join(enn_rows)}
 

@@ -13,12 +13,14 @@ export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thread
 phase() {
   local pids=()
   for shard in 0 1; do
-    taskset -c "$CORE" nice -n 10 "$PY" benchmarks/rlhf_toy.py run --out "$OUT" --study "$@" \
+    taskset -c "$CORE" nice -n 5 "$PY" benchmarks/rlhf_toy.py run --out "$OUT" --study "$@" \
       --shard "$shard/2" --no-progress > "$OUT/logs/$1-$shard.log" 2>&1 &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
 }
+# The SFT policy is trained (and cached) once, before the workers start.
+"$PY" -m effjax.rlhf.cli describe --config configs/rlhf_toy.toml > "$OUT/logs/describe.log" 2>&1
 phase tune_enn tune_offline
 phase main nudge
 "$PY" benchmarks/rlhf_toy.py report --out "$OUT" --load "$(uptime | sed 's/.*load average: //')"
