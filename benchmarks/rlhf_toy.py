@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 from effjax.rlhf import curves  # noqa: E402
 from effjax.rlhf.config import load_config  # noqa: E402
 
-OFFLINE_RETRAIN = "agent.retrain_at=[1,4,16,40,100,400]"  # 64 ... 25,600 labels
+OFFLINE_RETRAIN = "agent.retrain_at=[1,4,16,32,100,400]"  # 64 ... 25,600 labels
 TUNING_SEEDS = (100, 101)
 TUNE_HORIZON = ("agent.num_batches=24", "agent.eval_at=[1,2,4,8,16,24]")  # 1,536 labels: cheaper
-NUDGE = ("agent.kind=online", "rater.noise=0.2", "agent.num_batches=80",
-         "agent.eval_at=[1,2,4,8,16,32,40,64,80]")
+NUDGE = ("agent.kind=online", "rater.noise=0.2", "agent.num_batches=64",
+         "agent.eval_at=[1,2,4,8,16,32,48,64]")
 STUDIES: dict[str, dict] = {
     "tune_enn": dict(seeds=TUNING_SEEDS, variants={
         name: ("agent.kind=info_directed", *TUNE_HORIZON, *o) for name, o in {
@@ -63,7 +63,7 @@ STUDIES: dict[str, dict] = {
         }.items()}),
     "main": dict(seeds=tuple(range(10)), variants={
         "offline": ("agent.kind=offline", "agent.num_batches=400", OFFLINE_RETRAIN),
-        "periodic": ("agent.kind=periodic", "agent.retrain_at=[1,2,4,8,16,24,32,40]"),
+        "periodic": ("agent.kind=periodic", "agent.retrain_at=[1,2,4,8,16,24,32]"),
         "online": ("agent.kind=online",),
         "online_dts": ("agent.kind=online", "agent.selection=dts"),
         "online_boltzmann": ("agent.kind=online", "agent.selection=boltzmann"),
@@ -82,13 +82,13 @@ MAIN_NAMES = {"offline": "offline", "periodic": "periodic", "online": "online (r
               "info_directed_control": "control: info-directed, untrained particles"}
 
 
-def run_list(studies: list[str]) -> list[tuple[str, str, int]]:
+def run_list(studies: list[str], variants: list[str] | None = None) -> list[tuple[str, str, int]]:
   """(study, variant, seed), seed-major so that shards get a mix of cheap and dear runs."""
   out = []
   for study in studies:
     spec = STUDIES[study]
     for seed in spec["seeds"]:
-      out += [(study, v, seed) for v in spec["variants"]]
+      out += [(study, v, seed) for v in spec["variants"] if not variants or v in variants]
   return out
 
 
@@ -99,7 +99,7 @@ def run_dir(out: pathlib.Path, study: str, variant: str, seed: int) -> pathlib.P
 def cmd_run(args) -> int:
   from effjax.rlhf.agents import Trainer, make_environment
   out = pathlib.Path(args.out)
-  todo = run_list(args.study)
+  todo = run_list(args.study, args.variants)
   shard, of = (int(x) for x in args.shard.split("/"))
   env = None
   for study, variant, seed in todo[shard::of]:
@@ -340,8 +340,8 @@ ENN with {cfg.enn.num_particles} particles, regulariser toward the initial weigh
 {cfg.policy.beta}, anchor eta {cfg.policy.eta}. Online agents: {a.num_batches} batches = {n_final} labels, evaluated at
 {', '.join(str(b * a.prompts_per_batch) for b in a.eval_at)} labels. Offline: random pairs from the SFT
 policy up to 25,600 labels, RM retrained from its initial weights ({cfg.enn.retrain_epochs} epochs) and the
-policy from theta_0 ({cfg.policy.retrain_steps} steps) at 64 / 256 / 1,024 / 2,560 / 6,400 / 25,600 labels.
-Periodic: the same retraining at 64, 128, 256, 512, 1,024, 1,536, 2,048, 2,560 labels, each time
+policy from theta_0 ({cfg.policy.retrain_steps} steps) at 64 / 256 / 1,024 / 2,048 / 6,400 / 25,600 labels.
+Periodic: the same retraining at 64, 128, 256, 512, 1,024, 1,536, 2,048 labels, each time
 collecting from the newest policy. Win rate = mean rater probability that the greedy policy beats the
 greedy SFT policy on {cfg.env.toy.num_eval_prompts} held-out prompts (0.5 = tie; saturates near 0.97
 here). Non-saturating metric: mean teacher reward of {a.eval_samples} sampled responses per held-out prompt
@@ -399,6 +399,7 @@ def main() -> int:
     s.add_argument("--out", default="runs/rlhf/toy")
   run = sub.choices["run"]
   run.add_argument("--study", nargs="+", default=["main"], choices=list(STUDIES))
+  run.add_argument("--variants", nargs="+", help="only these variants of the studies")
   run.add_argument("--shard", default="0/1", help="i/n: this process runs every n-th run from the i-th")
   run.add_argument("--set", action="append", default=[], help="extra override for every run")
   run.add_argument("--no-progress", action="store_true")

@@ -240,23 +240,27 @@ def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
   cfg = model_config(recipe, layers)
   agent, ecfg, pcfg = r.agent, r.enn, r.policy
   b, n, p, length = agent.prompts_per_batch, agent.responses_per_prompt, r.prompt_len, r.response_len
-  policy_graphdef, theta = nnx.split(abstract_model(cfg))
+  abstract = abstract_model(cfg)
+  # The policy's learning part (theta) and its frozen rest (empty unless policy.trainable_layers).
+  policy_graphdef, theta, frozen = policy.split_policy(abstract, pcfg)
+  engine_graphdef, engine_params = nnx.split(abstract)  # the decoding engine's view: one state
   rm_abstract = nnx.eval_shape(
       lambda: enn.create_reward_model(Transformer(cfg, rngs=nnx.Rngs(0)), ecfg, seed=0))
   rm_graphdef, phi, priors = enn.split(rm_abstract)
   steps = agents.build_steps(agents.step_settings(agent), pcfg, ecfg, policy_graphdef, rm_graphdef,
                              length, mesh)
-  theta, phi, priors = (placed_state(t, mesh) for t in (theta, phi, priors))
+  theta, frozen, engine_params, phi, priors = (placed_state(t, mesh)
+                                               for t in (theta, frozen, engine_params, phi, priors))
   policy_opt = placed_state(jax.eval_shape(partial(enn.init_optimizer, steps.policy_opt), theta), mesh)
   rm_opt = placed_state(jax.eval_shape(partial(enn.init_optimizer, steps.rm_opt), phi), mesh)
   # Trainer holds theta_0 and phi_0 (the retraining origin) besides the training state.
   resident = dict(policy=theta, anchor=theta, policy_opt=policy_opt, rm=phi, rm_opt=rm_opt,
-                  priors=priors, theta0=theta, phi0=phi)
+                  priors=priors, theta0=theta, phi0=phi, policy_frozen=frozen)
 
   key = jax.eval_shape(lambda: jax.random.key(0))
   prompts = jax.ShapeDtypeStruct((b, p), jnp.int32)
   lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-  resp, mask = jax.eval_shape(steps.sample, theta, prompts, lens, key)
+  resp, mask = jax.eval_shape(steps.sample, (theta, frozen), prompts, lens, key)
   point, particles = jax.eval_shape(steps.score, phi, priors, prompts, lens, resp, mask)
   pair = jax.eval_shape(steps.select, point, particles, key)
   # The RM's pair batch as Trainer.pair_batches builds it: the new labels plus the replayed ones.
@@ -265,6 +269,7 @@ def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
   arrays = labels.to_arrays(records, length)
   pairs = dict(prompts=jax.ShapeDtypeStruct((m, p), jnp.int32),
                prompt_lens=jax.ShapeDtypeStruct((m,), jnp.int32),
+               num_labels=jax.ShapeDtypeStruct((), jnp.float32),
                **{k: _abstract(arrays[k]) for k in ("a", "a_mask", "b", "b_mask", "choice")})
   rm_loss, _, rm_grads = jax.eval_shape(steps.rm_update.gradients, phi, priors, pairs)
 
@@ -279,23 +284,24 @@ def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
 
   group_a, group_b = groups(b)
   pol_loss, _, pol_grads = jax.eval_shape(steps.policy_update.gradients, theta, theta, phi, priors,
-                                          group_a, group_b)
+                                          group_a, group_b, frozen)
   strategy = rollout.sampling_strategy(pcfg.top_k, pcfg.temperature)
   cache_len = p + length + strategy.block_size  # as engine.generate_arrays sizes it
-  prefill = engine_programs(cfg, policy_graphdef, theta, strategy, mesh, label="rollout",
+  prefill = engine_programs(cfg, engine_graphdef, engine_params, strategy, mesh, label="rollout",
                             rows=b * n, prompt_len=p, max_new_tokens=length, cache_len=cache_len)[0]
   prefill.args[0].resident = "policy"
   prefill.shrink = "shorter prompts or responses (rlhf.prompt_len, rlhf.response_len)"
   # Memory-critical programs first (a partial plan with --program keeps this order).
   programs = [
-      Program("rollout", steps.sample, [Arg(theta, PARAMS, "policy"), Arg(prompts, INPUTS),
+      Program("rollout", steps.sample, [Arg((theta, frozen), PARAMS, "policy"), Arg(prompts, INPUTS),
                                         Arg(lens, INPUTS), Arg(key, INPUTS)],
               note=f"{b} prompts x {n} responses of {length} tokens",
               shrink="shorter prompts or responses (rlhf.prompt_len, rlhf.response_len), fewer "
                      "rows per rollout (rlhf.agent.prompts_per_batch x responses_per_prompt)"),
       Program("policy gradients", steps.policy_update.gradients,
               [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"), Arg(phi, PARAMS, "rm"),
-               Arg(priors, PARAMS, "priors"), Arg(group_a, INPUTS), Arg(group_b, INPUTS)],
+               Arg(priors, PARAMS, "priors"), Arg(group_a, INPUTS), Arg(group_b, INPUTS),
+               Arg(frozen, PARAMS, "policy_frozen")],
               note=f"micro_batch={pcfg.micro_batch}",
               shrink="smaller policy micro-batches (rlhf.policy.micro_batch)"),
       Program("policy apply", steps.policy_update.apply,
@@ -327,7 +333,8 @@ def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
     programs.append(Program(
         "policy gradients, one micro-batch", steps.policy_update.gradients,
         [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"), Arg(phi, PARAMS, "rm"),
-         Arg(priors, PARAMS, "priors"), Arg(one_a, INPUTS), Arg(one_b, INPUTS)],
+         Arg(priors, PARAMS, "priors"), Arg(one_a, INPUTS), Arg(one_b, INPUTS),
+         Arg(frozen, PARAMS, "policy_frozen")],
         note=f"{chunk // 4} prompts: costs the scanned update (x {rows // chunk})"))
     policy_cost = {"policy gradients, one micro-batch": rows / chunk}
   s = ecfg.steps_per_batch

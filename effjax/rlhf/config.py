@@ -43,6 +43,7 @@ class ENNConfig:
   retrain_epochs: int = 4  # offline / periodic: passes over all labels when retraining from phi_0
   retrain_batch: int = 128
   clip_norm: float = 1.0
+  remat: bool = True  # recompute the backbone's layers in the backward pass (memory for compute)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class PolicyConfig:
   temperature: float = 1.0
   retrain_steps: int = 100  # offline / periodic: policy steps against the frozen RM
   trainable_layers: int = 0  # 0: every parameter learns; k: only the last k blocks + final norm
+  remat: bool = True  # recompute the policy's layers in the backward pass (memory for compute)
   # Rows (ordered pairs) per forward/backward in a policy step; gradients are accumulated over
   # the chunks, so the step is the same, only peak memory shrinks. 0: all rows at once.
   micro_batch: int = 0

@@ -93,7 +93,7 @@ class RewardModel(nnx.Module):
 
   def features(self, prompts, prompt_lens, responses, response_mask, *, mesh=None) -> jax.Array:
     h = rollout.last_hidden(self.backbone, prompts, prompt_lens, responses, response_mask,
-                            mesh=mesh).astype(jnp.float32)
+                            mesh=mesh, remat=self.enn.remat).astype(jnp.float32)
     # A frozen backbone (heads on fixed features, as in the predecessor paper): no backward through it.
     return jax.lax.stop_gradient(h) if self.enn.backbone_lr_scale == 0 else h
 

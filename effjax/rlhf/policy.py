@@ -90,10 +90,10 @@ def gather_pairs(prompts, prompt_lens, responses, mask, point, pairs):
               p=jax.nn.sigmoid(r1 - r2).reshape(b * k))
 
 
-def pair_loss(policy, anchor, batch: dict, eps: float, beta: float, mesh=None):
+def pair_loss(policy, anchor, batch: dict, eps: float, beta: float, mesh=None, remat: bool = True):
   """Mean over ordered pairs of -(p - 1/2 + eps) log pi(Y) + beta * sum_l KL_l(pi || anchor)."""
   logp, logp_all = rollout.token_logprobs(policy, batch["prompts"], batch["prompt_lens"], batch["y"],
-                                          batch["y_mask"], mesh=mesh)
+                                          batch["y_mask"], mesh=mesh, remat=remat)
   _, anchor_all = rollout.token_logprobs(anchor, batch["prompts"], batch["prompt_lens"], batch["y"],
                                          batch["y_mask"], mesh=mesh)
   anchor_all = jax.lax.stop_gradient(anchor_all)
@@ -163,7 +163,7 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
     def group_value_and_grad(g):
       return chunked_value_and_grad(
           lambda params, rows: pair_loss(nnx.merge(policy_graphdef, params, frozen), anchor_model, rows,
-                                         eps, cfg.beta, mesh), policy, g, cfg.micro_batch)
+                                         eps, cfg.beta, mesh, cfg.remat), policy, g, cfg.micro_batch)
 
     per_group = [group_value_and_grad(g) for g in groups]
     loss = sum(l for (l, _), _ in per_group)

@@ -66,22 +66,23 @@ def sequence(prompts: jax.Array, prompt_lens: jax.Array, responses: jax.Array,
 
 
 def response_hidden(model: Transformer, prompts, prompt_lens, responses, response_mask, *, mesh=None,
-                    rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
-  """Final hidden states that predict each response token: [N, L, D] (row l predicts token l)."""
+                    rules: ShardingRules = DEFAULT_RULES, remat: bool = True) -> jax.Array:
+  """Final hidden states that predict each response token: [N, L, D] (row l predicts token l).
+  remat: recompute each layer in the backward pass instead of keeping its activations."""
   tokens, mask, pos = sequence(prompts, prompt_lens, responses, response_mask)
   p = prompts.shape[1]
   length = responses.shape[1]
-  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, remat=True, mesh=mesh,
+  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, remat=remat, mesh=mesh,
             rules=rules).hidden
   first = jnp.take_along_axis(h, (prompt_lens.astype(jnp.int32) - 1)[:, None, None], axis=1)
   return jnp.concatenate([first, h[:, p:p + length - 1]], axis=1)
 
 
 def last_hidden(model: Transformer, prompts, prompt_lens, responses, response_mask, *, mesh=None,
-                rules: ShardingRules = DEFAULT_RULES) -> jax.Array:
+                rules: ShardingRules = DEFAULT_RULES, remat: bool = True) -> jax.Array:
   """The final hidden state at the last response token (the reward model's feature): [N, D]."""
   tokens, mask, pos = sequence(prompts, prompt_lens, responses, response_mask)
-  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, remat=True, mesh=mesh,
+  h = model(tokens, positions=pos, input_mask=mask, compute_logits=False, remat=remat, mesh=mesh,
             rules=rules).hidden
   p = prompts.shape[1]
   n_resp = response_mask.sum(axis=1).astype(jnp.int32)
@@ -91,9 +92,11 @@ def last_hidden(model: Transformer, prompts, prompt_lens, responses, response_ma
 
 
 def token_logprobs(model: Transformer, prompts, prompt_lens, responses, response_mask, *, mesh=None,
-                   rules: ShardingRules = DEFAULT_RULES) -> tuple[jax.Array, jax.Array]:
+                   rules: ShardingRules = DEFAULT_RULES,
+                   remat: bool = True) -> tuple[jax.Array, jax.Array]:
   """(log pi(y_l | x, y_<l) [N, L], full log-softmax [N, L, V]) for each response token."""
-  h = response_hidden(model, prompts, prompt_lens, responses, response_mask, mesh=mesh, rules=rules)
+  h = response_hidden(model, prompts, prompt_lens, responses, response_mask, mesh=mesh, rules=rules,
+                      remat=remat)
   logp_all = jax.nn.log_softmax(model.logits(h), axis=-1)
   logp = jnp.take_along_axis(logp_all, responses[..., None], axis=-1)[..., 0]
   return logp, logp_all
