@@ -180,8 +180,30 @@ def main(argv=None) -> int:
         f"average {meta.get('load_average', '?')} at the end)\n\n"
         f"{(out / 'summary.md').read_text().strip()}\n\n"
         + "\n".join(f"- {line}" for line in goals(summary["table"])))
-  write_section(Path(args.out), HEADING, "\n\n".join(parts))
+  if args.partial:
+    parts.append(previous_full_run(Path(args.out)))
+  write_section(Path(args.out), HEADING, "\n\n".join(p for p in parts if p))
   return 0
+
+
+KEPT = "<!-- the last full run, kept below a partial one -->"
+
+
+def previous_full_run(path: Path) -> str:
+  """The section's last full run (its headings one level down), kept below a partial run's tables
+  until a full run replaces both."""
+  text = path.read_text() if path.exists() else ""
+  start = text.find(HEADING + "\n")
+  if start < 0:
+    return ""
+  end = text.find("\n## ", start + len(HEADING))
+  body = text[start + len(HEADING):end if end >= 0 else len(text)].strip()
+  if KEPT in body:
+    return body[body.index(KEPT):]
+  if not body:
+    return ""
+  return (f"{KEPT}\n### The last full run (earlier code and settings)\n\n"
+          + body.replace("\n### ", "\n#### "))
 
 
 if __name__ == "__main__":
