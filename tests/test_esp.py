@@ -115,7 +115,9 @@ def test_prefill_with_masks_equals_a_forward_of_prompt_then_masks(family):
   cfg, model = tiny(family)
   eng = Engine(model, cache_len=40)
   prompts, k = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [7, 8, 9]], 2
-  state = eng.initial_state(prompts, np.array([4, 4]), np.zeros((0, 1), np.int32), 0, ESP())
+  esp = ESP()
+  init = eng._functions(esp)[0]  # the engine's own init program: the state prefill starts from
+  state = init(*eng._inputs(prompts, np.array([4, 4]), np.zeros((0, 1), np.int32), 0, esp))
   masks = jax.random.normal(jax.random.key(0), (2, k, cfg.dim))
   logits, mask_logits, _, cache = prefill_with_masks(model, state, masks)
   for i, p in enumerate(prompts):
