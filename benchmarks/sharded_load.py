@@ -79,12 +79,13 @@ def child(case: str, model: str, mesh_spec: str, orbax_dir: str) -> dict:
   place = before if case == "gguf-before" else assemble.place
   assemble.place = param_file.place = counted(place)
   if case.startswith("gguf"):
-    load_gguf(MODELS[model].gguf_path(), mesh=mesh)
+    loaded = load_gguf(MODELS[model].gguf_path(), mesh=mesh)
   else:
-    checkpoint_dir.restore_checkpoint(MODELS[model].cache_dir if case == "cache-safetensors"
-                                      else orbax_dir, mesh=mesh)
+    loaded = checkpoint_dir.restore_checkpoint(
+        MODELS[model].cache_dir if case == "cache-safetensors" else orbax_dir, mesh=mesh)
   note()
-  final = device_bytes()
+  final = device_bytes()  # while `loaded` holds the parameters
+  del loaded
   return dict(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               peak_device0_mb=peak[0] / 2**20,
               peak_other_mb=max(b for d, b in peak.items() if d != 0) / 2**20,
