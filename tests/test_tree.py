@@ -207,7 +207,9 @@ def test_tree_step_commits_exactly_the_appended_path(family):
       assert eos not in free[i][1:1 + n]
     if i != 3:
       assert all(free[i][j:j + 2] != stop for j in range(n))
-  eng = Engine(model, cache_len=64, eos_ids=[eos])
+  # A full-length cache: the hand-built 15-token block below needs more than a plain strategy's
+  # ring of window + 1 slots (tree steps on rings: test_ring_cache).
+  eng = Engine(model, cache_len=64, eos_ids=[eos], ring_cache=False)
   state = eng.start(prompts, strategy=AutoRegressive(), max_new_tokens=[8, 8, 8, 8, 2],
                     stop_sequences=[stop])
   other = lambda t: (t + 1) % cfg.vocab_size
