@@ -19,7 +19,6 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from effjax.rlhf.config import load_config  # noqa: E402
+from rlhf_toy import run_trainer  # noqa: E402
 
 AGENTS = {"info_directed": ("agent.kind=info_directed",), "online": ("agent.kind=online",)}
 NAMES = {"info_directed": "info-directed", "online": "online (random pairs)"}
@@ -41,7 +41,7 @@ def run_dir(out: pathlib.Path, agent: str, seed: int) -> pathlib.Path:
 
 
 def cmd_run(args) -> int:
-  from effjax.rlhf.agents import Trainer, make_environment
+  from effjax.rlhf.agents import make_environment
   out = pathlib.Path(args.out)
   env = None
   for seed in args.seeds:
@@ -52,14 +52,7 @@ def cmd_run(args) -> int:
       cfg = load_config(args.config, (*AGENTS[agent], *args.set, f"seed={seed}",
                                       f"out_dir={json.dumps(str(d))}"))
       env = env or make_environment(cfg)
-      t0 = time.perf_counter()
-      trainer = Trainer(cfg, env=env, progress=not args.no_progress)
-      try:
-        result = trainer.run()
-      finally:
-        trainer.close()
-      print(f"{agent} seed {seed}: final win {result['final_win_rate']:.3f} with {result['labels']} "
-            f"labels in {time.perf_counter() - t0:.0f}s", flush=True)
+      run_trainer(cfg, env, f"{agent} seed {seed}", progress=not args.no_progress)
   return 0
 
 

@@ -97,7 +97,7 @@ def run_dir(out: pathlib.Path, study: str, variant: str, seed: int) -> pathlib.P
 
 
 def cmd_run(args) -> int:
-  from effjax.rlhf.agents import Trainer, make_environment
+  from effjax.rlhf.agents import make_environment
   out = pathlib.Path(args.out)
   todo = run_list(args.study, args.variants)
   shard, of = (int(x) for x in args.shard.split("/"))
@@ -112,15 +112,23 @@ def cmd_run(args) -> int:
     if env is None:
       env = make_environment(cfg)  # one environment (and SFT policy) for every run
       describe_environment(env, cfg, out)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, env=env, progress=not args.no_progress)
-    try:
-      result = trainer.run()
-    finally:
-      trainer.close()
-    print(f"{study}/{variant} seed {seed}: final win {result['final_win_rate']:.3f} with "
-          f"{result['labels']} labels in {time.perf_counter() - t0:.0f}s", flush=True)
+    run_trainer(cfg, env, f"{study}/{variant} seed {seed}", progress=not args.no_progress)
   return 0
+
+
+def run_trainer(cfg, env, name: str, progress: bool) -> dict:
+  """One run of the RLHF Trainer to its end (closed either way), with a one-line summary."""
+  from effjax.rlhf.agents import Trainer
+
+  t0 = time.perf_counter()
+  trainer = Trainer(cfg, env=env, progress=progress)
+  try:
+    result = trainer.run()
+  finally:
+    trainer.close()
+  print(f"{name}: final win {result['final_win_rate']:.3f} with {result['labels']} labels in "
+        f"{time.perf_counter() - t0:.0f}s", flush=True)
+  return result
 
 
 def describe_environment(env, cfg, out: pathlib.Path) -> None:
