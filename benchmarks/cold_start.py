@@ -79,10 +79,16 @@ def prepare_torch_dir(gguf: Path, out: Path) -> None:
   code = ("import sys, torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
           "p, out = sys.argv[1], sys.argv[2]\nd, f = p.rsplit('/', 1)\n"
           "AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(out)\n"
-          "AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)"
-          ".save_pretrained(out)\n")
-  subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], check=True,
-                 capture_output=True)
+          "m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)\n"
+          # transformers refuses save_pretrained on a GGUF-loaded model: write the dense weights
+          # (safetensors handles the tied embedding) and the config without the GGUF marker.
+          "del m.config.quantization_config\nm.config.save_pretrained(out)\n"
+          "from safetensors.torch import save_model\n"
+          "save_model(m, out + '/model.safetensors', metadata={'format': 'pt'})\n")
+  proc = subprocess.run([sys.executable, "-c", code, str(gguf), str(out)], capture_output=True,
+                        text=True)
+  if proc.returncode:
+    raise RuntimeError(f"converting {gguf} for transformers failed:\n{proc.stderr[-3000:]}")
 
 
 def load_child(path: str, params: str) -> None:
