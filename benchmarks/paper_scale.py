@@ -61,7 +61,7 @@ def run_one(name: str, programs: list[str], layers: str | None, out_name: str = 
   with open(OUT / f"{out_name}.txt", "w") as out, open(OUT / f"{out_name}.log", "w") as err:
     rc = subprocess.call(["nice", "-n", "5", "/usr/bin/time", "-v", *cmd], stdout=out, stderr=err,
                          cwd=ROOT)
-  log = (OUT / f"{name}.log").read_text()
+  log = (OUT / f"{out_name}.log").read_text()
   rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log)
   wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", log)
   meta = dict(command=" ".join(["effjax"] + cmd[3:4] + [name] + [c for c in cmd if c.startswith(
