@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import effjax  # noqa: F401  first: with libtpu installed, keeps JAX off a TPU this host lacks
 import jax
 import numpy as np
 

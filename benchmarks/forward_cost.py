@@ -29,6 +29,7 @@ import platform
 import statistics
 import time
 
+import effjax  # noqa: F401  first: with libtpu installed, keeps JAX off a TPU this host lacks
 import jax
 import jax.numpy as jnp
 from flax import nnx

@@ -19,6 +19,7 @@ import argparse
 import os
 import time
 
+import effjax  # noqa: F401  first: with libtpu installed, keeps JAX off a TPU this host lacks
 import jax
 import jax.numpy as jnp
 

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import effjax  # noqa: F401  first: with libtpu installed, keeps JAX off a TPU this host lacks
 import jax
 import numpy as np
 

@@ -138,8 +138,14 @@ def _quantized(loaded: LoadedModel, quant: str | None, mesh, rules) -> LoadedMod
 
 
 def _restore(path: Path, dtype: str | None, mesh, rules) -> tuple[ModelConfig, Transformer, Any]:
-  cfg, model = checkpoint_dir.restore_checkpoint(path, dtype=dtype, mesh=mesh, rules=rules)
-  return cfg, model, checkpoint_dir.restore_tokenizer(path)
+  # The tokenizer (mostly importing transformers, in Python) loads in a thread while the parameters
+  # are checksummed and placed (C code that releases the GIL): about half a second off a cold start.
+  from concurrent.futures import ThreadPoolExecutor
+
+  with ThreadPoolExecutor(1) as pool:
+    tokenizer = pool.submit(checkpoint_dir.restore_tokenizer, path)
+    cfg, model = checkpoint_dir.restore_checkpoint(path, dtype=dtype, mesh=mesh, rules=rules)
+    return cfg, model, tokenizer.result()
 
 
 def _load_path(path: Path, dtype: str, mesh, rules, quant: str | None = None) -> LoadedModel:

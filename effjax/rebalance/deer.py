@@ -167,8 +167,10 @@ class DEER(Strategy):
     active = ~state.done
     mode = d.mode
     tok = self.sampler(logits, key)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    q = jnp.exp(jnp.take_along_axis(logp, tok[:, None], axis=1)[:, 0])
+    # The sampled token's probability is read only while a row runs a trial: skip the pass over
+    # the vocabulary on every other step (most of DEER's per-step cost).
+    q = jax.lax.cond((mode == TRIAL).any(), lambda: _token_prob(logits, tok),
+                     lambda: jnp.zeros(tok.shape, jnp.float32))
     budget = jnp.floor(self.think_ratio * state.limit.astype(jnp.float32)).astype(jnp.int32)
     qstep = jnp.minimum(d.qpos, self.queue_len - 1)
     queued = jnp.take_along_axis(d.queue, qstep[:, None], axis=1)[:, 0]
@@ -244,3 +246,10 @@ class DEER(Strategy):
         early_exit=d.early_exit | (confident & active & (conf > self.threshold)),
         trial_calls=d.trial_calls, last_conf=jnp.where(stopped & active, conf, d.last_conf)))
     return state
+
+
+def _token_prob(logits: jax.Array, tok: jax.Array) -> jax.Array:
+  """[B] probability of each row's token `tok` under its logits [B, V]."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, tok[:, None], axis=1)[:, 0]
+  return jnp.exp(picked - jax.nn.logsumexp(logits, axis=-1))
