@@ -194,3 +194,25 @@ def test_layer_extrapolation_matches_the_full_compile(cpu_decode):
     assert (c.inputs[PARAMS], c.inputs[KV_CACHE]) == (f.inputs[PARAMS], f.inputs[KV_CACHE])
     assert c.flops == pytest.approx(f.flops, rel=0.05), c.program.name
     assert c.bytes_accessed == pytest.approx(f.bytes_accessed, rel=0.25), c.program.name
+
+
+def test_speculative_decode_programs_take_the_state_their_prefill_makes():
+  """ESP and the hybrid tree make their own decode state in the prefill (candidates, estimates);
+  the decode-loop program is compiled on that state, for each method of a recipe."""
+  recipe = dataclasses.replace(TINY_DECODE, decode=dataclasses.replace(
+      TINY_DECODE.decode, methods=("esp", "hybrid", "ar"), bc=10))
+  r = planner.plan_recipe(recipe, planner.target_for("cpu"), "data=1,fsdp=-1,tensor=1")[0]
+  names = [c.program.name for c in r.compiled]
+  assert names == ["esp-bc10 prefill", "esp-bc10 decode", "hybrid-bc10 decode", "ar decode"]
+  by_name = {c.program.name: c for c in r.compiled}
+  # a tree step carries its BC block; plain decoding one token per row
+  assert by_name["esp-bc10 decode"].flops > 2 * by_name["ar decode"].flops
+  # the report: a break-even tau per method against plain decoding ...
+  from effjax.plan import report
+
+  assert set(report.decode_throughput(r)["break_even_tau"]) == {"esp-bc10", "hybrid-bc10"}
+  # ... and a partial plan without plain decoding's program still reports (no break-even)
+  part = planner.plan_recipe(recipe, planner.target_for("cpu"), "data=1,fsdp=-1,tensor=1",
+                             only={"esp-bc10 prefill", "esp-bc10 decode"})[0]
+  assert "break_even_tau" not in report.decode_throughput(part)
+  assert "esp-bc10" in report.format_result(recipe, part)

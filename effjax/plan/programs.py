@@ -174,8 +174,9 @@ def engine_programs(cfg: ModelConfig, graphdef, params, strategy, mesh, *, label
                     with_prefill: bool = True) -> list[Program]:
   """The Engine's prefill and decode-loop programs for `strategy` at `rows` x `prompt_len`.
 
-  The decode program takes the state the compiled prefill returns (run_plan passes it on); without
-  the prefill, the state's shapes come from tracing it and its KV cache keeps init_state's sharding.
+  The decode program takes the state the prefill returns (a strategy's own state, ESP's candidates
+  say, is made there): its shapes come from tracing the prefill, its KV cache keeps init_state's
+  sharding.
   """
   from effjax.decoding.engine import jitted_programs
 
@@ -183,10 +184,8 @@ def engine_programs(cfg: ModelConfig, graphdef, params, strategy, mesh, *, label
   state = decode_state(cfg, strategy, mesh, rows=rows, prompt_len=prompt_len,
                        max_new_tokens=max_new_tokens, cache_len=cache_len)
   steps = jax.ShapeDtypeStruct((), jnp.int32)  # decode runs at most this many more steps
-  after = state
-  if not with_prefill:
-    after = jax.eval_shape(prefill, params, state)
-    after = after.replace(cache=after.cache.replace(k=state.cache.k, v=state.cache.v))
+  after = jax.eval_shape(prefill, params, state)
+  after = after.replace(cache=after.cache.replace(k=state.cache.k, v=state.cache.v))
   shrink = "a smaller batch (decode.batches) or shorter prompts (decode.prompt_len)"
   out = [Program(f"{label} decode", decode,
                  [Arg(params, PARAMS, "params"), Arg(after, cache_kind), Arg(steps, INPUTS)],

@@ -65,7 +65,9 @@ def decode_throughput(r: PlanResult) -> dict:
              tokens_per_step=r.plan.tokens_per_step,
              tokens_per_s_per_chip_memory=r.plan.tokens_per_step / mem / n,
              tokens_per_s_per_chip=r.plan.tokens_per_step / step / n)
-  labels = r.plan.info.get("labels", [])
+  # Methods whose decode program was compiled (a partial plan, --program, may leave some out).
+  labels = [lab for lab in r.plan.info.get("labels", [])
+            if any(p.name == f"{lab} decode step" for p in r.phases)]
   if "ar" in labels[1:]:
     ar = max(r.phase("ar decode step").seconds(r.target.chip))
     tau = r.plan.info["tau"]
