@@ -216,3 +216,8 @@ def test_speculative_decode_programs_take_the_state_their_prefill_makes():
                              only={"esp-bc10 prefill", "esp-bc10 decode"})[0]
   assert "break_even_tau" not in report.decode_throughput(part)
   assert "esp-bc10" in report.format_result(recipe, part)
+  # ... and so does one without any decode program
+  prefill = planner.plan_recipe(recipe, planner.target_for("cpu"), "data=1,fsdp=-1,tensor=1",
+                                only={"esp-bc10 prefill"})[0]
+  assert not report.has_decode_step(prefill) and "decode" not in report.to_dict(recipe, prefill)
+  assert "esp-bc10 prefill" in report.format_result(recipe, prefill)

@@ -47,12 +47,17 @@ def format_result(recipe: Recipe, r: PlanResult) -> str:
   lines += ["   " + x for x in _table(header, rows)]
   lines.append(f"   step at peak: {r.step_seconds():.4g} s (roofline: max(FLOPs / peak, GB / "
                f"bandwidth) per phase); {r.step_seconds(xla_bytes=True):.4g} s with XLA's bytes")
-  if r.plan.decode_phase:
+  if has_decode_step(r):
     lines.append("   " + decode_line(r))
   peak = r.peak
   lines.append(f"   peak {gb(peak.peak)} GB of {gb(t.hbm)} GB ({peak.program.name}): "
                f"{r.margin:.1%} free (goal >= {MARGIN_GOAL:.0%})")
   return "\n".join(lines)
+
+
+def has_decode_step(r: PlanResult) -> bool:
+  """Whether the plan has a decode step and its program was compiled (--program may leave it out)."""
+  return any(p.name == r.plan.decode_phase for p in r.phases) if r.plan.decode_phase else False
 
 
 def decode_throughput(r: PlanResult) -> dict:
@@ -109,6 +114,6 @@ def to_dict(recipe: Recipe, r: PlanResult) -> dict:
                        for c in r.compiled],
              phases=[dict(name=p.name, count=p.count, flops=p.flops, hbm=p.hbm,
                           xla_bytes=p.xla_bytes) for p in r.phases])
-  if r.plan.decode_phase:
+  if has_decode_step(r):
     out["decode"] = decode_throughput(r)
   return out
