@@ -267,6 +267,10 @@ class PlanResult:
   def phase(self, name: str) -> PhaseCost:
     return next(p for p in self.phases if p.name == name)
 
+  def has_phase(self, name: str) -> bool:
+    """Whether phase `name` was costed (its programs compiled: --program may leave some out)."""
+    return any(p.name == name for p in self.phases)
+
 
 def run_plan(plan: Plan, target: Target, log=None, only: set[str] | None = None,
              cache_dir: pathlib.Path | None = None) -> PlanResult:

@@ -57,7 +57,7 @@ def format_result(recipe: Recipe, r: PlanResult) -> str:
 
 def has_decode_step(r: PlanResult) -> bool:
   """Whether the plan has a decode step and its program was compiled (--program may leave it out)."""
-  return any(p.name == r.plan.decode_phase for p in r.phases) if r.plan.decode_phase else False
+  return bool(r.plan.decode_phase) and r.has_phase(r.plan.decode_phase)
 
 
 def decode_throughput(r: PlanResult) -> dict:
@@ -71,8 +71,7 @@ def decode_throughput(r: PlanResult) -> dict:
              tokens_per_s_per_chip_memory=r.plan.tokens_per_step / mem / n,
              tokens_per_s_per_chip=r.plan.tokens_per_step / step / n)
   # Methods whose decode program was compiled (a partial plan, --program, may leave some out).
-  labels = [lab for lab in r.plan.info.get("labels", [])
-            if any(p.name == f"{lab} decode step" for p in r.phases)]
+  labels = [lab for lab in r.plan.info.get("labels", []) if r.has_phase(f"{lab} decode step")]
   if "ar" in labels[1:]:
     ar = max(r.phase("ar decode step").seconds(r.target.chip))
     tau = r.plan.info["tau"]
