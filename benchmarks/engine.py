@@ -213,7 +213,8 @@ def main() -> None:
         rows = [prompts[i % len(prompts)] for i in range(b)]
         row = [b]
         for v in ("f32", "int8"):
-          workers["effjax"]("generate", variant=v, rows=rows, new=4)  # compile this batch shape
+          # The first call compiles this batch shape and length (max_new_tokens is static).
+          workers["effjax"]("generate", variant=v, rows=rows, new=bn)
           out = workers["effjax"]("generate", variant=v, rows=rows, new=bn)
           row += [b * bn / out["s"], b * (bn - 1) / out["decode_s"]]
         batch_rows.append(row)
