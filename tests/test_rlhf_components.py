@@ -383,12 +383,23 @@ def test_micro_batched_policy_step_equals_whole_batch():
     pcfg = PolicyConfig(lr=1e-2, eps=0.05, beta=0.1, eta=0.9, micro_batch=micro)
     upd = policy.make_policy_update(pg, rg, pcfg, popt, use_a=True)
     pol, _, _, met = upd(theta, theta, popt.init(theta), phi, priors, a, b, frozen)
-    outs.append((pol, met["policy_loss"], met["kl"], met["grad_norm"]))
+    outs.append((pol, met["policy_loss"], met["kl"], met["grad_norm"], met["rm_margin"]))
   chex.assert_trees_all_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
   assert float(outs[0][3]) > 1e-3  # a real step, not a vacuous equality
   bad = policy.make_policy_update(pg, rg, PolicyConfig(micro_batch=5), popt, use_a=True)
   with pytest.raises(ValueError, match="micro_batch=5 must divide"):
     bad(theta, theta, popt.init(theta), phi, priors, a, b, frozen)
+
+
+def test_chunked_rewards_equal_one_pass():
+  """The policy step scores its groups micro_batch responses (whole prompts) at a time: the same
+  rewards as one pass, also when the chunk does not divide the prompts (12 rows -> 2 prompts)."""
+  rm = enn.create_reward_model(tiny_policy(5), ENN, seed=6)
+  _, _, _, _, _, _, group, _, _ = _update_inputs()  # 8 prompts x 4 responses
+  whole, _ = enn.score(rm, group["prompts"], group["prompt_lens"], group["responses"], group["mask"])
+  for micro in (0, 4, 8, 12, 64):
+    chex.assert_trees_all_close(policy.chunked_rewards(rm, group, micro), whole, atol=1e-6)
+  assert float(jnp.std(whole)) > 1e-3  # distinct rewards: a vacuous equality would not pass
 
 
 def test_trainable_layers_update_only_the_top_blocks_with_the_full_gradient():

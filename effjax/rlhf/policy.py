@@ -130,6 +130,25 @@ def chunked_value_and_grad(loss_fn: Callable, params, rows: dict, micro_batch: i
   return total
 
 
+def chunked_rewards(rm, group: dict, micro_batch: int, mesh=None) -> jax.Array:
+  """Point rewards [B, n] of a group's responses [B, n, L], scored about micro_batch responses
+  (whole prompts) at a time in a lax.map, so the RM's activations peak at one chunk's rather than
+  the whole group's (1,024 sequences at the paper's batch). micro_batch <= 0: all at once."""
+  b, n, _ = group["responses"].shape
+  per = b if micro_batch <= 0 else min(b, max(1, micro_batch // n))
+  while b % per:  # whole prompts per chunk, equal chunks
+    per -= 1
+
+  def score(g):
+    return enn.score(rm, g["prompts"], g["prompt_lens"], g["responses"], g["mask"], mesh)[0]
+
+  keys = ("prompts", "prompt_lens", "responses", "mask")
+  if per == b:
+    return score(group)
+  chunks = {k: group[k].reshape(b // per, per, *group[k].shape[1:]) for k in keys}
+  return jax.lax.map(score, chunks).reshape(b, n)
+
+
 def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
                        optimizer: optax.GradientTransformation, *, use_a: bool, mesh=None,
                        eps: float | None = None) -> Callable:
@@ -144,8 +163,7 @@ def make_policy_update(policy_graphdef, rm_graphdef, cfg: PolicyConfig,
   eps = cfg.eps if eps is None else eps
 
   def rewards(rm, g):
-    point, _ = enn.score(rm, g["prompts"], g["prompt_lens"], g["responses"], g["mask"], mesh)
-    return jax.lax.stop_gradient(point)
+    return jax.lax.stop_gradient(chunked_rewards(rm, g, cfg.micro_batch, mesh))
 
   @jax.jit
   def gradients(policy, anchor, rm_params, rm_frozen, a, b, frozen):
