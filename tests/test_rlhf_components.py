@@ -392,8 +392,8 @@ def test_micro_batched_policy_step_equals_whole_batch():
 
 
 def test_chunked_rewards_equal_one_pass():
-  """The policy step scores its groups micro_batch responses (whole prompts) at a time: the same
-  rewards as one pass, also when the chunk does not divide the prompts (12 rows -> 2 prompts)."""
+  """The policy step scores its groups micro_batch / 4 prompts at a time: the same rewards as one
+  pass, also when the chunk does not divide the prompts (micro_batch 12 -> 3 -> 2 prompts)."""
   rm = enn.create_reward_model(tiny_policy(5), ENN, seed=6)
   _, _, _, _, _, _, group, _, _ = _update_inputs()  # 8 prompts x 4 responses
   whole, _ = enn.score(rm, group["prompts"], group["prompt_lens"], group["responses"], group["mask"])

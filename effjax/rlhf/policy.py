@@ -144,11 +144,12 @@ def loop_variant(weights, chunk):
 
 
 def chunked_rewards(rm, group: dict, micro_batch: int, mesh=None) -> jax.Array:
-  """Point rewards [B, n] of a group's responses [B, n, L], scored about micro_batch responses
-  (whole prompts) at a time in a lax.map, so the RM's activations peak at one chunk's rather than
-  the whole group's (1,024 sequences at the paper's batch). micro_batch <= 0: all at once."""
+  """Point rewards [B, n] of a group's responses [B, n, L], scored in a lax.map over the prompts of
+  one policy micro-batch at a time (micro_batch ordered pairs = micro_batch / 4 prompts), so the
+  RM's activations peak at one chunk's rather than the whole group's (1,024 sequences at the
+  paper's batch). micro_batch <= 0: all at once."""
   b, n, _ = group["responses"].shape
-  per = b if micro_batch <= 0 else min(b, max(1, micro_batch // n))
+  per = b if micro_batch <= 0 else min(b, max(1, micro_batch // 4))
   while b % per:  # whole prompts per chunk, equal chunks
     per -= 1
 
