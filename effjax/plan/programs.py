@@ -321,20 +321,21 @@ def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
               [Arg(phi, PARAMS, "rm"), Arg(rm_opt, OPTIMIZER, "rm_opt"),
                Arg(rm_grads, GRADIENTS), Arg(rm_loss, INPUTS)]),
   ]
-  rows = 4 * b  # ordered pairs per group (policy.ordered_pairs_a / _b)
+  per_prompt = policy.PAIRS_PER_PROMPT
+  rows = per_prompt * b  # ordered pairs per group
   chunk = pcfg.micro_batch if 0 < pcfg.micro_batch < rows else rows
   policy_cost = {"policy gradients": 1.0}
   if chunk < rows:
-    if chunk % 4:
-      raise ValueError(f"rlhf.policy.micro_batch={chunk} must be a multiple of 4 (4 ordered pairs "
-                       "per prompt) for the plan to cost it")
-    one_a, one_b = groups(chunk // 4)
+    if chunk % per_prompt:
+      raise ValueError(f"rlhf.policy.micro_batch={chunk} must be a multiple of {per_prompt} "
+                       f"({per_prompt} ordered pairs per prompt) for the plan to cost it")
+    one_a, one_b = groups(chunk // per_prompt)
     programs.append(Program(
         "policy gradients, one micro-batch", steps.policy_update.gradients,
         [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"), Arg(phi, PARAMS, "rm"),
          Arg(priors, PARAMS, "priors"), Arg(one_a, INPUTS), Arg(one_b, INPUTS),
          Arg(frozen, PARAMS, "policy_frozen")],
-        note=f"{chunk // 4} prompts: costs the scanned update (x {rows // chunk})"))
+        note=f"{chunk // per_prompt} prompts: costs the scanned update (x {rows // chunk})"))
     policy_cost = {"policy gradients, one micro-batch": rows / chunk}
   s = ecfg.steps_per_batch
   phases = [

@@ -61,7 +61,8 @@ class PolicyConfig:
   trainable_layers: int = 0  # 0: every parameter learns; k: only the last k blocks + final norm
   remat: bool = True  # recompute the policy's layers in the backward pass (memory for compute)
   # Rows (ordered pairs) per forward/backward in a policy step; gradients are accumulated over
-  # the chunks, so the step is the same, only peak memory shrinks. 0: all rows at once.
+  # the chunks, so the step is the same, only peak memory shrinks. The reward model scores the
+  # prompts of one such chunk (micro_batch / 4) at a time. 0: all rows at once.
   micro_batch: int = 0
 
 
