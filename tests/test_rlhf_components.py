@@ -349,7 +349,7 @@ def test_sharded_steps_equal_unsharded():
   pg, theta, rg, phi, priors, a, b, rm_batch, frozen = _update_inputs()
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
   from effjax.models.sharding import state_shardings
-  pcfg = PolicyConfig(lr=1e-2, eps=0.05, beta=0.1, eta=0.9)
+  pcfg = PolicyConfig(lr=1e-2, eps=0.05, beta=0.1, eta=0.9, micro_batch=8)
   # Plain SGD: Adam would turn float-rounding-sized gradients into lr-sized steps of either sign.
   popt = optax.sgd(1.0)
   ropt = optax.sgd(1.0)
@@ -357,6 +357,10 @@ def test_sharded_steps_equal_unsharded():
   for m in (None, mesh):
     place = (lambda t: t) if m is None else (lambda t: jax.device_put(t, state_shardings(t, m)))
     upd = policy.make_policy_update(pg, rg, pcfg, popt, use_a=True, mesh=m)
+    if m is not None:  # micro-batched gradients come back sharded like the parameters, not whole
+      grads = upd.gradients(place(theta), place(theta), place(phi), place(priors), a, b, frozen)[2]
+      for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(state_shardings(theta, m))):
+        assert g.sharding.is_equivalent_to(want, g.ndim), (g.shape, g.sharding.spec, want.spec)
     pol, anc, _, met = upd(place(theta), place(theta), place(popt.init(theta)), place(phi),
                            place(priors), a, b, frozen)
     rm_upd = enn.make_rm_update(rg, ropt, mesh=m)
