@@ -364,6 +364,10 @@ def test_sharded_steps_equal_unsharded():
     pol, anc, _, met = upd(place(theta), place(theta), place(popt.init(theta)), place(phi),
                            place(priors), a, b, frozen)
     rm_upd = enn.make_rm_update(rg, ropt, mesh=m)
+    if m is not None:  # so do the reward model's
+      rm_grads = rm_upd.gradients(place(phi), place(priors), rm_batch)[2]
+      for g, want in zip(jax.tree.leaves(rm_grads), jax.tree.leaves(state_shardings(phi, m))):
+        assert g.sharding.is_equivalent_to(want, g.ndim), (g.shape, g.sharding.spec, want.spec)
     new_phi, _, rm_met = rm_upd(place(phi), place(priors), place(ropt.init(phi)),
                                 jax.tree.map(lambda x: jnp.stack([x, x]), rm_batch))
     if m is not None:

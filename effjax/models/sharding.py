@@ -150,3 +150,12 @@ def constrain(x: jax.Array, logical: tuple[str | None, ...], mesh: Mesh | None,
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, array_sharding(logical, x.shape, mesh, rules))
+
+
+def shard_like(grads: Any, params: Any, mesh: Mesh | None, rules: ShardingRules = DEFAULT_RULES) -> Any:
+  """Gradients (or any pytree shaped like `params`) constrained to the parameters' shardings; a
+  no-op without a mesh. Left to propagation, the policy and RM steps returned their gradients whole
+  on every device (the Gemma-2-9B policy step planned for v5p-32: 18.5 GB of bfloat16 per chip)."""
+  if mesh is None:
+    return grads
+  return jax.lax.with_sharding_constraint(grads, state_shardings(params, mesh, rules))

@@ -34,6 +34,7 @@ from flax import nnx
 
 from effjax.models.config import ModelConfig
 from effjax.models.transformer import Transformer
+from effjax.models.sharding import shard_like
 from effjax.rlhf import rollout
 from effjax.rlhf.config import ENNConfig
 
@@ -215,7 +216,7 @@ def make_rm_update(graphdef, optimizer: optax.GradientTransformation, mesh=None)
       return rm_loss(nnx.merge(graphdef, p, frozen), batch, mesh)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return loss, metrics, grads
+    return loss, metrics, shard_like(grads, params, mesh)
 
   apply = jax.jit(functools.partial(apply_if_finite, optimizer))
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from effjax.models.sharding import state_shardings
+from effjax.models.sharding import shard_like
 from effjax.rlhf import enn, rollout
 from effjax.rlhf.config import PolicyConfig
 
@@ -117,7 +117,7 @@ def chunked_value_and_grad(loss_fn: Callable, params, rows: dict, micro_batch: i
   The chunks run in a lax.scan and their (loss, aux, grads) are averaged, which equals the whole-batch
   result; peak activation memory is that of one chunk. micro_batch <= 0 or >= rows: one chunk.
   consts: the other weights the loss reads (the anchor, frozen layers); see `loop_variant`.
-  mesh: the gradients and their running sum are sharded like the parameters (`like_params`).
+  mesh: the gradients and their running sum are sharded like the parameters (`shard_like`).
   """
   n = jax.tree.leaves(rows)[0].shape[0]
   m = n if micro_batch <= 0 or micro_batch >= n else micro_batch
@@ -127,7 +127,7 @@ def chunked_value_and_grad(loss_fn: Callable, params, rows: dict, micro_batch: i
 
   def value_and_grad(p, chunk, c):
     value, grads = vg(p, chunk, c)
-    return value, like_params(grads, params, mesh)
+    return value, shard_like(grads, params, mesh)
 
   if m == n:
     return value_and_grad(params, rows, consts)
@@ -140,17 +140,8 @@ def chunked_value_and_grad(loss_fn: Callable, params, rows: dict, micro_batch: i
 
   shapes = jax.eval_shape(vg, params, jax.tree.map(lambda x: x[0], chunks), consts)
   value0, grads0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  total, _ = jax.lax.scan(body, (value0, like_params(grads0, params, mesh)), chunks)
+  total, _ = jax.lax.scan(body, (value0, shard_like(grads0, params, mesh)), chunks)
   return total
-
-
-def like_params(grads, params, mesh):
-  """grads sharded like params (their `axes` metadata) on `mesh`; unchanged without one. Left to
-  propagation, the policy step planned for Gemma-2-9B on v5p-32 returned its gradients (and kept
-  their running sum) whole on every device: 18.5 GB of bfloat16 per chip."""
-  if mesh is None:
-    return grads
-  return jax.lax.with_sharding_constraint(grads, state_shardings(params, mesh))
 
 
 def loop_variant(weights, chunk):
