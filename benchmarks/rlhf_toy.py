@@ -16,7 +16,8 @@ Studies:
   tune_offline  offline's retraining (policy steps, RM epochs, policy lr): the same budget (5
                 settings x 2 tuning seeds)
   main          offline, periodic, online (random pairs), online + double TS, online + Boltzmann,
-                info-directed, and the control (info-directed whose particles never learn), 10 seeds
+                info-directed, and the control (info-directed whose particles never learn), 10 seeds;
+                with the tuning's choices (tuned_overrides), as is the nudge study
   nudge         online with a noisier rater (20% of labels flipped) over twice the horizon, eps = 0
                 against eps = 0.05
 """
@@ -75,6 +76,8 @@ STUDIES: dict[str, dict] = {
         "eps0": (*NUDGE, "policy.eps=0"),
     }),
 }
+# Label count at which each tuning study picks its setting (its last evaluation).
+TUNED_AT = {"tune_enn": 1536, "tune_offline": 6400}
 # Display names, in the order of the ordering goal.
 MAIN_NAMES = {"offline": "offline", "periodic": "periodic", "online": "online (random pairs)",
               "online_dts": "online + double TS", "online_boltzmann": "online + Boltzmann",
@@ -102,11 +105,13 @@ def cmd_run(args) -> int:
   todo = run_list(args.study, args.variants)
   shard, of = (int(x) for x in args.shard.split("/"))
   env = None
+  tuned = tuned_overrides(out) if {"main", "nudge"} & set(args.study) else {}
   for study, variant, seed in todo[shard::of]:
     d = run_dir(out, study, variant, seed)
     if (d / "result.json").exists():
       continue
-    overrides = (*STUDIES[study]["variants"][variant], *args.set, f"seed={seed}",
+    variant_overrides = STUDIES[study]["variants"][variant]
+    overrides = (*variant_overrides, *tuned_for(tuned, variant_overrides), *args.set, f"seed={seed}",
                  f"out_dir={json.dumps(str(d))}")
     cfg = load_config(args.config, overrides)
     if env is None:
@@ -114,6 +119,29 @@ def cmd_run(args) -> int:
       describe_environment(env, cfg, out)
     run_trainer(cfg, env, f"{study}/{variant} seed {seed}", progress=not args.no_progress)
   return 0
+
+
+def tuned_overrides(out: pathlib.Path) -> dict[str, tuple[str, ...]]:
+  """The tuning studies' choices, which the main and nudge studies run with: the ENN setting
+  (every agent's reward model) and offline's retraining (offline and periodic, which retrain)."""
+  chosen = {}
+  for study, labels in TUNED_AT.items():
+    spec = STUDIES[study]
+    done = sum((run_dir(out, study, v, s) / "result.json").exists()
+               for v in spec["variants"] for s in spec["seeds"])
+    if done < len(spec["variants"]) * len(spec["seeds"]):
+      raise SystemExit(f"{study}: {done} of {len(spec['variants']) * len(spec['seeds'])} runs "
+                       "finished; run the tuning studies first (--study tune_enn tune_offline)")
+    best = tuning_table(out, study, labels)[1]
+    chosen[study] = tuple(o for o in spec["variants"][best] if not o.startswith("agent."))
+  return chosen
+
+
+def tuned_for(tuned: dict[str, tuple[str, ...]], variant_overrides: tuple[str, ...]) -> tuple[str, ...]:
+  if not tuned:
+    return ()
+  retrains = any(o in ("agent.kind=offline", "agent.kind=periodic") for o in variant_overrides)
+  return (*tuned["tune_enn"], *(tuned["tune_offline"] if retrains else ()))
 
 
 def run_trainer(cfg, env, name: str, progress: bool) -> dict:
@@ -199,7 +227,7 @@ def cmd_report(args) -> int:
   n_final = max(cfg.agent.eval_at or (cfg.agent.num_batches,)) * cfg.agent.prompts_per_batch
 
   tune_rows = {}
-  for study, labels in (("tune_enn", 1536), ("tune_offline", 6400)):
+  for study, labels in TUNED_AT.items():
     rows, best = tuning_table(out, study, labels)
     tune_rows[study] = (rows, best)
     say(f"{study}: best {best}")
@@ -313,6 +341,8 @@ def cmd_report(args) -> int:
   say("\n".join(goal_lines))
 
   if args.benchmarks:
+    # The settings the main study ran with: the config plus the tuning's choices.
+    cfg = load_config(args.config, tuned_for(tuned_overrides(out), ("agent.kind=offline",)))
     write_benchmarks(pathlib.Path(args.benchmarks), args, env, cfg, n_final, tune_rows, rows, per_label,
                      order_rows, offline_rows, nudge_rows, goal_lines, plot_path)
   return 0
@@ -344,11 +374,11 @@ def write_benchmarks(path, args, env, cfg, n_final, tune_rows, rows, per_label, 
 Settings: `configs/rlhf_toy.toml` plus each study's overrides in `benchmarks/rlhf_toy.py` (STUDIES).
 Batch {a.prompts_per_batch} prompts x {a.responses_per_prompt} responses (the paper's size), one label per prompt;
 ENN with {cfg.enn.num_particles} particles, regulariser toward the initial weights diff_reg = {cfg.enn.diff_reg}
-(bootstrap {'on' if cfg.enn.bootstrap else 'off'}); policy lr {cfg.policy.lr}, nudge eps {cfg.policy.eps}, KL beta
+(bootstrap {'on' if cfg.enn.bootstrap else 'off'}: the ENN tuning's choice, every agent); policy lr {cfg.policy.lr}, nudge eps {cfg.policy.eps}, KL beta
 {cfg.policy.beta}, anchor eta {cfg.policy.eta}. Online agents: {a.num_batches} batches = {n_final} labels, evaluated at
 {', '.join(str(b * a.prompts_per_batch) for b in a.eval_at)} labels. Offline: random pairs from the SFT
 policy up to 25,600 labels, RM retrained from its initial weights ({cfg.enn.retrain_epochs} epochs) and the
-policy from theta_0 ({cfg.policy.retrain_steps} steps) at 64 / 256 / 1,024 / 2,048 / 6,400 / 25,600 labels.
+policy from theta_0 ({cfg.policy.retrain_steps} steps; offline's tuning's choice, periodic too) at 64 / 256 / 1,024 / 2,048 / 6,400 / 25,600 labels.
 Periodic: the same retraining at 64, 128, 256, 512, 1,024, 1,536, 2,048 labels, each time
 collecting from the newest policy. Win rate = mean rater probability that the greedy policy beats the
 greedy SFT policy on {cfg.env.toy.num_eval_prompts} held-out prompts (0.5 = tie; saturates near 0.97
@@ -359,7 +389,7 @@ curves per resample).
 {env_txt}
 
 **Tuning** (tuning seeds {', '.join(map(str, TUNING_SEEDS))}, not among the reported seeds; 5 settings x 2 seeds
-each for the ENN agents and for offline). ENN regulariser on info-directed, 1,536 labels (chosen: `{enn_best}`):
+each for the ENN agents and for offline; the main and nudge studies run with the chosen settings). ENN regulariser on info-directed, 1,536 labels (chosen: `{enn_best}`):
 
 {chr(10).join(enn_rows)}
 
