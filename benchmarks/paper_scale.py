@@ -36,7 +36,7 @@ PROGRAMS = {
     "esp_qwen3_32b": ["esp-bc60 prefill", "esp-bc60 decode", "ar decode"],
 }
 # Layer counts compiled and extrapolated from (`effjax plan --layers`), for the RLHF recipe only:
-# a full compile of its rollout took 48 min of this shared host (run below as the check); Gemma 2
+# a full compile of its rollout took 48 min of this shared host; Gemma 2
 # alternates sliding and global layers, so it is compiled with whole pairs. Decode programs compile
 # in full in about a minute, and extrapolating their temporaries linearly overstated them 14x (the
 # Llama-3.1-8B ESP prefill at batch 64: 32.4 GB extrapolated, 2.4 GB compiled), so they compile in full.
@@ -44,7 +44,9 @@ LAYERS = {"rlhf_gemma2_9b": "2,4"}
 DEFAULT_LAYERS = None
 # The check of the extrapolation: one program compiled in full (its figures are in the plan cache
 # when it was compiled before; otherwise this compiles it, which takes the better part of an hour).
-CHECK = ("rlhf_gemma2_9b", "rollout")
+# The scanned policy update: the program whose per-layer growth the plan could not explain until
+# its gradients were sharded like the parameters.
+CHECK = ("rlhf_gemma2_9b", "policy gradients")
 CHECK_NAME = "check_full_compile"
 ORDER = ["rlhf_gemma2_9b", "rebalance_r1_qwen_7b", "esp_llama31_8b", "rebalance_qwq_32b",
          "esp_qwen3_32b"]

@@ -181,6 +181,22 @@ def test_rlhf_state_float32_optimizer_and_held_copies():
   assert [p.name for p in r.phases] == ["policy apply + anchor EMA"]
 
 
+def test_costing_program_reported_but_not_the_peak():
+  """The one-micro-batch policy step is compiled for its FLOPs (XLA counts a scan body once): it
+  never runs in the recipe, so however much memory it would need, the scanned step sets the peak."""
+  target = tpu_target("v5e:2x2")
+  r = planner.plan_recipe(TINY_RLHF, target, "data=1,fsdp=-1,tensor=1",
+                          only={"policy gradients", "policy gradients, one micro-batch"})[0]
+  scanned, one = r.compiled
+  assert (scanned.program.costs_only, one.program.costs_only) == (False, True)
+  huge = dataclasses.replace(one, temp=10 * target.hbm)
+  r = dataclasses.replace(r, compiled=[scanned, huge])
+  assert r.peak is scanned and planner.check_fit(TINY_RLHF, r) is None
+  # Its FLOPs cost the step: the scanned update counts as (rows / micro_batch) one-micro-batch runs.
+  phase = r.phase("policy gradients (scores both groups)")
+  assert phase.flops == pytest.approx(one.flops * 32 / 8)
+
+
 def test_layer_extrapolation_matches_the_full_compile(cpu_decode):
   """Compiles with 1 and 2 layers, taken linearly to the model's 4, agree with the 4-layer compile:
   exactly for what the plan shards itself, closely for XLA's FLOPs and bytes."""

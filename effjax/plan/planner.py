@@ -253,7 +253,9 @@ class PlanResult:
 
   @property
   def peak(self) -> Compiled:
-    return max(self.compiled, key=lambda c: c.peak)
+    """The program that needs the most memory of those the recipe runs."""
+    runs = [c for c in self.compiled if not c.program.costs_only] or self.compiled
+    return max(runs, key=lambda c: c.peak)
 
   @property
   def margin(self) -> float:

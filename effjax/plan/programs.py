@@ -54,6 +54,9 @@ class Program:
   args: list[Arg]
   note: str = ""
   shrink: str = ""  # the recipe settings that shrink this program's activations and temporaries
+  # Compiled only for its FLOPs and bytes (a loop body's cost, which XLA counts once per loop):
+  # the recipe never runs it, so its memory is reported but does not set the peak.
+  costs_only: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +338,8 @@ def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
         [Arg(theta, PARAMS, "policy"), Arg(theta, PARAMS, "anchor"), Arg(phi, PARAMS, "rm"),
          Arg(priors, PARAMS, "priors"), Arg(one_a, INPUTS), Arg(one_b, INPUTS),
          Arg(frozen, PARAMS, "policy_frozen")],
-        note=f"{chunk // per_prompt} prompts: costs the scanned update (x {rows // chunk})"))
+        note=f"{chunk // per_prompt} prompts: costs the scanned update (x {rows // chunk})",
+        costs_only=True))
     policy_cost = {"policy gradients, one micro-batch": rows / chunk}
   s = ecfg.steps_per_batch
   phases = [

@@ -33,7 +33,8 @@ def format_result(recipe: Recipe, r: PlanResult) -> str:
   rows = []
   for c in r.compiled:
     temps = gb(c.temp) + (f" (kv {gb(c.kv_inside)})" if c.kv_inside else "")
-    rows.append([c.program.name] + [gb(c.inputs[k]) for k in KINDS] + [
+    name = c.program.name + (" (costs only, not run)" if c.program.costs_only else "")
+    rows.append([name] + [gb(c.inputs[k]) for k in KINDS] + [
         gb(c.held), temps, gb(c.output), gb(c.peak), f"{c.peak / t.hbm:.0%}", f"{c.seconds:.0f}"])
   lines += ["   " + x for x in _table(header, rows)]
   header = ["phase", "runs", "GFLOP/run", "GB/run", "XLA GB/run", "ms compute", "ms memory",
@@ -109,7 +110,8 @@ def to_dict(recipe: Recipe, r: PlanResult) -> dict:
              info=r.plan.info,
              programs=[dict(name=c.program.name, compile_seconds=c.seconds, inputs=c.inputs,
                             held=c.held, temp=c.temp, output=c.output, code=c.code, peak=c.peak,
-                            kv_inside=c.kv_inside, flops=c.flops, bytes=c.bytes_accessed)
+                            kv_inside=c.kv_inside, flops=c.flops, bytes=c.bytes_accessed,
+                            costs_only=c.program.costs_only)
                        for c in r.compiled],
              phases=[dict(name=p.name, count=p.count, flops=p.flops, hbm=p.hbm,
                           xla_bytes=p.xla_bytes) for p in r.phases])
