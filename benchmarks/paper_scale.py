@@ -42,11 +42,11 @@ PROGRAMS = {
 # Llama-3.1-8B ESP prefill at batch 64: 32.4 GB extrapolated, 2.4 GB compiled), so they compile in full.
 LAYERS = {"rlhf_gemma2_9b": "2,4"}
 DEFAULT_LAYERS = None
-# The check of the extrapolation: one program compiled in full (its figures are in the plan cache
-# when it was compiled before; otherwise this compiles it, which takes the better part of an hour).
-# The scanned policy update: the program whose per-layer growth the plan could not explain until
-# its gradients were sharded like the parameters.
-CHECK = ("rlhf_gemma2_9b", "policy gradients")
+# The check of the extrapolation: programs of one recipe compiled in full (their figures are in the
+# plan cache when they were compiled before; otherwise the policy step takes about half an hour
+# here): the scanned policy update, whose per-layer growth the plan could not explain until its
+# gradients were sharded like the parameters, and the rollout prefill, the recipe's peak.
+CHECK = ("rlhf_gemma2_9b", ("policy gradients", "rollout prefill"))
 CHECK_NAME = "check_full_compile"
 ORDER = ["rlhf_gemma2_9b", "rebalance_r1_qwen_7b", "esp_llama31_8b", "rebalance_qwq_32b",
          "esp_qwen3_32b"]
@@ -135,27 +135,28 @@ def paper_note(recipe, r: dict) -> str:
 
 
 def check_rows() -> str:
-  """The extrapolation against a full compile of the same program, side by side."""
+  """The extrapolation against a full compile of the same programs, side by side."""
   full_path, ext_path = OUT / f"{CHECK_NAME}.json", OUT / f"{CHECK[0]}.json"
   if not (full_path.exists() and ext_path.exists()):
     return ""
-  pick = lambda path: next((p for p in json.loads(path.read_text())["results"][0]["programs"]
-                            if p["name"] == CHECK[1]), None)
-  full, ext = pick(full_path), pick(ext_path)
-  if full is None or ext is None:
+  programs = lambda path: {p["name"]: p for p in json.loads(path.read_text())["results"][0]["programs"]}
+  full, ext = programs(full_path), programs(ext_path)
+  names = [n for n in CHECK[1] if n in full and n in ext]
+  if not names:
     return ""
   meta = json.loads((OUT / f"{CHECK_NAME}.meta.json").read_text())
   rows = []
-  for key, label in (("peak", "peak GB"), ("temp", "temporaries GB"), ("flops", "TFLOP"),
-                     ("bytes", "XLA TB accessed")):
-    scale = 1e12 if key in ("flops", "bytes") else 1e9
-    rows.append(f"| {label} | {full[key] / scale:.4g} | {ext[key] / scale:.4g} | "
-                f"{ext[key] / full[key] - 1:+.1%} |")
+  for name in names:
+    for key, label in (("peak", "peak GB"), ("temp", "temporaries GB"), ("flops", "TFLOP"),
+                       ("bytes", "XLA TB accessed")):
+      scale = 1e12 if key in ("flops", "bytes") else 1e9
+      f, e = full[name][key], ext[name][key]
+      rows.append(f"| {name} | {label} | {f / scale:.4g} | {e / scale:.4g} | {e / f - 1:+.1%} |")
   return f"""Check of the layer extrapolation (`{meta['command']}`, a full compile; the table above
-extrapolates from {LAYERS.get(CHECK[0], DEFAULT_LAYERS)} layers): {CHECK[0]} `{CHECK[1]}` per device.
+extrapolates from {LAYERS.get(CHECK[0], DEFAULT_LAYERS)} layers): {CHECK[0]}, per device.
 
-| figure | full compile | extrapolated | difference |
-|---|---|---|---|
+| program | figure | full compile | extrapolated | difference |
+|---|---|---|---|---|
 {chr(10).join(rows)}
 """
 
@@ -233,7 +234,7 @@ def main() -> int:
         run_one(name, [] if args.all else PROGRAMS.get(name, []),
                 LAYERS.get(name, DEFAULT_LAYERS))
     if args.check and (args.force or not (OUT / f"{CHECK_NAME}.json").exists()):
-      run_one(CHECK[0], [CHECK[1]], None, out_name=CHECK_NAME)
+      run_one(CHECK[0], list(CHECK[1]), None, out_name=CHECK_NAME)
   write(sorted(p.stem for p in (ROOT / "configs" / "recipes").glob("*.toml")))
   return 0
 
