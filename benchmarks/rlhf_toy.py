@@ -368,7 +368,7 @@ def write_benchmarks(path, args, env, cfg, n_final, tune_rows, rows, per_label, 
   (enn_rows, enn_best), (off_rows, off_best) = tune_rows["tune_enn"], tune_rows["tune_offline"]
   body = f"""Commands ({datetime.date.today().isoformat()}; `uptime` load during the runs: {args.load or 'not recorded'}):
 
-    bash benchmarks/rlhf_toy.sh            # tuning, then main + nudge studies, nice'd on one core
+    CORE= WORKERS=2 bash benchmarks/rlhf_toy.sh   # tuning, then main + nudge: 2 nice'd workers, any core
     .venv/bin/python benchmarks/rlhf_toy.py report --benchmarks BENCHMARKS.md --notes benchmarks/notes/rlhf_toy.md
 
 Settings: `configs/rlhf_toy.toml` plus each study's overrides in `benchmarks/rlhf_toy.py` (STUDIES).
