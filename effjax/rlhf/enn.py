@@ -33,8 +33,8 @@ import optax
 from flax import nnx
 
 from effjax.models.config import ModelConfig
-from effjax.models.transformer import Transformer
 from effjax.models.sharding import shard_like
+from effjax.models.transformer import Transformer
 from effjax.rlhf import rollout
 from effjax.rlhf.config import ENNConfig
 
