@@ -345,6 +345,12 @@ def _update_inputs(b=8, n=4, p=5, length=4, policy_model=None, pcfg=PolicyConfig
   return pg, theta, rg, phi, priors, a, group(ks[1]), pair_batch(ks[2], m=b), frozen
 
 
+def assert_sharded_like(grads, params, mesh):
+  from effjax.models.sharding import state_shardings
+  for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(state_shardings(params, mesh)), strict=True):
+    assert g.sharding.is_equivalent_to(want, g.ndim), (g.shape, g.sharding.spec, want.spec)
+
+
 def test_sharded_steps_equal_unsharded():
   pg, theta, rg, phi, priors, a, b, rm_batch, frozen = _update_inputs()
   mesh = make_mesh(data=2, fsdp=2, tensor=2)
@@ -358,16 +364,14 @@ def test_sharded_steps_equal_unsharded():
     place = (lambda t: t) if m is None else (lambda t: jax.device_put(t, state_shardings(t, m)))
     upd = policy.make_policy_update(pg, rg, pcfg, popt, use_a=True, mesh=m)
     if m is not None:  # micro-batched gradients come back sharded like the parameters, not whole
-      grads = upd.gradients(place(theta), place(theta), place(phi), place(priors), a, b, frozen)[2]
-      for g, want in zip(jax.tree.leaves(grads), jax.tree.leaves(state_shardings(theta, m))):
-        assert g.sharding.is_equivalent_to(want, g.ndim), (g.shape, g.sharding.spec, want.spec)
+      assert_sharded_like(
+          upd.gradients(place(theta), place(theta), place(phi), place(priors), a, b, frozen)[2],
+          theta, m)
     pol, anc, _, met = upd(place(theta), place(theta), place(popt.init(theta)), place(phi),
                            place(priors), a, b, frozen)
     rm_upd = enn.make_rm_update(rg, ropt, mesh=m)
     if m is not None:  # so do the reward model's
-      rm_grads = rm_upd.gradients(place(phi), place(priors), rm_batch)[2]
-      for g, want in zip(jax.tree.leaves(rm_grads), jax.tree.leaves(state_shardings(phi, m))):
-        assert g.sharding.is_equivalent_to(want, g.ndim), (g.shape, g.sharding.spec, want.spec)
+      assert_sharded_like(rm_upd.gradients(place(phi), place(priors), rm_batch)[2], phi, m)
     new_phi, _, rm_met = rm_upd(place(phi), place(priors), place(ropt.init(phi)),
                                 jax.tree.map(lambda x: jnp.stack([x, x]), rm_batch))
     if m is not None:
