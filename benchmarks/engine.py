@@ -89,7 +89,7 @@ def export_hf(loaded, out: Path) -> Path:
               num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
               rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
               max_position_embeddings=cfg.max_position, tie_word_embeddings=cfg.tie_embeddings,
-              bos_token_id=cfg.bos_id, eos_token_id=list(cfg.eos_ids) or None,
+              bos_token_id=loaded.tokenizer.bos_token_id, eos_token_id=list(cfg.eos_ids) or None,
               pad_token_id=cfg.pad_id).save_pretrained(tmp)
   loaded.tokenizer.save_pretrained(tmp)
   os.replace(tmp, out)

@@ -15,6 +15,11 @@ an interface gap, not a speed change:
   rotates with tunix's default base 1e6 (SmolLM2 uses 1e5): patched to pass the config's value.
 - prompts: `Sampler.tokenize` is replaced by a lookup of the given token ids (no BOS added), so tunix
   decodes the same ids as the other systems.
+- padding: the `Sampler` finds padding by value (`tokens != pad_id`, in the prompt and in the decode
+  mask), and a Hugging Face tokenizer's pad id is often a real token: SmolLM2's is `<|im_end|>` (id 2),
+  which every chat prompt holds twice, so tunix hid those tokens from attention and shifted the
+  positions after them (its greedy tokens differed from torch's on 6/6 prompts). Patched to pad with
+  -1, which no token has.
 """
 
 from __future__ import annotations
@@ -140,6 +145,7 @@ def _tunix(args):
       head_dim=cfg.head_dim))
   prompts: dict[str, list[int]] = {}
   sampler.tokenize = lambda key: np.asarray(prompts[key], np.int32)  # the given ids (no BOS added)
+  sampler.tokenizer.pad_id = lambda: -1  # known bug: padding is found by value (see above)
 
   def generate(variant, rows, new):
     keys = []
