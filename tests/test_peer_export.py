@@ -20,8 +20,9 @@ def test_exported_hf_dir_reads_back_with_the_same_logits_and_tokens(tmp_path):
   engine = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(engine)
   tokens = tiny_bpe()[1]
-  cfg = tiny_config("llama", vocab_size=len(tokens), tie_embeddings=False, rope_theta=100_000.0, rope_scaling=None,
-                    eos_ids=(tokens.index("<|im_end|>"),), pad_id=tokens.index("<|endoftext|>"))
+  cfg = tiny_config("llama", vocab_size=len(tokens), tie_embeddings=False, rope_theta=100_000.0,
+                    rope_scaling=None, eos_ids=(tokens.index("<|im_end|>"),),
+                    pad_id=tokens.index("<|endoftext|>"))
   src = load_model(write_gguf(tmp_path / "tiny.gguf", cfg, params_of(create_model(cfg, seed=3))))
   out = engine.export_hf(src, tmp_path / "hf")
   back = load_model(out)
@@ -32,4 +33,5 @@ def test_exported_hf_dir_reads_back_with_the_same_logits_and_tokens(tmp_path):
   text = "<|im_start|>user\nhello<|im_end|>"
   assert back.tokenizer(text).input_ids == src.tokenizer(text).input_ids
   ids = jnp.asarray([src.tokenizer(text).input_ids])
-  np.testing.assert_array_equal(np.asarray(back.model(ids).logits), np.asarray(src.model(ids).logits))
+  np.testing.assert_array_equal(np.asarray(back.model(ids).logits),
+                                np.asarray(src.model(ids).logits))
