@@ -111,7 +111,9 @@ def test_tree_mask_matches_separate_branches():
   for col, tok in ((1, a), (2, b)):
     chain = model(jnp.array([[root, tok]]), cache=pre.cache)
     np.testing.assert_allclose(tree.logits[:, col], chain.logits[:, 1], atol=1e-5)
-  np.testing.assert_array_equal(tree.cache.index, pre.cache.index)  # advance=False
+  assert tree.cache is None  # advance=False: the cache is only read, the block comes back
+  chex.assert_shape(tree.block.k, (1, 3, cfg.num_kv_heads, cfg.head_dim))
+  np.testing.assert_array_equal(tree.block.pos, pos)
 
 
 def test_commit_keeps_exactly_the_accepted_entries():
@@ -124,7 +126,7 @@ def test_commit_keeps_exactly_the_accepted_entries():
   pos = pre.cache.index[:, None] + jnp.array([[0, 1, 1, 2]])
   tree = model(block, positions=pos, attn_mask=mask, cache=pre.cache, advance=False)
   # Accept root (offset 0), node at offset 2 and its child at offset 3.
-  kept = commit(tree.cache, pre.cache.index, jnp.array([[0, 2, 3]]), jnp.array([3]))
+  kept = commit(pre.cache, tree.block.take(jnp.array([[0, 2, 3]])), jnp.array([3]))
   chain = model(jnp.array([[11, 13, 14]]), cache=pre.cache)
   np.testing.assert_array_equal(kept.index, [7])
   np.testing.assert_array_equal(kept.pos[0, :8], [0, 1, 2, 3, 4, 5, 6, -1])

@@ -36,10 +36,11 @@ from flax import struct
 
 from effjax.decoding.cost_model import CostModel
 from effjax.decoding.engine import DecodeState, Strategy
-from effjax.decoding.esp import ESP, ESPState, dynamic_candidates, ema_update, esp_step
+from effjax.decoding.esp import ESP, ESPState, dynamic_candidates, ema_update, esp_tree_step
 from effjax.decoding.pld import chain_tree, context, lookup
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.decoding.tree import Tree, count_appended, select_tree, tree_step
+from effjax.models.cache import commit
 from effjax.models.transformer import Transformer
 
 
@@ -172,14 +173,16 @@ class Auto(Strategy):
     expected, chain_p, esp_p = self.expected(ex, chain_valid, score, valid)
     active = ~state.done
     choice = self.choose(expected, active, state.cache.length)
+    kept_len = 1 + max(min(n, o.nodes) if o.kind == "hybrid" else o.nodes for o in self.options)
 
     def draft_only(tree: Tree, depth: int):
       """A step without masks: the candidates fall one token behind."""
       def run(s):
-        out = tree_step(model, s, tree, None, depth, self.sampler, key)
+        out = tree_step(model, s, tree, None, depth, self.sampler, key, commit_cache=False)
         masks = ema_update(s.extra.masks, model.embed_tokens(out.tokens), out.appended, self.ema)
         esp = s.extra.replace(masks=masks, hist=count_appended(s.extra.hist, out.appended, active))
-        return out.state.replace(extra=esp), _pad(out.tokens, n + 1), jnp.zeros((b,), bool)
+        return (out.state.replace(extra=esp), out.kept.pad(kept_len), _pad(out.tokens, n + 1),
+                jnp.zeros((b,), bool))
       return run
 
     def hybrid(nodes: int):
@@ -195,11 +198,13 @@ class Auto(Strategy):
             jnp.log(jnp.maximum(jnp.concatenate([chain_p[:, :m], esp_p], axis=1), 1e-9)),
             jnp.concatenate([jnp.arange(m)[None, :] < chain_valid[:, None], valid], axis=1),
             tuple(range(1, m + 1)) + levels, nodes)
-        new = esp_step(model, s, tree, m, self.sampler, self.ema, self._esp.num_candidates, key)
+        out = esp_tree_step(model, s, tree, m, self.sampler, self.ema, self._esp.num_candidates,
+                            key, commit_cache=False)
+        new = out.state
         # The model's tokens along the accepted path, as appended at the old length.
         toks = jax.vmap(lambda row, at: jax.lax.dynamic_slice_in_dim(row, at, n + 1))(
             _pad(new.tokens, new.tokens.shape[1] + n + 1), s.length)
-        return new, toks, jnp.ones((b,), bool)
+        return new, out.kept.pad(kept_len), toks, jnp.ones((b,), bool)
       return run
 
     branches = []
@@ -212,8 +217,10 @@ class Auto(Strategy):
                                               jnp.minimum(chain_valid, o.nodes)), o.nodes))
       else:
         branches.append(hybrid(o.nodes))
-    new, toks, fresh = jax.lax.switch(choice, branches, state.replace(extra=ex.esp))
+    # No branch writes the cache (XLA would copy it for each): the path's K/V is committed after.
+    new, kept, toks, fresh = jax.lax.switch(choice, branches, state.replace(extra=ex.esp))
     appended = new.length - state.length
+    new = new.replace(cache=commit(state.cache, kept, appended))
     # Observe the chain drafted before the step against the tokens the model generated: depth d
     # was reached when the model generated the chain's first d - 1 tokens and a d-th.
     made = jnp.arange(n)[None, :] < appended[:, None]

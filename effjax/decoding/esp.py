@@ -162,13 +162,13 @@ def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sam
 
 
 def esp_tree_step(model: Transformer, state: DecodeState, tree: Tree, depth: int,
-                  sampler: Sampler, ema: float, num_candidates: int, key: jax.Array
-                  ) -> StepOutcome:
-  """esp_step with the whole step outcome (path, owner logits...); its state carries the new
-  ESPState."""
+                  sampler: Sampler, ema: float, num_candidates: int, key: jax.Array, *,
+                  commit_cache: bool = True) -> StepOutcome:
+  """esp_step with the whole step outcome (path, owner logits, kept K/V...); its state carries the
+  new ESPState (and, with commit_cache=False, no cache: see tree_step)."""
   ex = state.extra
   active = ~state.done
-  out = tree_step(model, state, tree, ex.masks, depth, sampler, key)
+  out = tree_step(model, state, tree, ex.masks, depth, sampler, key, commit_cache=commit_cache)
   tok, logp = candidates(out.mask_logits, num_candidates)
   masks = ema_update(ex.masks, model.embed_tokens(out.tokens), out.appended, ema)
   keep = active[:, None, None]

@@ -192,8 +192,7 @@ class Lookahead(Strategy):
     chains, valid = pool_lookup(la.pool_keys, la.pool_grams, state.last, nb)
     window = la.window.at[:, 0, 0].set(state.last)
     tokens = jnp.concatenate([window.reshape(b, rows * w), chains.reshape(b, g * rows)], axis=1)
-    start = state.cache.index
-    out = model(tokens, positions=start[:, None] + jnp.asarray(offset)[None],
+    out = model(tokens, positions=state.cache.index[:, None] + jnp.asarray(offset)[None],
                 attn_mask=jnp.broadcast_to(jnp.asarray(mask), (b,) + mask.shape),
                 cache=state.cache, advance=False, compute_logits=False)
     # Logits only where they are read: the root, the chains, the window's last row.
@@ -210,7 +209,7 @@ class Lookahead(Strategy):
     appended = state.length - before  # 0 for rows already done: their cache does not move
     keep = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
                             rows * w + chosen[:, None] * rows + jnp.arange(rows)[None]], axis=1)
-    cache = commit(out.cache, start, keep, appended)
+    cache = commit(state.cache, out.block.take(keep), appended)
 
     # Next Jacobi level (always greedy, as in LADE); EOS guesses are replaced by prompt tokens.
     level = jnp.argmax(logits[:, -w:], axis=-1).astype(jnp.int32)

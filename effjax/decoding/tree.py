@@ -27,7 +27,7 @@ from flax import struct
 from effjax.decoding.engine import (DecodeState, append_tokens, block_steering, hook_choices,
                                     observe_path)
 from effjax.decoding.sampling import Sampler
-from effjax.models.cache import KVCache, commit
+from effjax.models.cache import KVBlock, commit
 from effjax.models.transformer import Transformer
 
 
@@ -223,12 +223,6 @@ def verify(tree: Tree, choice: jax.Array, max_depth: int,
   return jnp.stack(path, axis=1), accepted
 
 
-def commit_path(cache: KVCache, start: jax.Array, path: jax.Array, count: jax.Array) -> KVCache:
-  """Keep the KV of the first count[b] owners on the path (the root and the accepted nodes; their
-  block offsets are their owner indices) and drop rejected nodes and all masks."""
-  return commit(cache, start, path, count)
-
-
 # Depth to which the first head pass of a tree step includes mask rows (see tree_step): a mask row
 # costs about 7% of a whole head pass on a CPU (the head's weights are read once per pass), and
 # deeper acceptances are rare except in copied text, where speculation pays anyway.
@@ -244,14 +238,18 @@ class StepOutcome:
   appended: jax.Array  # [B] tokens appended this step (0 for rows done before it)
   mask_logits: jax.Array | None  # [B, k, V] logits at the masks of the deepest accepted node
   logits: jax.Array  # [B, O, V] the model's logits at every owner (Token Recycling records them)
+  kept: KVBlock  # [B, D + 1] the K/V of the path's owners, the first `appended` of them committed
 
 
 def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Array | None,
-              max_depth: int, sampler: Sampler, key: jax.Array) -> StepOutcome:
+              max_depth: int, sampler: Sampler, key: jax.Array, *,
+              commit_cache: bool = True) -> StepOutcome:
   """One speculative step: forward [root | nodes | masks], verify, append, commit.
 
   masks: [B, k, D] input embeddings of the k masks placed after every owner (None: no masks).
-  Rows done before the step keep their cache as it was.
+  Rows done before the step keep their cache as it was. commit_cache=False leaves the cache out
+  of the returned state (None): the caller commits `kept` and `appended` (cache.commit), once after
+  a lax.cond / lax.switch between steps, so that no branch writes, and XLA never copies, the cache.
 
   One LM-head pass serves the step: the owners (all of which the walk may read) and the masks of
   the owners on the first-child path down to depth SPINE_DEPTH, where the deepest accepted node
@@ -268,8 +266,7 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   emb = model.embed_tokens(tree.tokens)
   if k:
     emb = jnp.concatenate([emb, jnp.tile(masks.astype(emb.dtype), (1, o, 1))], axis=1)
-  start = state.cache.index
-  attn_mask, positions = block_attention(tree, k, start)
+  attn_mask, positions = block_attention(tree, k, state.cache.index)
   out = model(embeddings=emb, positions=positions, attn_mask=attn_mask, cache=state.cache,
               advance=False, compute_logits=False,
               steering=None if hook is None else block_steering(hook, hs, emb.shape[1]),
@@ -292,7 +289,8 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   # before an EOS, a stop sequence or the row's limit cut the step (none for rows done before it),
   # so the cache always holds the prompt and every generated token but the last.
   appended = after.length - state.length
-  after = after.replace(cache=commit_path(out.cache, start, path, appended))
+  kept = out.block.take(path)
+  after = after.replace(cache=commit(state.cache, kept, appended) if commit_cache else None)
   if hook is not None:
     after = after.replace(hook_state=observe_path(
         hook, hs, owner_logits, out.layer_hidden, tree.tokens, path, new, appended))
@@ -312,7 +310,7 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
 
     mask_logits = jax.lax.cond(off.any(), second_pass, lambda x: x, mask_logits)
   return StepOutcome(state=after, path=path, accepted=accepted, tokens=new, appended=appended,
-                     mask_logits=mask_logits, logits=owner_logits)
+                     mask_logits=mask_logits, logits=owner_logits, kept=kept)
 
 
 def step_or_root(model: Transformer, state: DecodeState, tree: Tree, max_depth: int,
@@ -320,17 +318,16 @@ def step_or_root(model: Transformer, state: DecodeState, tree: Tree, max_depth: 
   """tree_step without masks, or the root alone when no active row has a draft node (a plain
   decode step's cost). Returns the new state and the tokens appended per row."""
 
-  def with_draft(s):
-    out = tree_step(model, s, tree, None, max_depth, sampler, key)
-    return out.state, out.appended
+  def step(tree, depth):
+    def run(s):
+      out = tree_step(model, s, tree, None, depth, sampler, key, commit_cache=False)
+      return out.state, out.kept.pad(max_depth + 1), out.appended
+    return run
 
-  def root_only(s):
-    root = Tree(tree.tokens[:, :1], tree.parent[:, :1], tree.valid[:, :1])
-    out = tree_step(model, s, root, None, 0, sampler, key)
-    return out.state, out.appended
-
+  root = Tree(tree.tokens[:, :1], tree.parent[:, :1], tree.valid[:, :1])
   drafted = (~state.done & tree.valid[:, 1:].any(axis=1)).any()
-  return jax.lax.cond(drafted, with_draft, root_only, state)
+  new, kept, appended = jax.lax.cond(drafted, step(tree, max_depth), step(root, 0), state)
+  return new.replace(cache=commit(state.cache, kept, appended)), appended
 
 
 def count_appended(hist: jax.Array, appended: jax.Array, active: jax.Array) -> jax.Array:

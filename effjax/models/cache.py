@@ -1,16 +1,17 @@
 """A fixed-length KV cache with a per-row write index that can be rolled back or compacted.
 
 Slots 0..index-1 of a row hold its committed context. A forward writes its T new tokens at slots
-index..index+T-1 and (by default) advances the index past the valid ones. Speculative decoders write
-a whole token tree, then `commit` keeps only the accepted entries. `pos` records the position id of
-every slot (-1 = empty), which is what sliding-window layers and masks read.
+index..index+T-1 and advances the index past the valid ones; or (advance=False) it only reads the
+cache and returns its block's K/V, and `commit` appends the entries the caller keeps (speculative
+decoders: the accepted path through a token tree). `pos` records the position id of every slot
+(-1 = empty), which is what sliding-window layers and masks read.
 
 Sliding-window layers only look back `window` positions, so a cache built with `block` (the most
 slots one forward writes past the committed context) gives them a ring of window + block slots
 instead of the full length: slot s of the row lives at ring slot s mod R. A forward attends over the
-ring as it was plus its own block, then writes the block into the ring; uncommitted block entries
-(a token tree) overwrite only slots older than the window, so `commit` and `rollback` work on the
-ring as on the full cache. `ring_slot` says which slot each ring slot holds (-1 = empty).
+ring as it was plus its own block, then (advance=True) writes the block into the ring; `commit` and
+`rollback` work on the ring as on the full cache. `ring_slot` says which slot each ring slot holds
+(-1 = empty).
 """
 
 from __future__ import annotations
@@ -110,36 +111,52 @@ def rollback(cache: KVCache, index: jax.Array) -> KVCache:
                        ring_slot=jnp.where(kept, cache.ring_slot, -1))
 
 
-def commit(cache: KVCache, start: jax.Array, keep: jax.Array, count: jax.Array) -> KVCache:
-  """Keep `count[b]` entries of a block written at `start[b]`, in order, and drop the rest.
+@struct.dataclass
+class KVBlock:
+  """The K/V of a block forwarded without writing the cache (advance=False): per layer
+  [B, T, Kh, Dh], and each entry's position id [B, T] (-1: padding)."""
 
-  keep: [B, n] offsets inside the block of the entries to keep (only the first count[b] are used);
-  they move to slots start..start+count-1 and the index becomes start + count. Used after a tree
-  verification: the root and the accepted nodes stay, rejected nodes and mask tokens go.
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  pos: jax.Array
+
+  def take(self, offsets: jax.Array) -> "KVBlock":
+    """The entries at `offsets` [B, n] inside the block, in that order."""
+    pick = lambda x: jnp.take_along_axis(x, offsets.reshape(offsets.shape + (1,) * (x.ndim - 2)),
+                                         axis=1)
+    return KVBlock(k=tuple(map(pick, self.k)), v=tuple(map(pick, self.v)), pos=pick(self.pos))
+
+  def pad(self, n: int) -> "KVBlock":
+    """The block with entries appended up to n (never committed: see commit's count)."""
+    grow = lambda x: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return KVBlock(k=tuple(map(grow, self.k)), v=tuple(map(grow, self.v)), pos=grow(self.pos))
+
+
+def commit(cache: KVCache, block: KVBlock, count: jax.Array) -> KVCache:
+  """Append the first count[b] entries of `block` to row b's context: they go to slots
+  index..index+count-1 (ring layers: the ring slots of those) and the index moves past them; the
+  other entries are dropped. Used after a tree verification with block.take(path): the root and
+  the accepted nodes stay, rejected nodes and mask tokens go.
+
+  Only these entries are written (scatters that XLA does in place), so a decode loop that picks
+  its step with lax.cond / lax.switch can commit once after the conditional and never copy the
+  cache: XLA copies every buffer a conditional's branch writes.
   """
-  n = keep.shape[1]
-  src = start[:, None] + keep  # [B, n] slots to read
-  dst = start[:, None] + jnp.arange(n)[None, :]
-  valid = jnp.arange(n)[None, :] < count[:, None]
-  # Rows past `count` copy themselves: a no-op that keeps shapes static.
-  src = jnp.where(valid, src, jnp.minimum(dst, cache.length - 1))
-  dst = jnp.minimum(dst, cache.length - 1)
-
+  n = block.pos.shape[1]
+  start = cache.index
+  i = jnp.arange(n, dtype=jnp.int32)[None, :]
+  slots = start[:, None] + i
+  at = jnp.where(i < count[:, None], slots, cache.length)  # out of range: dropped
   ring = cache.ring_len
-  # Ring layers move the same entries between their ring slots (distinct: n <= block < ring).
-  ring_src, ring_dst = (None, None) if ring is None else (src % ring, dst % ring)
+  ring_at = None if ring is None else ring_write_slots(start, count, n, ring)
 
-  def move(buf, src, dst):
-    taken = jnp.take_along_axis(buf, src.reshape(src.shape + (1,) * (buf.ndim - 2)), axis=1)
-    return jax.vmap(lambda row, d, t: row.at[d].set(t))(buf, dst, taken)
-
-  def move_layer(buf):
+  def write(buf, new):
     on_ring = ring is not None and buf.shape[1] == ring  # a ring is shorter than the cache
-    return move(buf, ring_src, ring_dst) if on_ring else move(buf, src, dst)
+    return scatter_rows(buf, new, ring_at if on_ring else at)
 
-  new = cache.replace(k=tuple(move_layer(b) for b in cache.k), v=tuple(move_layer(b) for b in cache.v),
-                      pos=move(cache.pos, src, dst))
+  new = cache.replace(k=tuple(map(write, cache.k, block.k)), v=tuple(map(write, cache.v, block.v)),
+                      pos=scatter_rows(cache.pos, block.pos, at), index=start + count)
   if ring is not None:
-    slot = jax.vmap(lambda row, d, s: row.at[d].set(s))(cache.ring_slot, ring_dst, dst)
-    new = new.replace(ring_pos=move(cache.ring_pos, ring_src, ring_dst), ring_slot=slot)
-  return rollback(new, start + count)
+    new = new.replace(ring_pos=scatter_rows(cache.ring_pos, block.pos, ring_at),
+                      ring_slot=scatter_rows(cache.ring_slot, slots, ring_at))
+  return new

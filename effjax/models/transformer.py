@@ -14,6 +14,7 @@ hidden states of chosen layers, and skipping the LM head.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -22,7 +23,8 @@ from flax import nnx, struct
 
 from effjax.models import layout
 from effjax.models import quant as quant_lib
-from effjax.models.cache import KV_AXES, KVCache, ring_write_slots, scatter_rows, write_rows
+from effjax.models.cache import (KV_AXES, KVBlock, KVCache, ring_write_slots, scatter_rows,
+                                 write_rows)
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain
 
@@ -47,7 +49,8 @@ class ModelOutput:
   logits: jax.Array | None  # [B, T, V] float32, or None when compute_logits=False
   hidden: jax.Array  # [B, T, D] final hidden state after the final norm
   layer_hidden: tuple[jax.Array, ...]  # residual stream entering each requested layer
-  cache: KVCache | None
+  cache: KVCache | None  # the cache after the forward (None: no cache, or advance=False)
+  block: KVBlock | None = None  # advance=False: the block's own K/V, for cache.commit
 
 
 def precision(dtype) -> jax.lax.Precision:
@@ -170,11 +173,13 @@ class Attention(nnx.Module):
     self.local_rope = self.kind == "sliding" and cfg.rope_local_theta is not None
 
   def __call__(self, x, positions, mask, layer_cache, mesh, rules):
-    """x [B, T, D]; mask [B, T, S] over the keys: the cache slots, the block itself, or for a ring
-    layer the ring's R slots followed by the block ([B, T, R + T]).
+    """x [B, T, D]; mask [B, T, S] over the keys: the block itself, the cache's S slots, or the
+    cache's (or ring's) slots followed by the block ([B, T, S + T]).
 
-    layer_cache: (k, v, start, ring_at) or None; ring_at [B, T] is where a ring layer writes the
-    block (None: k / v hold every slot and the block goes to slots start..start+T-1)."""
+    layer_cache: (k, v, start, ring_at) or None. With `start` [B] the block is written at slots
+    start..start+T-1 and the whole cache attended; otherwise the cache (or ring) as it was and then
+    the block are attended, and with ring_at [B, T] the block is then written at those ring slots.
+    Returns the output and the cache's new k / v, or (no cache written) the block's own k / v."""
     cfg = self.cfg
     b, t, _ = x.shape
     g = cfg.num_heads // cfg.num_kv_heads
@@ -192,29 +197,49 @@ class Attention(nnx.Module):
     inv_freq = rope_inv_freq(cfg, theta, scaled=not self.local_rope)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
+    parts = [(k, v)]  # keys and values attended, in the order of the mask's key axis
     new_kv = (k, v)
     if layer_cache is not None:
       ck, cv, start, ring_at = layer_cache
-      if ring_at is None:
+      if start is not None:  # the block enters the cache, which is then attended whole
         k = constrain(write_rows(ck, k, start), KV_AXES, mesh, rules)
         v = constrain(write_rows(cv, v, start), KV_AXES, mesh, rules)
+        parts = [(k, v)]
         new_kv = (k, v)
-      else:  # attend over the ring as it was and the block; then the block enters the ring
-        new_kv = tuple(constrain(scatter_rows(ring, new, ring_at), KV_AXES, mesh, rules)
-                       for ring, new in ((ck, k), (cv, v)))
-        k = jnp.concatenate([ck, k.astype(ck.dtype)], axis=1)
-        v = jnp.concatenate([cv, v.astype(cv.dtype)], axis=1)
+      else:  # the cache (or ring) as it was, then the block
+        parts = [(ck, cv), (k.astype(ck.dtype), v.astype(cv.dtype))]
+        if ring_at is not None:
+          new_kv = tuple(constrain(scatter_rows(ring, new, ring_at), KV_AXES, mesh, rules)
+                         for ring, new in ((ck, k), (cv, v)))
     qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
-                        precision=precision(qg.dtype)) * scale
-    if cfg.attn_softcap is not None:
-      scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=precision(v.dtype))
+    out = attend(qg, parts, mask, scale, cfg.attn_softcap)
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
     return self.o(out), new_kv
+
+
+def attend(qg: jax.Array, parts: list[tuple[jax.Array, jax.Array]], mask: jax.Array, scale: float,
+           softcap: float | None) -> jax.Array:
+  """Softmax attention of grouped queries qg [B, T, Kh, g, Dh] over the keys of `parts` (k, v
+  [B, S_i, Kh, Dh] each) taken one after the other, as the mask [B, T, sum S_i] orders them. The
+  parts are never concatenated: a forward that reads the KV cache without writing it (a tree step)
+  must not copy the cache."""
+  def scores(k):
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                   precision=precision(qg.dtype)) * scale
+    return s if softcap is None else jnp.tanh(s / softcap) * softcap
+
+  bounds = [0]
+  for k, _ in parts:
+    bounds.append(bounds[-1] + k.shape[1])
+  logits = [jnp.where(mask[:, None, None, :, lo:hi], scores(k), NEG_INF)
+            for (k, _), lo, hi in zip(parts, bounds, bounds[1:])]
+  top = jax.lax.stop_gradient(functools.reduce(
+      jnp.maximum, [x.max(axis=-1, keepdims=True) for x in logits]))
+  weights = [jnp.exp(x - top) for x in logits]
+  total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
+  return sum(jnp.einsum("bkgts,bskd->btkgd", (w / total).astype(v.dtype), v,
+                        precision=precision(v.dtype)) for w, (_, v) in zip(weights, parts))
 
 
 class MLP(nnx.Module):
@@ -268,13 +293,16 @@ def causal_block_mask(batch: int, t: int) -> jax.Array:
   return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
 
 
-def ring_key_mask(block_mask: jax.Array, q_pos: jax.Array, block_pos: jax.Array, ring_pos: jax.Array,
-                  ring_slot: jax.Array, start: jax.Array, window: int) -> jax.Array:
-  """key_mask for a ring layer: [B, T, R + T] over the ring's slots (committed ones, those before
-  `start`, within the window) and then the block (where block_mask says, within the window)."""
-  committed = ((ring_slot >= 0) & (ring_slot < start[:, None]) & (ring_pos >= 0))[:, None, :]
-  near = lambda k_pos: (q_pos[:, :, None] - k_pos[:, None, :]) < window
-  return jnp.concatenate([committed & near(ring_pos), block_mask & near(block_pos)], axis=2)
+def prefix_block_mask(block_mask: jax.Array, q_pos: jax.Array, block_pos: jax.Array,
+                      cached_pos: jax.Array, committed: jax.Array, window: int | None) -> jax.Array:
+  """Which keys each query sees when it attends over C cached slots as they were and then its own
+  block: [B, T, C + T]. The committed slots ([B, C] bool) are visible, the block where block_mask
+  says; sliding-window layers additionally hide keys at least `window` positions behind."""
+  def near(k_pos):
+    return True if window is None else (q_pos[:, :, None] - k_pos[:, None, :]) < window
+  b, t, _ = block_mask.shape
+  cached = jnp.broadcast_to(committed[:, None, :] & near(cached_pos), (b, t, committed.shape[1]))
+  return jnp.concatenate([cached, block_mask & near(block_pos)], axis=2)
 
 
 def key_mask(block_mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array, start: jax.Array | None,
@@ -356,8 +384,9 @@ class Transformer(nnx.Module):
     input_mask [B, T]: False marks right padding; padded tokens get no cache position.
     attn_mask [B, T, T]: which new tokens each new token sees (default causal). The cached prefix
       is always visible.
-    cache: written at slots index..index+T-1; with advance=True the index moves past the valid
-      tokens, with advance=False it stays (the caller commits what it keeps, see cache.commit).
+    cache: with advance=True the block is written at slots index..index+T-1 and the index moves
+      past the valid tokens; with advance=False the cache is only read, and the block's K/V comes
+      back in `block` for the caller to commit what it keeps (cache.commit).
     steering: adds coef[b, t] * vector to the residual stream entering layer steering.layer.
     hidden_layers: layers whose input residual stream is returned (num_layers = last layer's output).
     remat: recompute each layer's activations in the backward pass instead of storing them
@@ -379,25 +408,29 @@ class Transformer(nnx.Module):
     valid = jnp.ones((b, t), bool) if input_mask is None else input_mask.astype(bool)
     block_mask = causal_block_mask(b, t) if attn_mask is None else attn_mask.astype(bool)
     new_pos = jnp.where(valid, positions, -1)
-    k_pos = new_pos if cache is None else write_rows(cache.pos, new_pos, start)
     ring = None if cache is None else cache.ring_len
-    masks = {"global": key_mask(block_mask, positions, k_pos, start, None)}
-    if ring is None:
-      masks["sliding"] = key_mask(block_mask, positions, k_pos, start, cfg.sliding_window)
-    else:
-      spare = ring - cfg.sliding_window
-      if not advance and t > spare:
-        raise ValueError(f"a block of {t} uncommitted tokens does not fit the sliding layers' ring "
-                         f"({ring} slots for a window of {cfg.sliding_window}); build the cache "
-                         f"with block >= {t}")
-      # Kept: every valid token (advance) or the whole uncommitted block (the caller commits).
-      count = valid.sum(axis=1).astype(jnp.int32) if advance else jnp.full((b,), t, jnp.int32)
-      ring_at = ring_write_slots(start, count, t, ring)
-      masks["sliding"] = ring_key_mask(block_mask, positions, new_pos, cache.ring_pos,
-                                       cache.ring_slot, start, cfg.sliding_window)
-      slot_ids = jnp.where(valid, start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], -1)
-      ring_pos = scatter_rows(cache.ring_pos, new_pos, ring_at)
-      ring_slot = scatter_rows(cache.ring_slot, slot_ids, ring_at)
+    window = cfg.sliding_window
+    if cache is None:
+      masks = {kind: key_mask(block_mask, positions, new_pos, None, w)
+               for kind, w in (("global", None), ("sliding", window))}
+    elif advance:  # the block is written first, then the keys are the cache's slots
+      k_pos = write_rows(cache.pos, new_pos, start)
+      masks = {kind: key_mask(block_mask, positions, k_pos, start, w)
+               for kind, w in (("global", None), ("sliding", window))}
+    else:  # the keys are the cache's slots as they were, then the block
+      committed = (jnp.arange(cache.length)[None, :] < start[:, None]) & (cache.pos >= 0)
+      masks = {kind: prefix_block_mask(block_mask, positions, new_pos, cache.pos, committed, w)
+               for kind, w in (("global", None), ("sliding", window))}
+    if ring is not None:  # sliding layers attend over their ring as it was, then the block
+      masks["sliding"] = prefix_block_mask(
+          block_mask, positions, new_pos, cache.ring_pos,
+          (cache.ring_slot >= 0) & (cache.ring_slot < start[:, None]) & (cache.ring_pos >= 0),
+          window)
+      if advance:  # ... and then it enters the ring
+        ring_at = ring_write_slots(start, valid.sum(axis=1).astype(jnp.int32), t, ring)
+        slot_ids = jnp.where(valid, start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], -1)
+        ring_pos = scatter_rows(cache.ring_pos, new_pos, ring_at)
+        ring_slot = scatter_rows(cache.ring_slot, slot_ids, ring_at)
 
     def run_layer(layer, x, layer_mask, layer_cache):
       if not remat:
@@ -420,8 +453,9 @@ class Transformer(nnx.Module):
       if i in hidden_layers:
         collected[i] = x
       on_ring = ring is not None and cfg.layer_kind(i) == "sliding"
-      layer_cache = None if cache is None else (cache.k[i], cache.v[i], start,
-                                                ring_at if on_ring else None)
+      layer_cache = None if cache is None else (
+          cache.k[i], cache.v[i], start if advance and not on_ring else None,
+          ring_at if advance and on_ring else None)
       x, (k, v) = run_layer(layer, x, masks[cfg.layer_kind(i)], layer_cache)
       new_k.append(k)
       new_v.append(v)
@@ -429,13 +463,17 @@ class Transformer(nnx.Module):
       collected[cfg.num_layers] = x
     hidden = self.final_norm(x)
     logits = self.logits(hidden) if compute_logits else None
-    if cache is not None:
-      index = start + valid.sum(axis=1).astype(jnp.int32) if advance else start
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos, index=index,
+    block = None
+    if cache is not None and advance:
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos,
+                      index=start + valid.sum(axis=1).astype(jnp.int32),
                       ring_pos=None if ring is None else ring_pos,
                       ring_slot=None if ring is None else ring_slot)
+    elif cache is not None:
+      cache, block = None, KVBlock(k=tuple(new_k), v=tuple(new_v), pos=new_pos)
     return ModelOutput(logits=logits, hidden=hidden,
-                       layer_hidden=tuple(collected[i] for i in hidden_layers), cache=cache)
+                       layer_hidden=tuple(collected[i] for i in hidden_layers), cache=cache,
+                       block=block)
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
