@@ -411,17 +411,18 @@ class Transformer(nnx.Module):
     ring = None if cache is None else cache.ring_len
     window = cfg.sliding_window
     if cache is None:
-      masks = {kind: key_mask(block_mask, positions, new_pos, None, w)
-               for kind, w in (("global", None), ("sliding", window))}
+      mask_within = lambda w: key_mask(block_mask, positions, new_pos, None, w)
     elif advance:  # the block is written first, then the keys are the cache's slots
       k_pos = write_rows(cache.pos, new_pos, start)
-      masks = {kind: key_mask(block_mask, positions, k_pos, start, w)
-               for kind, w in (("global", None), ("sliding", window))}
+      mask_within = lambda w: key_mask(block_mask, positions, k_pos, start, w)
     else:  # the keys are the cache's slots as they were, then the block
       committed = (jnp.arange(cache.length)[None, :] < start[:, None]) & (cache.pos >= 0)
-      masks = {kind: prefix_block_mask(block_mask, positions, new_pos, cache.pos, committed, w)
-               for kind, w in (("global", None), ("sliding", window))}
-    if ring is not None:  # sliding layers attend over their ring as it was, then the block
+      mask_within = lambda w: prefix_block_mask(block_mask, positions, new_pos, cache.pos,
+                                                committed, w)
+    masks = {"global": mask_within(None)}
+    if ring is None:
+      masks["sliding"] = mask_within(window)
+    else:  # sliding layers attend over their ring as it was, then the block
       masks["sliding"] = prefix_block_mask(
           block_mask, positions, new_pos, cache.ring_pos,
           (cache.ring_slot >= 0) & (cache.ring_slot < start[:, None]) & (cache.ring_pos >= 0),
