@@ -131,8 +131,8 @@ def test_commit_keeps_exactly_the_accepted_entries():
   np.testing.assert_array_equal(kept.index, [7])
   np.testing.assert_array_equal(kept.pos[0, :8], [0, 1, 2, 3, 4, 5, 6, -1])
   for layer in range(cfg.num_layers):  # tree and chain forwards differ only in float32 sum order
-    np.testing.assert_allclose(kept.k[layer][:, :7], chain.cache.k[layer][:, :7], atol=1e-5)
-    np.testing.assert_allclose(kept.v[layer][:, :7], chain.cache.v[layer][:, :7], atol=1e-5)
+    np.testing.assert_allclose(kept.k[layer][:, :, :7], chain.cache.k[layer][:, :, :7], atol=1e-5)
+    np.testing.assert_allclose(kept.v[layer][..., :7], chain.cache.v[layer][..., :7], atol=1e-5)
   nxt = jnp.array([[2]])
   np.testing.assert_allclose(model(nxt, cache=kept).logits, model(nxt, cache=chain.cache).logits,
                              atol=1e-5, rtol=1e-5)

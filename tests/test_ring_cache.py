@@ -24,7 +24,7 @@ def _model(family):
 
 def _caches(cfg, batch):
   full, ring = KVCache.init(cfg, batch, LENGTH), KVCache.init(cfg, batch, LENGTH, block=BLOCK)
-  assert [c.shape[1] for c in ring.k] == [8 + BLOCK if cfg.layer_kind(i) == "sliding" else LENGTH
+  assert [c.shape[2] for c in ring.k] == [8 + BLOCK if cfg.layer_kind(i) == "sliding" else LENGTH
                                           for i in range(cfg.num_layers)]
   assert ring.ring_len == 8 + BLOCK and full.ring_len is None
   return full, ring

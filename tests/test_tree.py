@@ -186,8 +186,10 @@ def _check_cache_holds(model, cfg, state, prompts, cache_len):
     np.testing.assert_array_equal(state.cache.pos[i, :n], np.arange(n))
     assert (np.asarray(state.cache.pos[i, n:]) == -1).all()
     for layer in range(cfg.num_layers):
-      np.testing.assert_allclose(state.cache.k[layer][i, :n], plain.k[layer][0, :n], atol=2e-5)
-      np.testing.assert_allclose(state.cache.v[layer][i, :n], plain.v[layer][0, :n], atol=2e-5)
+      np.testing.assert_allclose(state.cache.k[layer][i, :, :n], plain.k[layer][0, :, :n],
+                                 atol=2e-5)
+      np.testing.assert_allclose(state.cache.v[layer][i, ..., :n], plain.v[layer][0, ..., :n],
+                                 atol=2e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -16,8 +16,10 @@ E_i / cost(T_i) at the engine's cache length, through `lax.switch` inside the ji
 The expected tokens come from online estimates that start empty in every generation:
 - the lookup chain: per depth d, the rate a_d at which the model generated the chain's d-th token
   when it had generated the first d - 1 (observed after every step whatever ran: the model's own
-  tokens are compared with the chain drafted before it), with a prior of 1/2; a chain token at
-  depth d is reached with probability a_1 ... a_d;
+  tokens are compared with the chain drafted before it), from a sceptical prior (`chain_prior`,
+  1/4: since every step observes the chain, waiting for evidence costs a few plain steps, while
+  a hopeful guess costs a multi-token forward); a chain token at depth d is reached with
+  probability a_1 ... a_d;
 - ESP: a node is reached with probability c * prod q_i (the masks' own probabilities), c the ratio
   of how often the model's token at the root was one of the depth-1 candidates to the probability
   the masks gave them (prior 1); mask candidates count only when computed at the current root (a
@@ -79,17 +81,22 @@ class AutoState:
 class Auto(Strategy):
   """Cost-aware speculation over `options` with the device's `cost_model` (None: set it with
   `with_cost_model` before decoding, e.g. from cost_model_for(model, auto.blocks)). chain: the
-  longest lookup chain any option drafts; max_ngram: the lookup's longest n-gram."""
+  longest lookup chain any option drafts; max_ngram: the lookup's longest n-gram; chain_prior:
+  the (hits, misses) pseudo-counts each depth's rate starts from."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
   chain: int = 10
   max_ngram: int = 3
   ema: float = 0.1
+  chain_prior: tuple[float, float] = (1.0, 3.0)
   sampler: Sampler = GREEDY
 
   def __post_init__(self):
     object.__setattr__(self, "options", tuple(self.options))
+    if len(self.chain_prior) != 2 or min(self.chain_prior) <= 0:
+      raise ValueError(f"chain_prior must be two positive pseudo-counts (hits, misses), got "
+                       f"{self.chain_prior}")
     if not self.options or self.options[0].kind != "plain":
       raise ValueError("the first option must be plain decoding (Option('plain'))")
     for o in self.options:
@@ -138,7 +145,8 @@ class Auto(Strategy):
                esp_valid: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
     """Expected tokens appended [B] per option, and the reach probabilities they sum: the lookup
     chain's [B, L] and the ESP candidates' [B, C] (esp_score: their log prod q)."""
-    rate = (ex.chain_hits + 1.0) / (ex.chain_seen + 2.0)
+    hits, misses = self.chain_prior
+    rate = (ex.chain_hits + hits) / (ex.chain_seen + hits + misses)
     chain_p = jnp.cumprod(rate, axis=1) * (jnp.arange(self.chain)[None, :] < chain_valid[:, None])
     calib = (ex.esp_hits + 1.0) / (ex.esp_mass + 1.0)
     esp_p = jnp.where(esp_valid & ex.fresh[:, None],

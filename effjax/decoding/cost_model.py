@@ -10,11 +10,12 @@ tokens k) -> seconds, and answers for any k up to the largest measured and any S
 - in S, linear between the measured cache lengths (every step attends over all slots) and along
   the same line beyond them, never below a tenth of the nearest measurement.
 
-`cost_model_for` measures it with a few timed forwards (layers plus logits at one token, as
-benchmarks/forward_cost.py; each (S, k) the minimum of `reps` calls, round-robin) and caches the
-table on disk per device kind and model architecture (shapes and dtype; the weights do not change
-the cost) under $EFFJAX_CACHE/cost_models; a later call measures only what is missing. Delete the
-file to measure again. A user may give the table instead, as a JSON file:
+`cost_model_for` measures it with a few timed forwards (layers plus logits at all k tokens, as a
+tree step computes them at every draft node; each (S, k) the minimum of `reps` calls, round-robin)
+and caches the table on disk per device kind, model architecture (shapes and dtype; the weights do
+not change the cost) and MEASURE_VERSION under $EFFJAX_CACHE/cost_models; a later call measures
+only what is missing. Delete the file to measure again. A user may give the table instead, as a
+JSON file:
 
   {"entries": [[S, k, seconds], ...]}
 """
@@ -32,6 +33,9 @@ from typing import Callable, Iterable, Sequence
 
 # Two cache lengths give the slope in S; capped at the model's max_position.
 CACHE_LENS = (256, 2048)
+# Part of every cached table's name: raised when what is timed, or the forward itself, changes
+# enough to make older tables wrong (2: logits at every token; the cache's attention layouts).
+MEASURE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +123,12 @@ def device_name() -> str:
 
 
 def default_path(cfg) -> Path:
-  """$EFFJAX_CACHE/cost_models/<device>-<family>-<hash of the architecture>.json"""
+  """$EFFJAX_CACHE/cost_models/<device>-<family>-<hash of the architecture>-v<MEASURE_VERSION>.json"""
   from effjax.checkpoints.registry import cache_root
 
   arch = hashlib.sha1(repr(cfg).encode()).hexdigest()[:12]
-  name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{device_name()}-{cfg.family}-{arch}")
+  name = re.sub(r"[^A-Za-z0-9_.-]+", "_",
+                f"{device_name()}-{cfg.family}-{arch}-v{MEASURE_VERSION}")
   return cache_root() / "cost_models" / f"{name}.json"
 
 
@@ -141,8 +146,7 @@ def measure(model, points: Sequence[tuple[int, int]], *, reps: int = 5) -> CostM
   @jax.jit
   def forward(params, cache, tokens):
     m = nnx.merge(graphdef, params)
-    out = m(tokens, cache=cache, advance=False, compute_logits=False)
-    return m.logits(out.hidden[:, :1])
+    return m(tokens, cache=cache, advance=False).logits
 
   caches = {s: KVCache.init(model.cfg, 1, s) for s in {s for s, _ in points}}
   calls = [(forward, (params, caches[s], jnp.ones((1, k), jnp.int32))) for s, k in points]

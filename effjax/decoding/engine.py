@@ -34,7 +34,7 @@ from flax import nnx, struct
 from effjax import program_cache
 from effjax.decoding.compiled import DEFAULT_MAX_STRATEGIES, StrategyCache
 from effjax.decoding.sampling import GREEDY, Sampler
-from effjax.models.cache import KV_AXES, KVCache
+from effjax.models.cache import K_AXES, V_AXES, KVCache
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain, state_shardings
 from effjax.models.transformer import Steering, Transformer
@@ -323,12 +323,12 @@ def init_state(cfg: ModelConfig, prompt, prompt_len, limit, rng: jax.Array, *, m
   ring_cache: sliding-window layers keep window + the strategy's block slots, not cache_len."""
   b = prompt.shape[0]
   cache = KVCache.init(cfg, b, cache_len, block=strategy.block_size if ring_cache else None)
-  shard = lambda xs: tuple(constrain(x, KV_AXES, mesh, rules) for x in xs)
+  shard = lambda xs, axes: tuple(constrain(x, axes, mesh, rules) for x in xs)
   return DecodeState(
       prompt=jnp.asarray(prompt, jnp.int32), prompt_len=jnp.asarray(prompt_len, jnp.int32),
       tokens=jnp.zeros((b, max_new_tokens + strategy.max_step_tokens), jnp.int32),
       length=jnp.zeros((b,), jnp.int32), last=jnp.zeros((b,), jnp.int32),
-      cache=cache.replace(k=shard(cache.k), v=shard(cache.v)),
+      cache=cache.replace(k=shard(cache.k, K_AXES), v=shard(cache.v, V_AXES)),
       done=jnp.zeros((b,), bool), limit=jnp.broadcast_to(jnp.asarray(limit, jnp.int32), (b,)),
       eos=jnp.asarray(eos, jnp.int32).reshape(-1), stop=jnp.asarray(stop, jnp.int32), rng=rng,
       calls=jnp.zeros((), jnp.int32), extra=())

@@ -1,16 +1,15 @@
 """A fixed-length KV cache with a per-row write index that can be rolled back or compacted.
 
-Slots 0..index-1 of a row hold its committed context. A forward writes its T new tokens at slots
-index..index+T-1 and advances the index past the valid ones; or (advance=False) it only reads the
-cache and returns its block's K/V, and `commit` appends the entries the caller keeps (speculative
-decoders: the accepted path through a token tree). `pos` records the position id of every slot
+Slots 0..index-1 of a row hold its committed context. A forward attends over the cache as it was
+and then its own T new tokens; it then commits the valid ones at slots index.. (advance=True), or
+(advance=False) it returns its block's K/V and `commit` appends the entries the caller keeps
+(speculative decoders: the accepted path through a token tree). `pos` records the position id of every slot
 (-1 = empty), which is what sliding-window layers and masks read.
 
 Sliding-window layers only look back `window` positions, so a cache built with `block` (the most
 slots one forward writes past the committed context) gives them a ring of window + block slots
-instead of the full length: slot s of the row lives at ring slot s mod R. A forward attends over the
-ring as it was plus its own block, then (advance=True) writes the block into the ring; `commit` and
-`rollback` work on the ring as on the full cache. `ring_slot` says which slot each ring slot holds
+instead of the full length: slot s of the row lives at ring slot s mod R; `commit` and `rollback`
+work on the ring as on the full cache. `ring_slot` says which slot each ring slot holds
 (-1 = empty).
 """
 
@@ -22,16 +21,31 @@ from flax import struct
 
 from effjax.models.config import ModelConfig
 
-KV_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+# Storage layouts: keys [B, Kh, S, Dh] and values [B, Kh, Dh, S] are the operand layouts XLA:CPU's
+# two attention dots take as they are. With [B, S, Kh, Dh] it transposed every layer's K and V on
+# every decode step (BENCHMARKS.md, "KV cache layout"). A forward's own K/V stay [B, T, Kh, Dh].
+K_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
+V_AXES = ("batch", "kv_heads", "head_dim", "cache_seq")
+K_SEQ, V_SEQ = 2, 3  # the slot axis of each
+
+
+def as_keys(x: jax.Array) -> jax.Array:
+  """[B, T, Kh, Dh] -> the key layout [B, Kh, T, Dh]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def as_values(x: jax.Array) -> jax.Array:
+  """[B, T, Kh, Dh] -> the value layout [B, Kh, Dh, T]."""
+  return jnp.transpose(x, (0, 2, 3, 1))
 
 
 @struct.dataclass
 class KVCache:
-  k: tuple[jax.Array, ...]  # per layer [B, S, Kh, Dh]
-  v: tuple[jax.Array, ...]
+  k: tuple[jax.Array, ...]  # per layer [B, Kh, S, Dh] (K_AXES)
+  v: tuple[jax.Array, ...]  # per layer [B, Kh, Dh, S] (V_AXES)
   pos: jax.Array  # [B, S] int32 position id of each slot, -1 when empty
   index: jax.Array  # [B] int32 next free slot
-  # Sliding layers' ring (None: they keep all S slots); their k / v are then [B, R, Kh, Dh].
+  # Sliding layers' ring (None: they keep all S slots); their k / v then have R slots.
   ring_pos: jax.Array | None = None  # [B, R] position id of each ring slot, -1 when empty
   ring_slot: jax.Array | None = None  # [B, R] the slot each ring slot holds, -1 when empty
 
@@ -56,13 +70,13 @@ class KVCache:
     dtype = dtype or cfg.jnp_dtype
     ring = ring_length(cfg, length, block)
 
-    def zeros(i):
-      slots = ring if ring is not None and cfg.layer_kind(i) == "sliding" else length
-      return jnp.zeros((batch, slots, cfg.num_kv_heads, cfg.head_dim), dtype)
+    def slots(i):
+      return ring if ring is not None and cfg.layer_kind(i) == "sliding" else length
 
+    kh, dh, n = cfg.num_kv_heads, cfg.head_dim, range(cfg.num_layers)
     empty = lambda n: jnp.full((batch, n), -1, jnp.int32)
-    return cls(k=tuple(zeros(i) for i in range(cfg.num_layers)),
-               v=tuple(zeros(i) for i in range(cfg.num_layers)), pos=empty(length),
+    return cls(k=tuple(jnp.zeros((batch, kh, slots(i), dh), dtype) for i in n),
+               v=tuple(jnp.zeros((batch, kh, dh, slots(i)), dtype) for i in n), pos=empty(length),
                index=jnp.zeros((batch,), jnp.int32), ring_pos=None if ring is None else empty(ring),
                ring_slot=None if ring is None else empty(ring))
 
@@ -85,9 +99,12 @@ def ring_write_slots(start: jax.Array, count: jax.Array, t: int, ring: int) -> j
   return jnp.where(written, (start[:, None] + i) % ring, ring)
 
 
-def scatter_rows(buf: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
-  """buf[b, at[b, i]] = new[b, i] (buf [B, R, ...], new [B, T, ...]); out-of-range `at` is dropped."""
-  return jax.vmap(lambda row, upd, a: row.at[a].set(upd, mode="drop"))(buf, new.astype(buf.dtype), at)
+def scatter_rows(buf: jax.Array, new: jax.Array, at: jax.Array, axis: int = 1) -> jax.Array:
+  """buf[b, ..., at[b, i], ...] = new[b, ..., i, ...] along `axis` (buf [B, ..., R, ...], new
+  [B, ..., T, ...], at [B, T]); out-of-range `at` is dropped."""
+  lead = (slice(None),) * (axis - 1)
+  return jax.vmap(lambda row, upd, a: row.at[lead + (a,)].set(upd, mode="drop"))(
+      buf, new.astype(buf.dtype), at)
 
 
 def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
@@ -150,11 +167,12 @@ def commit(cache: KVCache, block: KVBlock, count: jax.Array) -> KVCache:
   ring = cache.ring_len
   ring_at = None if ring is None else ring_write_slots(start, count, n, ring)
 
-  def write(buf, new):
-    on_ring = ring is not None and buf.shape[1] == ring  # a ring is shorter than the cache
-    return scatter_rows(buf, new, ring_at if on_ring else at)
+  def write(buf, new, axis):
+    on_ring = ring is not None and buf.shape[axis] == ring  # a ring is shorter than the cache
+    return scatter_rows(buf, new, ring_at if on_ring else at, axis)
 
-  new = cache.replace(k=tuple(map(write, cache.k, block.k)), v=tuple(map(write, cache.v, block.v)),
+  new = cache.replace(k=tuple(write(buf, as_keys(x), K_SEQ) for buf, x in zip(cache.k, block.k)),
+                      v=tuple(write(buf, as_values(x), V_SEQ) for buf, x in zip(cache.v, block.v)),
                       pos=scatter_rows(cache.pos, block.pos, at), index=start + count)
   if ring is not None:
     new = new.replace(ring_pos=scatter_rows(cache.ring_pos, block.pos, ring_at),

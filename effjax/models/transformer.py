@@ -23,8 +23,7 @@ from flax import nnx, struct
 
 from effjax.models import layout
 from effjax.models import quant as quant_lib
-from effjax.models.cache import (KV_AXES, KVBlock, KVCache, ring_write_slots, scatter_rows,
-                                 write_rows)
+from effjax.models.cache import K_AXES, V_AXES, KVBlock, KVCache, as_keys, as_values, commit
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain
 
@@ -173,13 +172,11 @@ class Attention(nnx.Module):
     self.local_rope = self.kind == "sliding" and cfg.rope_local_theta is not None
 
   def __call__(self, x, positions, mask, layer_cache, mesh, rules):
-    """x [B, T, D]; mask [B, T, S] over the keys: the block itself, the cache's S slots, or the
-    cache's (or ring's) slots followed by the block ([B, T, S + T]).
+    """x [B, T, D]; mask [B, T, S] over the keys: the block itself ([B, T, T]), or the cache's
+    (or ring's) S slots as they were followed by the block ([B, T, S + T]).
 
-    layer_cache: (k, v, start, ring_at) or None. With `start` [B] the block is written at slots
-    start..start+T-1 and the whole cache attended; otherwise the cache (or ring) as it was and then
-    the block are attended, and with ring_at [B, T] the block is then written at those ring slots.
-    Returns the output and the cache's new k / v, or (no cache written) the block's own k / v."""
+    layer_cache: the cache's (or ring's) k and v, or None; never written here. Returns the output
+    and the block's own k and v [B, T, Kh, Dh]."""
     cfg = self.cfg
     b, t, _ = x.shape
     g = cfg.num_heads // cfg.num_kv_heads
@@ -197,48 +194,39 @@ class Attention(nnx.Module):
     inv_freq = rope_inv_freq(cfg, theta, scaled=not self.local_rope)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    parts = [(k, v)]  # keys and values attended, in the order of the mask's key axis
-    new_kv = (k, v)
-    if layer_cache is not None:
-      ck, cv, start, ring_at = layer_cache
-      if start is not None:  # the block enters the cache, which is then attended whole
-        k = constrain(write_rows(ck, k, start), KV_AXES, mesh, rules)
-        v = constrain(write_rows(cv, v, start), KV_AXES, mesh, rules)
-        parts = [(k, v)]
-        new_kv = (k, v)
-      else:  # the cache (or ring) as it was, then the block
-        parts = [(ck, cv), (k.astype(ck.dtype), v.astype(cv.dtype))]
-        if ring_at is not None:
-          new_kv = tuple(constrain(scatter_rows(ring, new, ring_at), KV_AXES, mesh, rules)
-                         for ring, new in ((ck, k), (cv, v)))
+    own = (as_keys(k), as_values(v))  # the block's keys and values in the cache's layouts
+    parts = [own]  # keys and values attended, in the order of the mask's key axis
+    if layer_cache is not None:  # the cache (or ring) as it was, then the block
+      ck, cv = layer_cache
+      parts = [(ck, cv), (own[0].astype(ck.dtype), own[1].astype(cv.dtype))]
     qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
     scale = cfg.query_scale if cfg.query_scale is not None else cfg.head_dim ** -0.5
     out = attend(qg, parts, mask, scale, cfg.attn_softcap)
     out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
-    return self.o(out), new_kv
+    return self.o(out), (k, v)
 
 
 def attend(qg: jax.Array, parts: list[tuple[jax.Array, jax.Array]], mask: jax.Array, scale: float,
            softcap: float | None) -> jax.Array:
-  """Softmax attention of grouped queries qg [B, T, Kh, g, Dh] over the keys of `parts` (k, v
-  [B, S_i, Kh, Dh] each) taken one after the other, as the mask [B, T, sum S_i] orders them. The
-  parts are never concatenated: a forward that reads the KV cache without writing it (a tree step)
-  must not copy the cache."""
+  """Softmax attention of grouped queries qg [B, T, Kh, g, Dh] over the keys of `parts` (k
+  [B, Kh, S_i, Dh] and v [B, Kh, Dh, S_i] each, the cache's layouts) taken one after the other, as
+  the mask [B, T, sum S_i] orders them. The parts are never concatenated: a forward that reads the
+  KV cache without writing it (a tree step) must not copy the cache."""
   def scores(k):
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32,
                    precision=precision(qg.dtype)) * scale
     return s if softcap is None else jnp.tanh(s / softcap) * softcap
 
   bounds = [0]
   for k, _ in parts:
-    bounds.append(bounds[-1] + k.shape[1])
+    bounds.append(bounds[-1] + k.shape[2])
   logits = [jnp.where(mask[:, None, None, :, lo:hi], scores(k), NEG_INF)
             for (k, _), lo, hi in zip(parts, bounds, bounds[1:])]
   top = jax.lax.stop_gradient(functools.reduce(
       jnp.maximum, [x.max(axis=-1, keepdims=True) for x in logits]))
   weights = [jnp.exp(x - top) for x in logits]
   total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-  return sum(jnp.einsum("bkgts,bskd->btkgd", (w / total).astype(v.dtype), v,
+  return sum(jnp.einsum("bkgts,bkds->btkgd", (w / total).astype(v.dtype), v,
                         precision=precision(v.dtype)) for w, (_, v) in zip(weights, parts))
 
 
@@ -305,25 +293,12 @@ def prefix_block_mask(block_mask: jax.Array, q_pos: jax.Array, block_pos: jax.Ar
   return jnp.concatenate([cached, block_mask & near(block_pos)], axis=2)
 
 
-def key_mask(block_mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array, start: jax.Array | None,
+def key_mask(block_mask: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
              window: int | None) -> jax.Array:
-  """Which keys each query sees: [B, T, S].
-
-  Without a cache (start is None) the keys are the block itself and block_mask [B, T, T] decides.
-  With a cache the keys are its S slots: the committed prefix (slots < start with a position) is
-  visible, the block written at start..start+T-1 is visible where block_mask says. Sliding-window
-  layers additionally hide keys at least `window` positions behind the query.
-  """
-  if start is None:
-    mask = block_mask & (k_pos >= 0)[:, None, :]
-  else:
-    t = block_mask.shape[-1]
-    slots = jnp.arange(k_pos.shape[1])[None, :]
-    rel = slots - start[:, None]  # [B, S] offset inside the block
-    in_block = (rel >= 0) & (rel < t)
-    from_block = jnp.take_along_axis(block_mask, jnp.clip(rel, 0, t - 1)[:, None, :], axis=2)
-    prefix = (rel < 0) & (k_pos >= 0)
-    mask = (prefix[:, None, :] | (in_block[:, None, :] & from_block))
+  """Which keys each query sees without a cache: [B, T, T], the block's own valid tokens where
+  block_mask says; sliding-window layers additionally hide keys at least `window` positions
+  behind the query."""
+  mask = block_mask & (k_pos >= 0)[:, None, :]
   if window is not None:
     mask = mask & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
   return mask
@@ -384,9 +359,10 @@ class Transformer(nnx.Module):
     input_mask [B, T]: False marks right padding; padded tokens get no cache position.
     attn_mask [B, T, T]: which new tokens each new token sees (default causal). The cached prefix
       is always visible.
-    cache: with advance=True the block is written at slots index..index+T-1 and the index moves
-      past the valid tokens; with advance=False the cache is only read, and the block's K/V comes
-      back in `block` for the caller to commit what it keeps (cache.commit).
+    cache: attended as it was, then the block. With advance=True the block's valid tokens are
+      then committed (slots index.., and the index moves past them); with advance=False the cache
+      is only read, and the block's K/V comes back in `block` for the caller to commit what it
+      keeps (cache.commit).
     steering: adds coef[b, t] * vector to the residual stream entering layer steering.layer.
     hidden_layers: layers whose input residual stream is returned (num_layers = last layer's output).
     remat: recompute each layer's activations in the backward pass instead of storing them
@@ -411,10 +387,7 @@ class Transformer(nnx.Module):
     ring = None if cache is None else cache.ring_len
     window = cfg.sliding_window
     if cache is None:
-      mask_within = lambda w: key_mask(block_mask, positions, new_pos, None, w)
-    elif advance:  # the block is written first, then the keys are the cache's slots
-      k_pos = write_rows(cache.pos, new_pos, start)
-      mask_within = lambda w: key_mask(block_mask, positions, k_pos, start, w)
+      mask_within = lambda w: key_mask(block_mask, positions, new_pos, w)
     else:  # the keys are the cache's slots as they were, then the block
       committed = (jnp.arange(cache.length)[None, :] < start[:, None]) & (cache.pos >= 0)
       mask_within = lambda w: prefix_block_mask(block_mask, positions, new_pos, cache.pos,
@@ -427,11 +400,6 @@ class Transformer(nnx.Module):
           block_mask, positions, new_pos, cache.ring_pos,
           (cache.ring_slot >= 0) & (cache.ring_slot < start[:, None]) & (cache.ring_pos >= 0),
           window)
-      if advance:  # ... and then it enters the ring
-        ring_at = ring_write_slots(start, valid.sum(axis=1).astype(jnp.int32), t, ring)
-        slot_ids = jnp.where(valid, start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :], -1)
-        ring_pos = scatter_rows(cache.ring_pos, new_pos, ring_at)
-        ring_slot = scatter_rows(cache.ring_slot, slot_ids, ring_at)
 
     def run_layer(layer, x, layer_mask, layer_cache):
       if not remat:
@@ -453,10 +421,7 @@ class Transformer(nnx.Module):
         x = x + (steering.coef[..., None] * vec[:, None, :]).astype(x.dtype)
       if i in hidden_layers:
         collected[i] = x
-      on_ring = ring is not None and cfg.layer_kind(i) == "sliding"
-      layer_cache = None if cache is None else (
-          cache.k[i], cache.v[i], start if advance and not on_ring else None,
-          ring_at if advance and on_ring else None)
+      layer_cache = None if cache is None else (cache.k[i], cache.v[i])
       x, (k, v) = run_layer(layer, x, masks[cfg.layer_kind(i)], layer_cache)
       new_k.append(k)
       new_v.append(v)
@@ -464,14 +429,18 @@ class Transformer(nnx.Module):
       collected[cfg.num_layers] = x
     hidden = self.final_norm(x)
     logits = self.logits(hidden) if compute_logits else None
-    block = None
+    block = None if cache is None else KVBlock(k=tuple(new_k), v=tuple(new_v), pos=new_pos)
     if cache is not None and advance:
-      cache = KVCache(k=tuple(new_k), v=tuple(new_v), pos=k_pos,
-                      index=start + valid.sum(axis=1).astype(jnp.int32),
-                      ring_pos=None if ring is None else ring_pos,
-                      ring_slot=None if ring is None else ring_slot)
+      # The valid (leading) entries go in after every layer has read the cache. The count's
+      # dependence on the output (never its value: count <= T) is what orders the writes after
+      # the reads: XLA would otherwise copy each layer's K and V to keep a safe one to read.
+      count = valid.sum(axis=1).astype(jnp.int32)
+      count = jnp.minimum(count, t + jnp.isnan(hidden[:, 0, 0]).astype(jnp.int32))
+      cache, block = commit(cache, block, count), None
+      cache = cache.replace(k=tuple(constrain(x, K_AXES, mesh, rules) for x in cache.k),
+                            v=tuple(constrain(x, V_AXES, mesh, rules) for x in cache.v))
     elif cache is not None:
-      cache, block = None, KVBlock(k=tuple(new_k), v=tuple(new_v), pos=new_pos)
+      cache = None
     return ModelOutput(logits=logits, hidden=hidden,
                        layer_hidden=tuple(collected[i] for i in hidden_layers), cache=cache,
                        block=block)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from effjax.models.cache import KV_AXES
+from effjax.models.cache import K_AXES, V_AXES
 from effjax.models.config import PRESETS, ModelConfig, tiny_config
 from effjax.models.sharding import array_sharding, state_shardings
 from effjax.models.transformer import Transformer, abstract_model
@@ -128,10 +128,15 @@ def decode_state(cfg: ModelConfig, strategy, mesh, *, rows: int, prompt_len: int
         eos=cfg.eos_ids or (0,), stop=engine.stop_array(()), strategy=strategy, mesh=mesh)
 
   state = jax.eval_shape(make)
-  kv = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                      sharding=array_sharding(KV_AXES, x.shape, mesh))
-  cache = state.cache.replace(k=tuple(map(kv, state.cache.k)), v=tuple(map(kv, state.cache.v)))
+  cache = state.cache.replace(k=kv_shapes(state.cache.k, K_AXES, mesh),
+                              v=kv_shapes(state.cache.v, V_AXES, mesh))
   return state.replace(cache=cache)
+
+
+def kv_shapes(xs, axes, mesh) -> tuple:
+  """The cache's per-layer K or V shapes, sharded over `mesh` by their logical axes."""
+  return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=array_sharding(axes, x.shape, mesh))
+               for x in xs)
 
 
 def kv_cache_of(state) -> dict:
@@ -353,9 +358,7 @@ def rlhf_plan(recipe: Recipe, mesh, layers: int | None = None) -> Plan:
       Phase("policy apply + anchor EMA", 1, {"policy apply": 1.0}),
   ]
   kv = jax.eval_shape(lambda: _kv_init(cfg, b * n, cache_len))
-  kv = {k: tuple(jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                      sharding=array_sharding(KV_AXES, x.shape, mesh)) for x in v)
-        for k, v in kv.items()}
+  kv = dict(k=kv_shapes(kv["k"], K_AXES, mesh), v=kv_shapes(kv["v"], V_AXES, mesh))
   return Plan(title=f"{recipe.model} online RLHF batch ({b} x {n}, {p}+{length} tokens)",
               programs=programs, resident=resident, phases=phases,
               inner_cache={"rollout": kv},
