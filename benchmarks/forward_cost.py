@@ -17,8 +17,12 @@ step's block (its BC tokens; layers plus logits at one token) over a cache of th
 step attends over every cache slot whatever its fill, so both pay the same attention. Plain
 decoding ('ar') is the 1-token reference. Round-robin with the forwards, as above.
 
+Prefill (`--prefill`): the forward that writes the `--context` prefix into the empty cache, in the
+same round robin.
+
   python benchmarks/forward_cost.py --model smollm2-135m-instruct --ks 1,4,10,16,30,60
   python benchmarks/forward_cost.py --ks 1 --methods ar,esp-bc10,esp-bc30,esp-bc60,hybrid-bc30
+  python benchmarks/forward_cost.py --ks 1 --prefill --context 512 --cache-len 1024
 """
 
 from __future__ import annotations
@@ -67,9 +71,15 @@ def forward_timer(fwd, params, cache, k: int, context: int):
   """A timer: (wall s, CPU s) of one k-token forward."""
   tokens, positions = jnp.ones((1, k), jnp.int32), context + jnp.arange(k)[None, :]
 
+  return call_timer(fwd, params, cache, tokens, positions)
+
+
+def call_timer(fn, *args):
+  """A timer: (wall s, CPU s) of one call of fn(*args)."""
+
   def timer():
     t, c = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fwd(params, cache, tokens, positions))
+    jax.block_until_ready(fn(*args))
     return time.perf_counter() - t, time.process_time() - c
 
   return timer
@@ -120,6 +130,8 @@ def main(argv=None) -> int:
                   help="comma-separated decoding methods (ar, pld, esp-bc10, hybrid-bc30, ...) "
                        "whose step cost to compare with the bare forward of their block")
   ap.add_argument("--steps", type=int, default=16, help="decode-loop steps per timed call")
+  ap.add_argument("--prefill", action="store_true",
+                  help="also time the forward that writes the --context prefix into the empty cache")
   ap.add_argument("--layouts", default="fused",
                   help="weight layouts side by side: fused, unfused, int8 (steps use the first)")
   args = ap.parse_args(argv)
@@ -137,9 +149,13 @@ def main(argv=None) -> int:
   settings, timers = [], []
   for layout, model in layouts(loaded.model, names).items():
     graphdef, params = nnx.split(model)
-    cache = KVCache.init(cfg, 1, args.cache_len)
+    empty = KVCache.init(cfg, 1, args.cache_len)
     fill = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, cache=c, compute_logits=False).cache)
-    cache = fill(params, cache, jnp.ones((1, args.context), jnp.int32))
+    prefix = jnp.ones((1, args.context), jnp.int32)
+    cache = fill(params, empty, prefix)
+    if args.prefill:
+      settings.append((layout, args.context, "prefill"))
+      timers.append(call_timer(fill, params, empty, prefix))
     for all_logits in (True, False):
       fwd = make_forward(graphdef, all_logits)
       for k in ks:
@@ -168,6 +184,14 @@ def main(argv=None) -> int:
         med, best, cpu = timed[(layout, k, where)]
         print(f"| {layout} | {k} | {where} | {med:.1f} | {best:.1f} | {cpu:.1f} "
               f"| {best / base_min:.2f}x | {cpu / base_cpu:.2f}x |")
+  if args.prefill:
+    print(f"\nPrefill: one forward of the {args.context}-token prefix into the empty cache (layers, "
+          f"no logits, cache written):\n")
+    print("| layout | tokens | wall median ms | wall min ms | CPU median ms |")
+    print("|---|---|---|---|---|")
+    for layout in names:
+      med, best, cpu = timed[(layout, args.context, "prefill")]
+      print(f"| {layout} | {args.context} | {med:.1f} | {best:.1f} | {cpu:.1f} |")
   if strategies:
     print(f"\nStep of the decode loop ({args.steps} steps after the prefill of the README prompt) "
           f"against the bare forward of its block (logits at one token):\n")
