@@ -17,8 +17,8 @@ step's block (its BC tokens; layers plus logits at one token) over a cache of th
 step attends over every cache slot whatever its fill, so both pay the same attention. Plain
 decoding ('ar') is the 1-token reference. Round-robin with the forwards, as above.
 
-Prefill (`--prefill`): the forward that writes the `--context` prefix into the empty cache, in the
-same round robin.
+Prefill (`--prefill`): the forward of the `--context` prefix and the commit of its K/V into the
+empty cache, as the engine's prefill does, in the same round robin.
 
   python benchmarks/forward_cost.py --model smollm2-135m-instruct --ks 1,4,10,16,30,60
   python benchmarks/forward_cost.py --ks 1 --methods ar,esp-bc10,esp-bc30,esp-bc60,hybrid-bc30
@@ -40,7 +40,7 @@ from flax import nnx
 
 from effjax.checkpoints.assemble import assemble, checkpoint_tensors, quantize_model
 from effjax.checkpoints.registry import load_model
-from effjax.models.cache import KVCache
+from effjax.models.cache import KVCache, commit
 
 PROMPT = "Explain what a KV cache is in two sentences."  # README's main command
 
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
   for layout, model in layouts(loaded.model, names).items():
     graphdef, params = nnx.split(model)
     empty = KVCache.init(cfg, 1, args.cache_len)
-    fill = jax.jit(lambda p, c, t: nnx.merge(graphdef, p)(t, cache=c, compute_logits=False).cache)
+    fill = jax.jit(lambda p, c, t: commit(  # as engine.prefill_forward: the prefix, then its K/V
+        c, nnx.merge(graphdef, p)(t, compute_logits=False).block, jnp.full((1,), t.shape[1])))
     prefix = jnp.ones((1, args.context), jnp.int32)
     cache = fill(params, empty, prefix)
     if args.prefill:
@@ -185,8 +186,8 @@ def main(argv=None) -> int:
         print(f"| {layout} | {k} | {where} | {med:.1f} | {best:.1f} | {cpu:.1f} "
               f"| {best / base_min:.2f}x | {cpu / base_cpu:.2f}x |")
   if args.prefill:
-    print(f"\nPrefill: one forward of the {args.context}-token prefix into the empty cache (layers, "
-          f"no logits, cache written):\n")
+    print(f"\nPrefill: one forward of the {args.context}-token prefix (layers, no logits) and the "
+          f"commit of its K/V into the empty cache:\n")
     print("| layout | tokens | wall median ms | wall min ms | CPU median ms |")
     print("|---|---|---|---|---|")
     for layout in names:

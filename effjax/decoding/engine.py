@@ -34,7 +34,7 @@ from flax import nnx, struct
 from effjax import program_cache
 from effjax.decoding.compiled import DEFAULT_MAX_STRATEGIES, StrategyCache
 from effjax.decoding.sampling import GREEDY, Sampler
-from effjax.models.cache import K_AXES, V_AXES, KVCache
+from effjax.models.cache import K_AXES, V_AXES, KVCache, commit
 from effjax.models.config import ModelConfig
 from effjax.models.sharding import DEFAULT_RULES, ShardingRules, constrain, state_shardings
 from effjax.models.transformer import Steering, Transformer
@@ -259,11 +259,13 @@ def prefill_forward(model: Transformer, state: DecodeState,
     hidden_layers = () if state.hook is None else state.hook.hidden_layers
   b, p = state.prompt.shape
   valid = jnp.arange(p)[None, :] < state.prompt_len[:, None]
-  out = model(state.prompt, input_mask=valid, cache=state.cache, hidden_layers=hidden_layers,
-              compute_logits=False)
+  # The prompt attends to itself alone (the cache is empty: attending over its slots too would cost
+  # P x S more scores), then its K/V enter the cache.
+  out = model(state.prompt, input_mask=valid, hidden_layers=hidden_layers, compute_logits=False)
   at_last = lambda h: jnp.take_along_axis(h, (state.prompt_len - 1)[:, None, None], axis=1)[:, 0]
   logits = model.logits(at_last(out.hidden))
-  return logits, tuple(at_last(h) for h in out.layer_hidden), state.replace(cache=out.cache)
+  return (logits, tuple(at_last(h) for h in out.layer_hidden),
+          state.replace(cache=commit(state.cache, out.block, state.prompt_len)))
 
 
 def append_tokens(state: DecodeState, new: jax.Array, count: jax.Array) -> DecodeState:

@@ -20,7 +20,7 @@ from effjax.decoding.engine import DecodeState, Strategy, sample_first
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.decoding.tree import (Layout, StepOutcome, Tree, count_appended, select_tree,
                                   tree_step)
-from effjax.models.cache import rollback, write_rows
+from effjax.models.cache import commit, write_rows
 from effjax.models.transformer import Transformer
 
 MaskInit = Literal["mean", "sample", "last"]
@@ -214,8 +214,8 @@ def ema_update(masks: jax.Array, new: jax.Array, count: jax.Array, lam: float) -
 def prefill_with_masks(model: Transformer, state: DecodeState, masks: jax.Array):
   """One causal forward of each row's prompt followed by its k masks (ESP.md, Prefill): mask i
   takes the slot and position of x_{t+i} and so sees the whole prompt and masks 1..i. The masks go
-  into the padding after each row's prompt (the input is widened by k columns where the cache has
-  room; the engine's checks leave room either way: t + k < t + 1 + BC <= cache length).
+  into the padding after each row's prompt (the input is widened by k columns); only the prompt's
+  K/V enter the cache.
 
   Returns the logits at the last prompt token [B, V] and at the masks [B, k, V] (one LM-head pass
   over those rows only), the hidden states [B, D] there of the layers the state's hook asks for,
@@ -223,17 +223,16 @@ def prefill_with_masks(model: Transformer, state: DecodeState, masks: jax.Array)
   """
   b, p = state.prompt.shape
   k = masks.shape[1]
-  width = min(p + k, state.cache.length)
-  tokens = jnp.pad(state.prompt, ((0, 0), (0, width - p)))
+  tokens = jnp.pad(state.prompt, ((0, 0), (0, k)))
   emb = write_rows(model.embed_tokens(tokens), masks, state.prompt_len)
-  valid = jnp.arange(width)[None, :] < (state.prompt_len + k)[:, None]
-  out = model(embeddings=emb, input_mask=valid, cache=state.cache, compute_logits=False,
+  valid = jnp.arange(p + k)[None, :] < (state.prompt_len + k)[:, None]
+  out = model(embeddings=emb, input_mask=valid, compute_logits=False,  # the cache is empty
               hidden_layers=() if state.hook is None else state.hook.hidden_layers)
   rows = state.prompt_len[:, None] - 1 + jnp.arange(k + 1)[None, :]
   logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
   last = (state.prompt_len - 1)[:, None, None]
   hidden = tuple(jnp.take_along_axis(h, last, axis=1)[:, 0] for h in out.layer_hidden)
-  return logits[:, 0], logits[:, 1:], hidden, rollback(out.cache, state.prompt_len)
+  return logits[:, 0], logits[:, 1:], hidden, commit(state.cache, out.block, state.prompt_len)
 
 
 def candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:

@@ -49,7 +49,7 @@ class ModelOutput:
   hidden: jax.Array  # [B, T, D] final hidden state after the final norm
   layer_hidden: tuple[jax.Array, ...]  # residual stream entering each requested layer
   cache: KVCache | None  # the cache after the forward (None: no cache, or advance=False)
-  block: KVBlock | None = None  # advance=False: the block's own K/V, for cache.commit
+  block: KVBlock | None = None  # no cache or advance=False: the block's own K/V, to commit
 
 
 def precision(dtype) -> jax.lax.Precision:
@@ -362,7 +362,9 @@ class Transformer(nnx.Module):
     cache: attended as it was, then the block. With advance=True the block's valid tokens are
       then committed (slots index.., and the index moves past them); with advance=False the cache
       is only read, and the block's K/V comes back in `block` for the caller to commit what it
-      keeps (cache.commit).
+      keeps (cache.commit). Without a cache the block attends to itself alone and also comes back
+      in `block`: a prompt into an empty cache is cheapest that way (see engine.prefill_forward),
+      not by attending over every empty slot.
     steering: adds coef[b, t] * vector to the residual stream entering layer steering.layer.
     hidden_layers: layers whose input residual stream is returned (num_layers = last layer's output).
     remat: recompute each layer's activations in the backward pass instead of storing them
@@ -429,7 +431,7 @@ class Transformer(nnx.Module):
       collected[cfg.num_layers] = x
     hidden = self.final_norm(x)
     logits = self.logits(hidden) if compute_logits else None
-    block = None if cache is None else KVBlock(k=tuple(new_k), v=tuple(new_v), pos=new_pos)
+    block = KVBlock(k=tuple(new_k), v=tuple(new_v), pos=new_pos)
     if cache is not None and advance:
       # The valid (leading) entries go in after every layer has read the cache. The count's
       # dependence on the output (never its value: count <= T) is what orders the writes after
@@ -439,7 +441,7 @@ class Transformer(nnx.Module):
       cache, block = commit(cache, block, count), None
       cache = cache.replace(k=tuple(constrain(x, K_AXES, mesh, rules) for x in cache.k),
                             v=tuple(constrain(x, V_AXES, mesh, rules) for x in cache.v))
-    elif cache is not None:
+    else:
       cache = None
     return ModelOutput(logits=logits, hidden=hidden,
                        layer_hidden=tuple(collected[i] for i in hidden_layers), cache=cache,
