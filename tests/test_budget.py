@@ -4,6 +4,7 @@ cost model decides what runs: flat costs (an accelerator) speculate, costs growi
 
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -65,3 +66,17 @@ def test_auto_checks_its_settings():
   eng, _ = engine_and_plain()
   with pytest.raises(ValueError, match="needs a cost model"):
     eng.generate(PROMPTS[:1], strategy=Auto(options=OPTIONS[:2]), max_new_tokens=4)
+
+
+def test_deeper_chain_depths_start_from_the_depth_above():
+  auto = Auto(options=OPTIONS[:2], chain=4, chain_prior=(1.0, 3.0))
+  hits = np.zeros((3, 4))
+  seen = np.zeros((3, 4))
+  hits[:2, 0], seen[:2, 0] = (18, 2), (20, 20)  # depth 1 observed: often right, rarely right
+  rates = np.asarray(auto.chain_rates(jnp.asarray(hits), jnp.asarray(seen)))
+  np.testing.assert_allclose(rates, np.repeat([[19 / 24], [3 / 24], [1 / 4]], 4, axis=1),
+                             rtol=1e-6)
+  hits[0, 1], seen[0, 1] = 0, 12  # depth 2 of the first row: never right
+  rates = np.asarray(auto.chain_rates(jnp.asarray(hits), jnp.asarray(seen)))
+  depth2 = 4 * (19 / 24) / 16
+  np.testing.assert_allclose(rates[0], [19 / 24, depth2, depth2, depth2], rtol=1e-6)

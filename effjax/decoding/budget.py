@@ -16,9 +16,10 @@ E_i / cost(T_i) at the engine's cache length, through `lax.switch` inside the ji
 The expected tokens come from online estimates that start empty in every generation:
 - the lookup chain: per depth d, the rate a_d at which the model generated the chain's d-th token
   when it had generated the first d - 1 (observed after every step whatever ran: the model's own
-  tokens are compared with the chain drafted before it), from a sceptical prior (`chain_prior`,
-  1/4: since every step observes the chain, waiting for evidence costs a few plain steps, while
-  a hopeful guess costs a multi-token forward); a chain token at depth d is reached with
+  tokens are compared with the chain drafted before it), from a sceptical prior at depth 1
+  (`chain_prior`, 1/4: since every step observes the chain, waiting for evidence costs a few plain
+  steps, while a hopeful guess costs a multi-token forward) and, at depth d, from depth d - 1's
+  estimate (`Auto.chain_rates`); a chain token at depth d is reached with
   probability a_1 ... a_d;
 - ESP: a node is reached with probability c * prod q_i (the masks' own probabilities), c the ratio
   of how often the model's token at the root was one of the depth-1 candidates to the probability
@@ -82,7 +83,8 @@ class Auto(Strategy):
   """Cost-aware speculation over `options` with the device's `cost_model` (None: set it with
   `with_cost_model` before decoding, e.g. from cost_model_for(model, auto.blocks)). chain: the
   longest lookup chain any option drafts; max_ngram: the lookup's longest n-gram; chain_prior:
-  the (hits, misses) pseudo-counts each depth's rate starts from."""
+  the (hits, misses) pseudo-counts depth 1's rate starts from (deeper depths start from the depth
+  above with the same strength)."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -141,13 +143,25 @@ class Auto(Strategy):
         chain_hits=jnp.zeros((b, n), jnp.float32), esp_mass=zeros, esp_hits=zeros,
         runs=jnp.zeros((len(self.options),), jnp.int32)))
 
+  def chain_rates(self, hits: jax.Array, seen: jax.Array) -> jax.Array:
+    """Per depth [B, L], the rate at which the model generates the chain's d-th token once it has
+    generated the first d - 1. Depth 1 starts from `chain_prior`; depth d from depth d - 1's
+    estimate, with the same strength: deep depths are observed only when a long chain runs, and
+    a chain that keeps matching tends to go on matching (a flat prior there kept long chains from
+    ever being tried where the text repeats at length)."""
+    h, m = self.chain_prior
+    mean, rates = jnp.full(hits.shape[:1], h / (h + m)), []
+    for d in range(hits.shape[1]):
+      mean = (hits[:, d] + (h + m) * mean) / (seen[:, d] + h + m)
+      rates.append(mean)
+    return jnp.stack(rates, axis=1)
+
   def expected(self, ex: AutoState, chain_valid: jax.Array, esp_score: jax.Array,
                esp_valid: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
     """Expected tokens appended [B] per option, and the reach probabilities they sum: the lookup
     chain's [B, L] and the ESP candidates' [B, C] (esp_score: their log prod q)."""
-    hits, misses = self.chain_prior
-    rate = (ex.chain_hits + hits) / (ex.chain_seen + hits + misses)
-    chain_p = jnp.cumprod(rate, axis=1) * (jnp.arange(self.chain)[None, :] < chain_valid[:, None])
+    chain_p = jnp.cumprod(self.chain_rates(ex.chain_hits, ex.chain_seen), axis=1) * (
+        jnp.arange(self.chain)[None, :] < chain_valid[:, None])
     calib = (ex.esp_hits + 1.0) / (ex.esp_mass + 1.0)
     esp_p = jnp.where(esp_valid & ex.fresh[:, None],
                       jnp.clip(calib[:, None] * jnp.exp(esp_score), 0.0, 1.0), 0.0)
