@@ -216,8 +216,8 @@ def attend(qg: jax.Array, parts: list[tuple[jax.Array, jax.Array]], mask: jax.Ar
   head_major: move the queries' heads outermost before the score dot. For a forward without a
   cache (a prefill: T x T scores) XLA:CPU otherwise computes the scores key-major and transposes
   them at full size, which at T = 1024 thrashes the caches (1.6x the whole prefill's time); with
-  a cache, the queries as they are make the faster program (a 1-token step over 2048 slots: 33 vs
-  39 ms, benchmarks/forward_cost.py)."""
+  a cache, the queries as they are make the faster program (a 1-token forward over 2048 slots:
+  33 vs 39 ms, benchmarks/forward_cost.py)."""
   q, q_axes = (jnp.transpose(qg, (0, 2, 3, 1, 4)), "bkgtd") if head_major else (qg, "btkgd")
 
   def scores(k):
