@@ -45,16 +45,16 @@ def child(args) -> None:
     state = engine.advance(engine.start([prompt], strategy=strategy, max_new_tokens=args.tokens),
                            strategy, 0)  # compiled (or restored) before any step is timed
     jax.block_until_ready(state.length)
-    steps, before = [], None
+    steps, before = [], np.zeros(len(names or ()), np.int64)  # auto's steps run per option
     while not bool(np.asarray(state.done).all()):
       t = time.perf_counter()
       state = engine.advance(state, strategy, 1)
       jax.block_until_ready(state.length)
       ms = (time.perf_counter() - t) * 1e3
-      runs = np.asarray(state.extra.runs) if names else None
-      option = names[int(np.argmax(runs - before))] if names and before is not None else (
-          names[int(np.argmax(runs))] if names else args.child)
-      before = runs
+      option = args.child
+      if names:
+        runs = np.asarray(state.extra.runs)
+        option, before = names[int(np.argmax(runs - before))], runs
       steps.append((ms, option))
     gens.append(steps)
   print("RESULT " + json.dumps(gens))
