@@ -133,6 +133,7 @@ def _browser(tmp_path):
 
 def test_page_shows_markup_as_text_and_one_click_is_one_label(tmp_path):
   from selenium.webdriver.common.by import By
+  from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
   from selenium.webdriver.support.ui import WebDriverWait
 
   markup = lambda toks: "<b>bold</b><script>window.pwned = 1</script><img src=x onerror=alert(1)> " + \
@@ -154,8 +155,11 @@ def test_page_shows_markup_as_text_and_one_click_is_one_label(tmp_path):
     assert driver.execute_script("return window.pwned === undefined")
     assert driver.find_element(By.ID, "prompt").text == markup(np.asarray(batch.prompts[0]))
     driver.find_element(By.ID, "choose-b").click()
-    # The page reloads onto the second pair once the first answer is saved.
-    WebDriverWait(driver, 30).until(
+    # The page reloads onto the second pair once the first answer is saved; an element found just
+    # before the reload goes stale, so the waits retry on that instead of failing.
+    reloading = lambda: WebDriverWait(
+        driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+    reloading().until(
         lambda d: d.find_element(By.ID, "a").text == markup(np.asarray(batch.a[1])))
     lines = [json.loads(line) for line in rater.answers_path.read_text().splitlines()]
     assert lines == [{"id": list(rater.queries)[0], "choice": 0}]
@@ -163,7 +167,7 @@ def test_page_shows_markup_as_text_and_one_click_is_one_label(tmp_path):
     worker.join(timeout=60)
     assert got["labels"].tolist() == [0, 1]
     assert len(rater.answers_path.read_text().splitlines()) == 2
-    WebDriverWait(driver, 30).until(lambda d: "No pairs waiting" in d.find_element(By.ID, "left").text)
+    reloading().until(lambda d: "No pairs waiting" in d.find_element(By.ID, "left").text)
   finally:
     driver.quit()
     rater.close()
