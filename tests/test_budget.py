@@ -80,3 +80,41 @@ def test_deeper_chain_depths_start_from_the_depth_above():
   rates = np.asarray(auto.chain_rates(jnp.asarray(hits), jnp.asarray(seen)))
   depth2 = 4 * (19 / 24) / 16
   np.testing.assert_allclose(rates[0], [19 / 24, depth2, depth2, depth2], rtol=1e-6)
+
+
+def test_chain_counts_fade_so_the_estimate_follows_the_text_as_it_is_now():
+  """Two full 4-token matches, then eight steps where only the first chain token is right: with
+  every step remembered, depth 4 keeps its 2 of 2 early successes (0.72); fading by half per step
+  leaves them almost no weight."""
+  def rates(memory):
+    hits, seen = np.zeros(4), np.zeros(4)
+    for new_seen, new_hits in [([1, 1, 1, 1], [1, 1, 1, 1])] * 2 + [([1, 1, 0, 0], [1, 0, 0, 0])] * 8:
+      seen, hits = memory * seen + new_seen, memory * hits + new_hits
+    auto = Auto(options=OPTIONS[:2], chain=4, chain_memory=memory)
+    return np.asarray(auto.chain_rates(jnp.asarray(hits[None]), jnp.asarray(seen[None])))[0]
+
+  def golden(w, u):  # w: the weight of all ten steps, u: of the first two; prior (1, 3)
+    d1 = (w + 1) / (w + 4)
+    d2 = (u + 4 * d1) / (w + 4)
+    d3 = (u + 4 * d2) / (u + 4)
+    return [d1, d2, d3, (u + 4 * d3) / (u + 4)]
+
+  np.testing.assert_allclose(rates(1.0), golden(10, 2), rtol=1e-6)
+  np.testing.assert_allclose(rates(0.5), golden(2 - 0.5**9, 0.5**9 + 0.5**8), rtol=1e-6)
+  assert rates(1.0)[3] > 0.7 and rates(0.5)[3] < 0.34
+  with pytest.raises(ValueError, match="chain_memory"):
+    Auto(chain_memory=0.0)
+
+
+@pytest.mark.parametrize("memory", [1.0, 0.5])
+def test_the_decode_loop_fades_the_chain_counts(memory):
+  eng, want = engine_and_plain()
+  auto = Auto(options=OPTIONS, cost_model=costs(0.08), chain_memory=memory)
+  res = eng.generate(PROMPTS, strategy=auto, max_new_tokens=LIMITS)
+  assert res.tokens == want
+  seen = np.asarray(res.extra.chain_seen)
+  if memory == 1.0:  # whole counts: one per step that observed depth 1
+    np.testing.assert_array_equal(seen, np.round(seen))
+    assert seen[:, 0].max() > 2
+  else:  # a geometric sum of weights that halve each step stays under 2
+    assert 0 < seen[:, 0].max() < 2

@@ -20,7 +20,9 @@ The expected tokens come from online estimates that start empty in every generat
   (`chain_prior`, 1/4: since every step observes the chain, waiting for evidence costs a few plain
   steps, while a hopeful guess costs a multi-token forward) and, at depth d, from depth d - 1's
   estimate (`Auto.chain_rates`); a chain token at depth d is reached with
-  probability a_1 ... a_d;
+  probability a_1 ... a_d. The counts fade by `chain_memory` per step, so the estimate follows the
+  text as it is now: a summary that quoted its source at length and then paraphrases stops
+  paying for ten-token chains within a few steps;
 - ESP: a node is reached with probability c * prod q_i (the masks' own probabilities), c the ratio
   of how often the model's token at the root was one of the depth-1 candidates to the probability
   the masks gave them (prior 1); mask candidates count only when computed at the current root (a
@@ -84,7 +86,8 @@ class Auto(Strategy):
   `with_cost_model` before decoding, e.g. from cost_model_for(model, auto.blocks)). chain: the
   longest lookup chain any option drafts; max_ngram: the lookup's longest n-gram; chain_prior:
   the (hits, misses) pseudo-counts depth 1's rate starts from (deeper depths start from the depth
-  above with the same strength)."""
+  above with the same strength); chain_memory: the factor the chain counts fade by per step
+  (1: the whole generation counts alike; 0.9: an observation weighs about ten steps)."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -92,6 +95,7 @@ class Auto(Strategy):
   max_ngram: int = 3
   ema: float = 0.1
   chain_prior: tuple[float, float] = (1.0, 3.0)
+  chain_memory: float = 0.9
   sampler: Sampler = GREEDY
 
   def __post_init__(self):
@@ -106,6 +110,8 @@ class Auto(Strategy):
         raise ValueError(f"bad option {o}: plain has no nodes, chain and hybrid at least one")
       if o.kind == "chain" and o.nodes > self.chain:
         raise ValueError(f"option {o.name} drafts more than chain={self.chain} tokens")
+    if not 0.0 < self.chain_memory <= 1.0:
+      raise ValueError(f"chain_memory must be in (0, 1], got {self.chain_memory}")
     if self.chain < 1 or self.max_ngram < 1:
       raise ValueError(f"chain and max_ngram must be >= 1, got {self.chain}, {self.max_ngram}")
 
@@ -257,7 +263,8 @@ class Auto(Strategy):
     hit = (first == toks[:, :1]).any(axis=1)
     return new.replace(extra=AutoState(
         esp=new.extra, fresh=jnp.where(active, fresh, ex.fresh),
-        chain_seen=ex.chain_seen + seen, chain_hits=ex.chain_hits + (seen & same),
+        chain_seen=self.chain_memory * ex.chain_seen + seen,
+        chain_hits=self.chain_memory * ex.chain_hits + (seen & same),
         esp_mass=ex.esp_mass + jnp.where(observe, mass, 0.0),
         esp_hits=ex.esp_hits + (observe & hit),
         runs=ex.runs.at[choice].add(active.any().astype(jnp.int32))))
