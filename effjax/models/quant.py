@@ -97,7 +97,9 @@ def _digits_product(x, codes):
     digits.append(d)
     u = (u - d) * _BASE
   stacked = jnp.concatenate(digits, axis=0).astype(jnp.int8)  # [DIGITS * n, in]
-  acc = jax.lax.dot_general(stacked, codes, (((1,), (codes.ndim - 1,)), ((), ())),
+  # Against the codes as one [out, in] matrix (a free reshape): with several output dimensions
+  # (a fused QKV or gate+up kernel) XLA:CPU would copy the codes to [in, out] on every call.
+  acc = jax.lax.dot_general(stacked, codes.reshape(-1, d_in), (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.int32)
   acc = acc.reshape(DIGITS, rows.shape[0], *codes.shape[:-1]).astype(jnp.float32)
   weights = jnp.asarray([_BASE ** -j for j in range(DIGITS)], jnp.float32)
