@@ -22,6 +22,7 @@ from effjax.checkpoints.registry import convert, load_model
 from effjax.models import create_model, make_mesh, tiny_config
 from effjax.models import layout, quant
 from effjax.models.sharding import state_shardings
+from decode_hlo import decode_loop_hlo
 from tiny_gguf import params_of, tiny_bpe, write_gguf
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma2", "gemma3"]
@@ -229,19 +230,12 @@ def test_compiled_int8_decode_reads_the_codes_where_they_are():
   """No int8 kernel is copied or transposed per step: the fused QKV and gate+up codes have several
   output dimensions, and a product against them as stored made XLA:CPU copy each to [in, out] on
   every call (43 against 17 ms per SmolLM2 decode step)."""
-  from effjax.decoding.engine import init_state, jitted_programs
   from effjax.decoding.methods import make_strategy
 
-  cfg = tiny_config("llama", quant="int8", dim=64, mlp_dim=96)
-  graphdef, params = nnx.split(create_model(cfg))
-  sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(params) if x.dtype == jnp.int8}
+  model = create_model(tiny_config("llama", quant="int8", dim=64, mlp_dim=96))
+  sizes = {int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model)) if x.dtype == jnp.int8}
   assert len(sizes) >= 3  # the fused and the single-output kernels, the embedding
-  strategy = make_strategy("ar")
-  prefill, decode = jitted_programs(graphdef, strategy)
-  state = init_state(cfg, jnp.zeros((1, 16), jnp.int32), jnp.array([10]), 32, jax.random.key(0),
-                     max_new_tokens=8, cache_len=64, eos=np.array([1]),
-                     stop=np.zeros((0, 1), np.int32), strategy=strategy)
-  hlo = decode.lower(params, jax.eval_shape(prefill, params, state), jnp.int32(4)).compile().as_text()
+  hlo, _ = decode_loop_hlo(model, make_strategy("ar"), max_new_tokens=8, cache_len=64)
   moved = []
   for line in hlo.splitlines():
     m = re.match(r"\s*(?:ROOT )?%\S+ = s8\[([\d,]*)\]\S* (\w[\w-]*)\(", line)
