@@ -4,9 +4,11 @@ exactly prompt + generated tokens but the last afterwards; sampling distributed 
 sampling over several steps with top-k and top-p; the pieces of Token Recycling and the suffix
 drafter against brute force."""
 
+import dataclasses
 import functools
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -198,6 +200,47 @@ def test_recycling_template_and_table():
   # Depth 1: ranks 0..3 of token 3's successors (only 3 recorded: the 4th is empty).
   assert tok[0, :3].tolist() == want[2].tolist() and valid[0].tolist()[:4] == [True] * 3 + [False]
   np.testing.assert_allclose(logp[0, 0], jax.nn.log_softmax(logits[0, 2])[want[2][0]], rtol=1e-5)
+
+
+def test_successor_table_merges_rows_by_last_writer():
+  fed = jnp.array([[1, 2], [1, 3]])
+  logits = jax.random.normal(jax.random.key(1), (2, 2, 5))
+  table = SuccessorTable.empty(2, 5, 2).update(fed, logits, jnp.array([[True, True], [True, False]]))
+  one = SuccessorTable.merged(table)
+  chex.assert_shape((one.tokens, one.logp, one.written), [(1, 5, 2), (1, 5, 2), (1, 5)])
+  top = np.argsort(-np.asarray(logits), axis=-1)[..., :2]
+  np.testing.assert_array_equal(one.tokens[0, 1], top[1, 0])  # both rows wrote token 1: the last
+  np.testing.assert_array_equal(one.tokens[0, 2], top[0, 1])  # only row 0 wrote token 2
+  assert (one.tokens[0, [0, 3, 4]] == -1).all() and not one.written.any()  # row 1's 3 was invalid
+  with pytest.raises(ValueError, match="inherited successor table"):
+    SuccessorTable.start(one, 2, 5, 2)  # the engine broadcasts the memory to the batch first
+
+
+@pytest.mark.parametrize("strategy", [TokenRecycling(budget=10), Hybrid.preset(10)],
+                         ids=["tr-bc10", "hybrid-bc10"])
+def test_successor_table_carries_over_between_generations(strategy):
+  """As in Token Recycling's reference, a generation starts from the table the last one left: the
+  same prompt again needs fewer calls, with the same output; a batch leaves one table for the next
+  batch of any size; reset_memory (or inherit=False) starts from an empty table."""
+  _, model = tiny("llama")
+  engine = Engine(model, cache_len=CACHE)
+  prompt = [PROMPTS[0]]
+  want = engine.generate(prompt, max_new_tokens=40).tokens
+  first = engine.generate(prompt, strategy=strategy, max_new_tokens=40)
+  memory = engine._memory_of(strategy)[0]
+  assert (np.asarray(memory.tokens[0, want[0][:-1]]) >= 0).all()  # every fed token was recorded
+  second = engine.generate(prompt, strategy=strategy, max_new_tokens=40)
+  assert first.tokens == second.tokens == want
+  assert second.model_calls < first.model_calls
+  batch = engine.generate(PROMPTS, strategy=strategy, max_new_tokens=20)
+  assert batch.tokens == engine.generate(PROMPTS, max_new_tokens=20).tokens
+  assert engine.generate(prompt[:1], strategy=strategy, max_new_tokens=40).tokens == want
+  engine.reset_memory()
+  assert engine.generate(prompt, strategy=strategy, max_new_tokens=40).model_calls == \
+      first.model_calls
+  alone = dataclasses.replace(strategy, inherit=False)
+  calls = [engine.generate(prompt, strategy=alone, max_new_tokens=40).model_calls for _ in "ab"]
+  assert calls == [first.model_calls] * 2
 
 
 def _brute_match(text, i, cap):

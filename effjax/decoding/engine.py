@@ -57,6 +57,8 @@ class DecodeState:
   extra: Any  # the strategy's own state
   hook: "StepHook | None" = struct.field(pytree_node=False, default=None)  # observes every token
   hook_state: Any = ()  # the hook's own state (after the prefill)
+  memory: Any = ()  # what the engine's last generation with this strategy left it, [B, ...] (until
+  # the prefill takes it; () = nothing: see Strategy.new_memory)
 
 
 class StepHook:
@@ -155,6 +157,16 @@ class Strategy:
     """Loop steps `generate` allows for max_new_tokens (more where steps may commit nothing)."""
     return max_new_tokens
 
+  def new_memory(self, cfg: ModelConfig) -> Any:
+    """What one generation leaves to the next on the same engine (Token Recycling's successor
+    table), empty, with a leading batch dimension of 1; None: nothing carries over. The engine puts
+    it, broadcast to the batch, in `DecodeState.memory` before the prefill."""
+    return None
+
+  def leave_memory(self, state: DecodeState) -> Any:
+    """The memory a finished generation leaves (shaped like new_memory's), from its final state."""
+    return None
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AutoRegressive(Strategy):
@@ -209,6 +221,12 @@ class Steered(Strategy):
 
   def max_calls(self, max_new_tokens: int) -> int:
     return self.base.max_calls(max_new_tokens)
+
+  def new_memory(self, cfg):
+    return self.base.new_memory(cfg)
+
+  def leave_memory(self, state):
+    return self.base.leave_memory(state)
 
 
 def with_hook(strategy: Strategy, hook: StepHook | None) -> Strategy:
@@ -471,6 +489,8 @@ class Engine:
       params = jax.device_put(params, state_shardings(params, mesh, rules))
     self.params = params
     self._compiled = StrategyCache(max_strategies)
+    # Per strategy, a one-item list: the memory its last finished generation left (new_memory).
+    self._memory = StrategyCache(max_strategies)
 
   # -- input checks (before any compilation) --
   def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens, strategy: Strategy):
@@ -541,7 +561,20 @@ class Engine:
     limits = self._check(prompts, max_new_tokens, strategy)
     init, prefill, _ = self._functions(strategy)
     state = init(*self._inputs(prompts, limits, stop_array(stop_sequences), seed, strategy))
+    memory = self._memory_of(strategy)[0]
+    if memory is not None:
+      # A copy per row: the prefill donates the state, and the engine keeps the memory until a
+      # generation finishes (a start that is never decoded to the end leaves it as it was).
+      rows = lambda x: jnp.array(jnp.broadcast_to(x, (len(prompts),) + x.shape[1:]))
+      state = state.replace(memory=jax.tree.map(rows, memory))
     return prefill(self.params, state)
+
+  def _memory_of(self, strategy: Strategy) -> list:
+    return self._memory.get(strategy, lambda s: [s.new_memory(self.cfg)])
+
+  def reset_memory(self) -> None:
+    """Forget what earlier generations left (e.g. Token Recycling's successor tables)."""
+    self._memory = StrategyCache(self._memory.max_size)
 
   def advance(self, state: DecodeState, strategy: Strategy, steps: int) -> DecodeState:
     """Run up to `steps` more loop iterations (fewer if every row is done)."""
@@ -560,7 +593,7 @@ class Engine:
     state = self.advance(state, strategy, strategy.max_calls(int(state.limit.max())))
     jax.block_until_ready(state.length)
     t2 = time.perf_counter()
-    return self._result(state, prompts, t1 - t0, t2 - t1)
+    return self._result(state, strategy, prompts, t1 - t0, t2 - t1)
 
   def stream(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
              stop_sequences=(), seed: int = 0, chunk: int = 8
@@ -582,10 +615,13 @@ class Engine:
       yield [tokens[i, sent[i]:length[i]].tolist() for i in range(len(prompts))]
       sent = length.astype(np.int64)
       if done.all():
-        return self._result(state, prompts, t1 - t0, time.perf_counter() - t1)
+        return self._result(state, strategy, prompts, t1 - t0, time.perf_counter() - t1)
       state = self.advance(state, strategy, chunk)
 
-  def _result(self, state, prompts, prefill_s, decode_s) -> GenerationResult:
+  def _result(self, state, strategy, prompts, prefill_s, decode_s) -> GenerationResult:
+    box = self._memory_of(strategy)
+    if box[0] is not None:
+      box[0] = strategy.leave_memory(state)
     tokens, length, calls, extra, hook_state = fetch(
         (state.tokens, state.length, state.calls, state.extra, state.hook_state))
     return GenerationResult(tokens=[tokens[i, :length[i]].tolist() for i in range(len(prompts))],

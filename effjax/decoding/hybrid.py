@@ -7,7 +7,8 @@ node given its parent ("own"):
 - suffix: the suffix drafter's trie of continuations (effjax.decoding.suffix; own = the count
   ratio of the node to its parent);
 - recycle: Token Recycling's successors (effjax.decoding.recycling) along its template (own = the
-  probability the model gave the successor when it was recorded);
+  probability the model gave the successor when it was recorded; the table carries over between
+  generations as Token Recycling's does, `inherit`);
 - ngram: the prompt-lookup chain (effjax.decoding.pld; own = 1).
 A node proposed by several sources is one node (select_nodes merges it, keeping its best estimate).
 
@@ -44,7 +45,7 @@ from flax import struct
 from effjax.decoding.engine import DecodeState
 from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_tree_step
 from effjax.decoding.pld import context, lookup_match
-from effjax.decoding.recycling import TOP_K, SuccessorTable, template
+from effjax.decoding.recycling import TOP_K, SuccessorTable, merged_table, table_memory, template
 from effjax.decoding.suffix import suffix_candidates
 from effjax.decoding.tree import Selection, select_nodes
 from effjax.models.transformer import Transformer
@@ -155,6 +156,7 @@ class Hybrid(ESP):
   min_token_prob: float = 0.1
   top_k: int = TOP_K
   prior: float = 1.0
+  inherit: bool = True  # the successor table carries over between generations (Token Recycling)
 
   def __post_init__(self):
     if self.widths is not None:
@@ -191,9 +193,16 @@ class Hybrid(ESP):
     b = state.length.shape[0]
     zeros = jnp.zeros((b,), jnp.float32)
     return state.replace(extra=HybridState(
-        esp=state.extra, table=SuccessorTable.empty(b, model.cfg.vocab_size, self.top_k),
+        esp=state.extra, table=SuccessorTable.start(state.memory, b, model.cfg.vocab_size,
+                                                    self.top_k),
         stats=AcceptanceStats.empty(b), expected=jnp.ones((b, self.num_nodes + 1)),
-        predicted=zeros, accepted=zeros))
+        predicted=zeros, accepted=zeros), memory=())
+
+  def new_memory(self, cfg):
+    return table_memory(self, cfg)
+
+  def leave_memory(self, state):
+    return merged_table(state.extra.table)
 
   def candidates(self, state: DecodeState) -> Candidates:
     """Every source's candidates for the next step, with cells and own probabilities."""

@@ -12,6 +12,10 @@ for greedy and for sampling (the draft depends only on earlier steps).
 The table is per row ([B, V, k] token ids with their log-probabilities, -1 = nothing recorded yet:
 such a node stays empty, where the reference drafts token 0), carried in the decode loop. Where one
 step feeds the same token at several nodes, the last in BFS order writes its row.
+
+As in the reference, the table is never reset: on one `Engine`, each generation starts from the table
+the last finished generation of the same strategy left (`inherit`; `Engine.reset_memory` forgets
+it). A batch leaves one table: per token, the entry of the last row that wrote it.
 """
 
 from __future__ import annotations
@@ -87,10 +91,33 @@ def template(num_nodes: int | None = None) -> Template:
 class SuccessorTable:
   tokens: jax.Array  # [B, V, k] the top-k tokens predicted after each token, best first; -1 = none
   logp: jax.Array  # [B, V, k] their log-probabilities then
+  written: jax.Array  # [B, V] entries written in this generation (not inherited)
 
   @classmethod
   def empty(cls, batch: int, vocab: int, k: int = TOP_K) -> "SuccessorTable":
-    return cls(jnp.full((batch, vocab, k), -1, jnp.int32), jnp.full((batch, vocab, k), -jnp.inf))
+    return cls(jnp.full((batch, vocab, k), -1, jnp.int32), jnp.full((batch, vocab, k), -jnp.inf),
+               jnp.zeros((batch, vocab), bool))
+
+  @classmethod
+  def start(cls, memory: "SuccessorTable | tuple", batch: int, vocab: int,
+            k: int = TOP_K) -> "SuccessorTable":
+    """A generation's first table: the inherited one ([batch, ...], DecodeState.memory), or an
+    empty one where nothing is inherited (memory ())."""
+    if isinstance(memory, tuple):
+      return cls.empty(batch, vocab, k)
+    if memory.tokens.shape != (batch, vocab, k):
+      raise ValueError(f"inherited successor table {memory.tokens.shape}, expected "
+                       f"{(batch, vocab, k)}")
+    return memory.replace(written=jnp.zeros((batch, vocab), bool))
+
+  def merged(self) -> "SuccessorTable":
+    """One row ([1, V, k]) for the next generation: per token, the last row that wrote it, else
+    row 0 (every row started from the same table)."""
+    b = self.written.shape[0]
+    last = b - 1 - jnp.argmax(self.written[::-1], axis=0)  # [V]: the last writer (0 if none)
+    row = jnp.where(self.written.any(0), last, 0)
+    pick = lambda x: jnp.take_along_axis(x, row.reshape((1, -1) + (1,) * (x.ndim - 2)), axis=0)
+    return SuccessorTable(pick(self.tokens), pick(self.logp), jnp.zeros_like(self.written[:1]))
 
   def update(self, fed: jax.Array, logits: jax.Array, valid: jax.Array) -> "SuccessorTable":
     """Record the model's top-k after each fed token: fed [B, O] tokens, logits [B, O, V] there,
@@ -103,7 +130,8 @@ class SuccessorTable:
     row = jnp.where(valid & ~shadowed, fed, v)  # v: out of bounds, dropped
     at = (jnp.arange(b)[:, None], row)
     return SuccessorTable(self.tokens.at[at].set(top.astype(jnp.int32), mode="drop"),
-                         self.logp.at[at].set(logp, mode="drop"))
+                          self.logp.at[at].set(logp, mode="drop"),
+                          self.written.at[at].set(True, mode="drop"))
 
   def expand(self, root: jax.Array, tpl: Template) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Fill `tpl` from the root [B]: tokens, log-probabilities when recorded, valid; each [B, N]."""
@@ -133,13 +161,23 @@ class RecyclingState:
 
 def prefill_with_table(strategy: Strategy, model: Transformer, state: DecodeState, key: jax.Array,
                        k: int = TOP_K) -> tuple[DecodeState, SuccessorTable]:
-  """The plain prefill, with the first table entry: the successors of the last prompt token."""
+  """The plain prefill, with the first table (inherited or empty; see SuccessorTable.start) updated
+  by the successors of the last prompt token."""
   logits, _, state = prefill_forward(model, state)
   last = jnp.take_along_axis(state.prompt, (state.prompt_len - 1)[:, None], axis=1)
-  table = SuccessorTable.empty(last.shape[0], logits.shape[-1], k)
+  table = SuccessorTable.start(state.memory, last.shape[0], model.cfg.vocab_size, k)
   table = table.update(last, logits[:, None], jnp.ones(last.shape, bool))
   state = append_tokens(state, strategy.sampler(logits, key)[:, None], jnp.ones_like(state.length))
-  return state, table
+  return state.replace(memory=()), table
+
+
+merged_table = jax.jit(SuccessorTable.merged)
+
+
+def table_memory(strategy: Strategy, cfg) -> SuccessorTable | None:
+  """new_memory of a strategy with a successor table (fields `inherit`, `top_k`): an empty one-row
+  table if it inherits."""
+  return SuccessorTable.empty(1, cfg.vocab_size, strategy.top_k) if strategy.inherit else None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -150,6 +188,7 @@ class TokenRecycling(Strategy):
   budget: int | None = None
   top_k: int = TOP_K
   sampler: Sampler = GREEDY
+  inherit: bool = True  # start from the table the engine's last generation left (the reference)
 
   def __post_init__(self):
     if self.budget is not None:
@@ -176,6 +215,12 @@ class TokenRecycling(Strategy):
     state, table = prefill_with_table(self, model, state, key, self.top_k)
     hist = jnp.zeros((state.length.shape[0], self.max_step_tokens + 1), jnp.int32)
     return state.replace(extra=RecyclingState(table, hist))
+
+  def new_memory(self, cfg):
+    return table_memory(self, cfg)
+
+  def leave_memory(self, state):
+    return merged_table(state.extra.table)
 
   def draft(self, state: DecodeState) -> Tree:
     tpl = self.template
