@@ -24,9 +24,13 @@ def _model(family, softness=0.2, **kw):
 
 
 def naive_greedy(model, prompt, n, eos=()):
+  """Greedy decoding by full forwards without a cache. The input is right-padded to one width (the
+  model is causal: padding after a position does not change its logits), so one compile serves."""
+  width = len(prompt) + n
+  forward = jax.jit(lambda x, at: model(x).logits[0, at])
   toks, out = list(prompt), []
   for _ in range(n):
-    t = int(jnp.argmax(model(jnp.array([toks])).logits[0, -1]))
+    t = int(jnp.argmax(forward(jnp.array([toks + [0] * (width - len(toks))]), len(toks) - 1)))
     out.append(t)
     toks.append(t)
     if t in eos:
