@@ -302,6 +302,9 @@ def test_hybrid_draws_from_every_source_and_learns_online():
   sources = np.asarray(cand.cell[0]) // (DEPTHS * BINS)
   for s in range(len(SOURCES)):
     assert (sources == s).any()
+  # Recycled successors along the whole reference template, whatever the budget: the estimates,
+  # not a cut of the template, choose which of them fill the 7 slots.
+  assert (sources == SOURCES.index("recycle")).sum() == template().num_nodes == 80
   state = eng.advance(state, strategy, 12)
   ex = jax.device_get(state.extra)
   seen = ex.stats.seen[0].sum(axis=(1, 2))

@@ -169,7 +169,7 @@ class Hybrid(ESP):
     if self.prior <= 0 or not 0 <= self.min_token_prob <= 1:
       raise ValueError(f"need prior > 0 and 0 <= min_token_prob <= 1, got {self.prior}, "
                        f"{self.min_token_prob}")
-    if max(template(self.num_nodes).ranks) >= self.top_k:
+    if max(template().ranks) >= self.top_k:
       raise ValueError(f"top_k={self.top_k} is below the recycling template's ranks")
 
   @classmethod
@@ -233,8 +233,9 @@ class Hybrid(ESP):
     parts.append(Candidates(sc.parent, sc.tokens, sc.ratio, keep,
                             cell_index(SUFFIX_SRC, sc.levels, bins), keep & first, sc.levels))
 
-    # Recycled successors along the template: own = their recorded probability; bin by rank.
-    tpl = template(n)
+    # Recycled successors along the reference template (all 80 nodes, whatever the budget: the
+    # estimates choose which fill the slots): own = their recorded probability; bin by rank.
+    tpl = template()
     tokens, logp, valid = ex.table.expand(state.last, tpl)
     parent = jnp.broadcast_to(jnp.asarray(tpl.layout.parents, jnp.int32) - 1, tokens.shape)
     levels = tpl.layout.depths[1:]
