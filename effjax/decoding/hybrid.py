@@ -6,9 +6,9 @@ node given its parent ("own"):
 - esp: ESP's probes, the dynamic-tree candidates of the mask distributions (own = q_i(token));
 - suffix: the suffix drafter's trie of continuations (effjax.decoding.suffix; own = the count
   ratio of the node to its parent);
-- recycle: Token Recycling's successors (effjax.decoding.recycling) along its template (own = the
-  probability the model gave the successor when it was recorded; the table carries over between
-  generations as Token Recycling's does, `inherit`);
+- recycle: Token Recycling's successors (effjax.decoding.recycling) along its whole 80-node
+  reference template at every budget (own = the probability the model gave the successor when it
+  was recorded; the table carries over between generations as Token Recycling's does, `inherit`);
 - ngram: the prompt-lookup chain (effjax.decoding.pld; own = 1).
 A node proposed by several sources is one node (select_nodes merges it, keeping its best estimate).
 
