@@ -45,7 +45,7 @@ from flax import struct
 from effjax.decoding.engine import DecodeState
 from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_tree_step
 from effjax.decoding.pld import context, lookup_match
-from effjax.decoding.recycling import TOP_K, SuccessorTable, merged_table, table_memory, template
+from effjax.decoding.recycling import TOP_K, InheritsTable, SuccessorTable, template
 from effjax.decoding.suffix import suffix_candidates
 from effjax.decoding.tree import Selection, select_nodes
 from effjax.models.transformer import Transformer
@@ -139,7 +139,7 @@ class HybridState:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Hybrid(ESP):
+class Hybrid(InheritsTable, ESP):
   """The hybrid tree at `budget` BC tokens per forward with `masks` ESP masks per owner (node slots
   = budget / (masks + 1) - 1). Source settings: the lookup chain (`chain` tokens, n-grams up to
   `max_ngram`), the suffix trie (`occurrences` most recent occurrences, match lengths up to
@@ -197,12 +197,6 @@ class Hybrid(ESP):
                                                     self.top_k),
         stats=AcceptanceStats.empty(b), expected=jnp.ones((b, self.num_nodes + 1)),
         predicted=zeros, accepted=zeros), memory=())
-
-  def new_memory(self, cfg):
-    return table_memory(self, cfg)
-
-  def leave_memory(self, state):
-    return merged_table(state.extra.table)
 
   def candidates(self, state: DecodeState) -> Candidates:
     """Every source's candidates for the next step, with cells and own probabilities."""

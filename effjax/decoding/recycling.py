@@ -174,14 +174,19 @@ def prefill_with_table(strategy: Strategy, model: Transformer, state: DecodeStat
 merged_table = jax.jit(SuccessorTable.merged)
 
 
-def table_memory(strategy: Strategy, cfg) -> SuccessorTable | None:
-  """new_memory of a strategy with a successor table (fields `inherit`, `top_k`): an empty one-row
-  table if it inherits."""
-  return SuccessorTable.empty(1, cfg.vocab_size, strategy.top_k) if strategy.inherit else None
+class InheritsTable:
+  """Strategy methods that carry a successor table (`state.extra.table`) over between generations,
+  for strategies with fields `inherit` and `top_k`."""
+
+  def new_memory(self, cfg):
+    return SuccessorTable.empty(1, cfg.vocab_size, self.top_k) if self.inherit else None
+
+  def leave_memory(self, state):
+    return merged_table(state.extra.table)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TokenRecycling(Strategy):
+class TokenRecycling(InheritsTable, Strategy):
   """Token Recycling with the reference tree (budget None: 80 nodes, 81 tokens per forward) or its
   cheapest budget - 1 nodes (BC `budget` tokens per forward, e.g. 10 / 30 / 60)."""
 
@@ -215,12 +220,6 @@ class TokenRecycling(Strategy):
     state, table = prefill_with_table(self, model, state, key, self.top_k)
     hist = jnp.zeros((state.length.shape[0], self.max_step_tokens + 1), jnp.int32)
     return state.replace(extra=RecyclingState(table, hist))
-
-  def new_memory(self, cfg):
-    return table_memory(self, cfg)
-
-  def leave_memory(self, state):
-    return merged_table(state.extra.table)
 
   def draft(self, state: DecodeState) -> Tree:
     tpl = self.template
