@@ -89,8 +89,11 @@ def step_timer(engine, strategy, prompt: list[int], steps: int):
   """A timer: (wall s, CPU s) per model call of `steps` decode-loop steps after a prefill."""
 
   def timer():
+    # As many tokens as the steps can append, within the cache (a step that hits the limit
+    # still counts as one call).
+    room = engine.cache_len - len(prompt) - strategy.block_size
     state = engine.start([prompt], strategy=strategy,
-                         max_new_tokens=steps * strategy.max_step_tokens)
+                         max_new_tokens=min(steps * strategy.max_step_tokens, room))
     calls0 = int(jax.device_get(state.calls))
     t, c = time.perf_counter(), time.process_time()
     state = engine.advance(state, strategy, steps)

@@ -18,11 +18,12 @@ from scipy import stats
 from effjax.decoding.engine import AutoRegressive, Engine
 from effjax.decoding.esp import ESP
 from effjax.decoding.hybrid import (BINS, DEPTHS, SOURCES, AcceptanceStats, Hybrid,
-                                    expected_tokens)
+                                    expected_tokens, likely_ends)
 from effjax.decoding.methods import all_labels, make_strategy, parse_label
 from effjax.decoding.recycling import REFERENCE_CHILDREN, SuccessorTable, TokenRecycling, template
 from effjax.decoding.sampling import Sampler
 from effjax.decoding.suffix import match_lengths, suffix_candidates
+from effjax.decoding.tree import Tree
 from effjax.models import create_model, tiny_config
 
 PROMPTS = [[1, 2, 3, 4, 9, 10, 11, 14, 15, 20, 21], [7, 8, 9], [5, 6, 7, 8] * 3 + [5, 6]]
@@ -104,7 +105,8 @@ def test_every_method_by_name_is_lossless_and_keeps_the_cache(name, strategy):
 
 
 # On other families (q/k norms; sliding windows, soft-capping, post-norms, embedding scales): the
-# hybrid (tree forwards with masks after every owner; ESP, suffix, recycling and lookup drafts).
+# hybrid (tree forwards with masks after the likeliest path ends; ESP, suffix, recycling and lookup
+# drafts).
 # Every tree method shares its tree forward; two masks per owner run on Gemma 3 in
 # tests/test_esp.py, lookahead on Llama and Gemma 3 in tests/test_lookahead.py.
 FAMILY_CASES = [(f, "hybrid-bc10") for f in ("qwen3", "gemma2")]
@@ -161,8 +163,9 @@ def test_sampling_is_exact_over_several_steps():
   exp = [exact[c] * rows for c in big] + [rows * (1 - sum(exact[c] for c in big))]
   eng = Engine(model, cache_len=40)
   # The suffix drafter and prompt lookup verify as Token Recycling does (a tree without masks).
+  # The hybrid: masks after 3 of its 7 owners (6 nodes: 7 mask candidates fit the vocabulary).
   for s in (ESP(widths=(2, 2), sampler=sampler), TokenRecycling(budget=10, sampler=sampler),
-            Hybrid.preset(10, sampler=sampler)):
+            Hybrid(masks=1, budget=10, masked_owners=3, sampler=sampler)):
     res = eng.generate([prompt] * rows, strategy=s, max_new_tokens=n, seed=5)
     seen = {}
     for t in res.tokens:
@@ -288,6 +291,20 @@ def test_acceptance_statistics_and_expected_tokens():
   exp = expected_tokens(jnp.log(jnp.array([[0.2, 0.9, 0.5, 1.0]])),
                         jnp.array([[True, True, True, False]]), 4)
   np.testing.assert_allclose(exp, [[1.0, 1.9, 2.4, 2.6, 2.6]], rtol=1e-6)
+
+
+def test_likely_ends_rank_owners_by_where_the_path_stops():
+  """Reach probabilities root 1, node 1 0.6, node 2 0.25 (children of the root), node 3 0.5 (child
+  of node 1), slot 4 unused: the path stops at node 3 w.p. 0.5, node 2 0.25, the root 0.15, node 1
+  0.1."""
+  tree = Tree(tokens=jnp.zeros((1, 5), jnp.int32), parent=jnp.array([[0, 0, 0, 1, 0]]),
+              valid=jnp.array([[True, True, True, True, False]]))
+  score = jnp.log(jnp.array([[0.6, 0.25, 0.5, 0.0]]))
+  np.testing.assert_array_equal(likely_ends(tree, score, 3), [[3, 2, 0]])
+  assert Hybrid.preset(60).num_nodes == 53 and Hybrid.preset(60).block_size == 60
+  assert Hybrid(masks=1, budget=60).num_nodes == 29  # masks after every owner, as ESP
+  with pytest.raises(ValueError, match="masked_owners"):
+    Hybrid(masks=1, budget=10, masked_owners=7)
 
 
 def test_hybrid_draws_from_every_source_and_learns_online():

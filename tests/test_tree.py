@@ -245,3 +245,15 @@ def test_tree_step_commits_exactly_the_appended_path(family):
     n = int(got.length[i])
     assert got.tokens[i, :n].tolist() == free[i][:n]
   _check_cache_holds(model, cfg, got, prompts, 64)
+  # Masks after two owners per row only (a 9-token block): the same step, and the deepest node's
+  # mask logits, equal to the full block's, where it is one of them (rows 0, 2, 4).
+  owners = jnp.array([[0, 3], [0, 2], [4, 1], [0, 1], [2, 4]])
+  few = nnx.jit(lambda *a: tree_step(*a, mask_owners=owners), static_argnums=(4, 5))(
+      model, state, tree, masks, 4, GREEDY, jax.random.key(0))
+  np.testing.assert_array_equal(few.accepted, out.accepted)
+  np.testing.assert_array_equal(few.state.tokens, got.tokens)
+  np.testing.assert_array_equal(few.mask_found, [True, False, True, False, True])
+  for i, deepest in [(0, 3), (2, 4), (4, 4)]:
+    np.testing.assert_allclose(few.mask_logits[i], block[i, 5 + 2 * deepest + np.arange(2)],
+                               rtol=1e-5, atol=1e-5)
+  _check_cache_holds(model, cfg, few.state, prompts, 64)

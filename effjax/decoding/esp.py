@@ -163,13 +163,16 @@ def esp_step(model: Transformer, state: DecodeState, tree: Tree, depth: int, sam
 
 def esp_tree_step(model: Transformer, state: DecodeState, tree: Tree, depth: int,
                   sampler: Sampler, ema: float, num_candidates: int, key: jax.Array, *,
-                  commit_cache: bool = True) -> StepOutcome:
+                  commit_cache: bool = True, mask_owners: jax.Array | None = None) -> StepOutcome:
   """esp_step with the whole step outcome (path, owner logits, kept K/V...); its state carries the
-  new ESPState (and, with commit_cache=False, no cache: see tree_step)."""
+  new ESPState (and, with commit_cache=False, no cache: see tree_step). With mask_owners (see
+  tree_step) a row whose deepest accepted node had no masks gets no candidates (log-prob -inf)."""
   ex = state.extra
   active = ~state.done
-  out = tree_step(model, state, tree, ex.masks, depth, sampler, key, commit_cache=commit_cache)
+  out = tree_step(model, state, tree, ex.masks, depth, sampler, key, commit_cache=commit_cache,
+                  mask_owners=mask_owners)
   tok, logp = candidates(out.mask_logits, num_candidates)
+  logp = jnp.where(out.mask_found[:, None, None], logp, -jnp.inf)
   masks = ema_update(ex.masks, model.embed_tokens(out.tokens), out.appended, ema)
   keep = active[:, None, None]
   extra = ESPState(masks=jnp.where(keep, masks, ex.masks),

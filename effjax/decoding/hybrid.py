@@ -25,6 +25,12 @@ ngram by the matched n-gram's length. A node's estimate is the product along its
 (cumulative log scores); the tree keeps the num_nodes best, ancestor-closed. Nothing is tuned on
 a data set: the statistics start empty in every generation and live in the loop state.
 
+The block of a step is the tree's owners and ESP's mask(s) after only the `masked_owners` owners
+most likely to end the accepted path (`likely_ends`: the estimated probability of reaching the
+owner less that of reaching one of its children; bc / 10 of them in the presets). The next step's
+ESP candidates come from the masks of the deepest accepted node; where it has none, ESP proposes
+nothing for that step and the other sources fill the tree.
+
 For cost-aware budgets: `Hybrid.plan(state)` gives the next step's candidates and tree with each
 node's estimated path probability, and `expected_tokens` the expected tokens one step appends with
 the best tree of n nodes for every n (1 + the sum of the n largest path probabilities: each node
@@ -47,7 +53,7 @@ from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_
 from effjax.decoding.pld import context, lookup_match
 from effjax.decoding.recycling import TOP_K, InheritsTable, SuccessorTable, template
 from effjax.decoding.suffix import suffix_candidates
-from effjax.decoding.tree import Selection, select_nodes
+from effjax.decoding.tree import Selection, Tree, select_nodes
 from effjax.models.transformer import Transformer
 
 SOURCES = ("esp", "suffix", "recycle", "ngram")
@@ -128,6 +134,17 @@ def expected_tokens(path_logp: jax.Array, valid: jax.Array, sizes: int) -> jax.A
   return 1.0 + jnp.concatenate([jnp.zeros_like(top[:, :1]), jnp.cumsum(top, axis=1)], axis=1)
 
 
+def likely_ends(tree: Tree, node_score: jax.Array, m: int) -> jax.Array:
+  """[B, m] the owners most likely to end the accepted path: the estimated probability of reaching
+  the owner (the root always; a node exp(node_score), its path probability) less that of reaching
+  one of its children."""
+  b, o = tree.tokens.shape
+  reach = jnp.where(tree.valid, jnp.concatenate([jnp.ones((b, 1)), jnp.exp(node_score)], axis=1),
+                    0.0)
+  into = jnp.zeros((b, o)).at[jnp.arange(b)[:, None], tree.parent[:, 1:]].add(reach[:, 1:])
+  return jax.lax.top_k(jnp.where(tree.valid, reach - into, -jnp.inf), m)[1].astype(jnp.int32)
+
+
 @struct.dataclass
 class HybridState:
   esp: ESPState  # masks, their candidates and the histogram of tokens per call
@@ -140,7 +157,9 @@ class HybridState:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Hybrid(InheritsTable, ESP):
-  """The hybrid tree at `budget` BC tokens per forward with `masks` ESP masks per owner (node slots
+  """The hybrid tree at `budget` BC tokens per forward with `masks` ESP masks after each of
+  `masked_owners` owners, those most likely to end the accepted path (node slots = budget - 1 -
+  masked_owners * masks); masked_owners=None puts masks after every owner as ESP does (node slots
   = budget / (masks + 1) - 1). Source settings: the lookup chain (`chain` tokens, n-grams up to
   `max_ngram`), the suffix trie (`occurrences` most recent occurrences, match lengths up to
   `max_match`, nodes of support ratio >= `min_token_prob`), the recycled successors (`top_k` per
@@ -149,6 +168,7 @@ class Hybrid(InheritsTable, ESP):
 
   widths: None = None
   budget: int = 30
+  masked_owners: int | None = None
   chain: int = 10
   max_ngram: int = 3
   occurrences: int = 8
@@ -171,14 +191,26 @@ class Hybrid(InheritsTable, ESP):
                        f"{self.min_token_prob}")
     if max(template().ranks) >= self.top_k:
       raise ValueError(f"top_k={self.top_k} is below the recycling template's ranks")
+    if self.masked_owners is not None and not 1 <= self.masked_owners <= self.num_nodes + 1:
+      raise ValueError(f"masked_owners={self.masked_owners} must be between 1 and the owners of "
+                       f"the tree ({self.num_nodes + 1} at budget {self.budget})")
+
+  @property
+  def num_nodes(self) -> int:
+    if self.masked_owners is None:
+      return super().num_nodes
+    return self.budget - 1 - self.masked_owners * self.masks
 
   @classmethod
   def preset(cls, bc: int, **kw) -> "Hybrid":
-    """BC10 / 30 / 60 with one mask per owner (4 / 14 / 29 node slots): ESP's ablation finds one
-    mask as good as two at BC60 (ESP.md), and the slots a second mask would take go to drafts."""
+    """BC10 / 30 / 60 with one mask (ESP's ablation finds one as good as two at BC60, ESP.md)
+    after each of the bc / 10 owners most likely to end the path (8 / 26 / 53 node slots). The
+    next step's ESP candidates come from the masks of the deepest accepted node alone, so masks
+    after every owner (4 / 14 / 29 node slots) spend half the forward on rows that one step in
+    many reads; a tenth of it keeps the likely ends covered and gives the rest to drafts."""
     if bc not in PRESETS:
       raise ValueError(f"no hybrid preset for BC{bc}; choose one of {sorted(PRESETS)}")
-    return cls(masks=1, budget=bc, **kw)
+    return cls(masks=1, budget=bc, masked_owners=bc // 10, **kw)
 
   @property
   def chain_len(self) -> int:
@@ -265,8 +297,10 @@ class Hybrid(InheritsTable, ESP):
     ex: HybridState = state.extra
     cand, sel = self.plan(state)
     active = ~state.done
+    ends = None if self.masked_owners is None else likely_ends(sel.tree, sel.node_score,
+                                                                self.masked_owners)
     out = esp_tree_step(model, state.replace(extra=ex.esp), sel.tree, self.depth, self.sampler,
-                   self.ema, self.num_candidates, key)
+                        self.ema, self.num_candidates, key, mask_owners=ends)
     # Observe every candidate whose parent is on the accepted path: was its token the model's?
     on_path = ((out.path[:, None, :] == sel.parent[:, :, None])
                & (jnp.arange(out.path.shape[1]) <= out.accepted[:, None])[:, None, :])

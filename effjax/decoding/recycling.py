@@ -124,7 +124,11 @@ class SuccessorTable:
     valid [B, O]. Of repeated tokens in a row the last valid one writes."""
     b, o = fed.shape
     v, k = self.tokens.shape[1:]
-    logp, top = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    # The top-k of the logits less their log-sum-exp: log_softmax's values, without writing
+    # and reading again a [B, O, V] array (a vocabulary per owner).
+    logits = logits.astype(jnp.float32)
+    top_logit, top = jax.lax.top_k(logits, k)
+    logp = top_logit - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     later = jnp.triu(jnp.ones((o, o), bool), 1)  # [i, j]: j after i
     shadowed = ((fed[:, :, None] == fed[:, None, :]) & valid[:, None, :] & later[None]).any(-1)
     row = jnp.where(valid & ~shadowed, fed, v)  # v: out of bounds, dropped

@@ -122,11 +122,16 @@ def owner_depths(tree: Tree) -> jax.Array:
   return ancestors(tree).sum(axis=-1).astype(jnp.int32) - 1
 
 
-def _mask_columns(num_owners: int, num_masks: int) -> np.ndarray:
-  """[T, O * k]: mask j of owner b sees masks 1..j of b; nothing else sees a mask."""
-  owner, j = _block_index(num_owners, num_masks)
+def _mask_columns(num_owners: int, num_masks: int, num_masked: int | None = None) -> np.ndarray:
+  """[T, M * k] for the block [O owners | k masks of each of M masked owners] (M = O unless
+  given): mask j of a masked owner sees masks 1..j of that owner; nothing else sees a mask."""
+  m = num_owners if num_masked is None else num_masked
+  masked, j = _block_index(m, num_masks)
+  masked = np.concatenate([np.full(num_owners, -1), masked[m:]])
+  j = np.concatenate([np.full(num_owners, -1), j[m:]])
   o = num_owners
-  return (owner[:, None] == owner[None, o:]) & (j[:, None] >= 0) & (j[None, o:] <= j[:, None])
+  return ((masked[:, None] == masked[None, o:]) & (j[:, None] >= 0)
+          & (j[None, o:] <= j[:, None]))
 
 
 def block_mask(tree: Tree, num_masks: int) -> jax.Array:
@@ -170,6 +175,25 @@ def block_attention(tree: Tree, num_masks: int, root_pos: jax.Array) -> tuple[ja
   mask, offsets = layout_tables(tree.layout, num_masks)
   b = tree.tokens.shape[0]
   return jnp.broadcast_to(mask, (b,) + mask.shape), root_pos[:, None] + offsets[None, :]
+
+
+def masked_block_attention(tree: Tree, mask_owners: jax.Array, num_masks: int,
+                           root_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Attention mask [B, T, T] and position ids [B, T] of the block [owners | k masks of each owner
+  in mask_owners [B, M]] (T = O + M k): owners as in block_mask; mask j of owner
+  mask_owners[:, m] sees what that owner sees, the owner itself and its masks 1..j, at the
+  owner's position + j + 1."""
+  b, o = tree.tokens.shape
+  anc = ancestors(tree)  # [B, O, O]
+  depth = anc.sum(axis=-1).astype(jnp.int32) - 1
+  which = jnp.repeat(mask_owners, num_masks, axis=1)  # [B, M k] the owner of each mask row
+  to_owners = jnp.concatenate([anc, jnp.take_along_axis(anc, which[:, :, None], axis=1)], axis=1)
+  cols = _mask_columns(o, num_masks, mask_owners.shape[1])
+  mask = jnp.concatenate([to_owners, jnp.broadcast_to(cols, (b,) + cols.shape)], axis=-1)
+  j = np.tile(np.arange(num_masks) + 1, mask_owners.shape[1])
+  positions = jnp.concatenate([depth, jnp.take_along_axis(depth, which, axis=1) + j[None, :]],
+                              axis=1)
+  return mask, root_pos[:, None] + positions
 
 
 def first_child_path(tree: Tree, max_depth: int) -> jax.Array:
@@ -239,14 +263,19 @@ class StepOutcome:
   mask_logits: jax.Array | None  # [B, k, V] logits at the masks of the deepest accepted node
   logits: jax.Array  # [B, O, V] the model's logits at every owner (Token Recycling records them)
   kept: KVBlock  # [B, D + 1] the K/V of the path's owners, the first `appended` of them committed
+  # [B] whether the deepest accepted node had masks (always, unless tree_step got mask_owners);
+  # where not, mask_logits is that row's first masked owner's and means nothing.
+  mask_found: jax.Array | None = None
 
 
 def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Array | None,
               max_depth: int, sampler: Sampler, key: jax.Array, *,
-              commit_cache: bool = True) -> StepOutcome:
+              commit_cache: bool = True, mask_owners: jax.Array | None = None) -> StepOutcome:
   """One speculative step: forward [root | nodes | masks], verify, append, commit.
 
-  masks: [B, k, D] input embeddings of the k masks placed after every owner (None: no masks).
+  masks: [B, k, D] input embeddings of the k masks placed after every owner (None: no masks), or
+  only after the owners in mask_owners [B, M] (distinct owner indices): a smaller block, whose
+  mask logits exist only where the deepest accepted node is one of them (StepOutcome.mask_found).
   Rows done before the step keep their cache as it was. commit_cache=False leaves the cache out
   of the returned state (None): the caller commits `kept` and `appended` (cache.commit), once after
   a lax.cond / lax.switch between steps, so that no branch writes, and XLA never copies, the cache.
@@ -264,19 +293,26 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   k = 0 if masks is None else masks.shape[1]
   hook, hs = state.hook, state.hook_state
   emb = model.embed_tokens(tree.tokens)
+  masked = o if mask_owners is None else mask_owners.shape[1]
   if k:
-    emb = jnp.concatenate([emb, jnp.tile(masks.astype(emb.dtype), (1, o, 1))], axis=1)
-  attn_mask, positions = block_attention(tree, k, state.cache.index)
+    emb = jnp.concatenate([emb, jnp.tile(masks.astype(emb.dtype), (1, masked, 1))], axis=1)
+  if k and mask_owners is not None:
+    attn_mask, positions = masked_block_attention(tree, mask_owners, k, state.cache.index)
+  else:
+    attn_mask, positions = block_attention(tree, k, state.cache.index)
   out = model(embeddings=emb, positions=positions, attn_mask=attn_mask, cache=state.cache,
               advance=False, compute_logits=False,
               steering=None if hook is None else block_steering(hook, hs, emb.shape[1]),
               hidden_layers=() if hook is None else hook.hidden_layers)
-  rows = jnp.broadcast_to(jnp.arange(o), (b, o))
-  if k:
-    spine = first_child_path(tree, min(max_depth, SPINE_DEPTH))  # [B, d + 1]
-    spine_rows = o + spine[:, :, None] * k + jnp.arange(k)[None, None, :]
-    rows = jnp.concatenate([rows, spine_rows.reshape(b, -1)], axis=1)
-  logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
+  if k and mask_owners is not None:  # few mask rows: the whole block in the one head pass
+    logits = model.logits(out.hidden)
+  else:
+    rows = jnp.broadcast_to(jnp.arange(o), (b, o))
+    if k:
+      spine = first_child_path(tree, min(max_depth, SPINE_DEPTH))  # [B, d + 1]
+      spine_rows = o + spine[:, :, None] * k + jnp.arange(k)[None, None, :]
+      rows = jnp.concatenate([rows, spine_rows.reshape(b, -1)], axis=1)
+    logits = model.logits(jnp.take_along_axis(out.hidden, rows[:, :, None], axis=1))
   owner_logits = logits[:, :o]
   choice = model_choices(
       sampler, owner_logits if hook is None else hook_choices(hook, hs, owner_logits), key)
@@ -294,9 +330,17 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   if hook is not None:
     after = after.replace(hook_state=observe_path(
         hook, hs, owner_logits, out.layer_hidden, tree.tokens, path, new, appended))
-  mask_logits = None
+  mask_logits, mask_found = None, None
   if k:
     deepest = jnp.take_along_axis(path, accepted[:, None], axis=1)[:, 0]
+  if k and mask_owners is not None:
+    hit = mask_owners == deepest[:, None]
+    mask_found = hit.any(axis=1)
+    by_owner = logits[:, o:].reshape(b, masked, k, -1)
+    mask_logits = jnp.take_along_axis(by_owner, jnp.argmax(hit, axis=1)[:, None, None, None],
+                                      axis=1)[:, 0]
+  elif k:
+    mask_found = jnp.ones((b,), bool)
     at = jnp.minimum(accepted, spine.shape[1] - 1)[:, None]
     on_spine = jnp.take_along_axis(spine, at, axis=1)[:, 0] == deepest
     spine_logits = logits[:, o:].reshape(b, spine.shape[1], k, -1)
@@ -310,7 +354,8 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
 
     mask_logits = jax.lax.cond(off.any(), second_pass, lambda x: x, mask_logits)
   return StepOutcome(state=after, path=path, accepted=accepted, tokens=new, appended=appended,
-                     mask_logits=mask_logits, logits=owner_logits, kept=kept)
+                     mask_logits=mask_logits, logits=owner_logits, kept=kept,
+                     mask_found=mask_found)
 
 
 def step_or_root(model: Transformer, state: DecodeState, tree: Tree, max_depth: int,
