@@ -19,7 +19,8 @@ prompts.
 
 From the same run: the memory roofline (parameter bytes / copy bandwidth of a large np.copyto) and
 the matrix-vector floor (bare XLA products of one vector with every weight matrix of the model,
-best of 10), each for the effjax variants: float32 with fused projections (the default), float32
+best of 10; independent of each other, and chained: each waiting for the one before, as a
+decode's layers do), each for the effjax variants: float32 with fused projections (the default), float32
 with separate projections, and weight-only int8. Then batch 1/8/32/64 decode throughput for float32
 and int8. Writes its section of BENCHMARKS.md.
 """
@@ -255,15 +256,17 @@ def main() -> None:
   if "effjax" in workers:
     bw = max(copies)
     lines += ["", "| effjax variant | decode ms/token | weight bytes read per token (MB) | "
-              "matvec floor ms (best) | floor / decode | roofline ms (bytes / copy bandwidth) | "
-              "roofline / decode |", "|---|---|---|---|---|---|---|"]
+              "matvec floor ms (best) | floor / decode | chained matvec floor ms (best) | "
+              "chained floor / decode | roofline ms (bytes / copy bandwidth) | roofline / decode |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for v in EFFJAX_VARIANTS:
       ms = median([p[2] for p in per[("effjax", v)]])
       best = min(f["ms"] for f in floors[v])
+      chained = min(f["chained_ms"] for f in floors[v])
       nbytes = floors[v][0]["param_bytes"]
       roof = nbytes / (bw * 1e9) * 1e3
       lines.append(f"| {v} | {ms:.1f} | {nbytes / 1e6:.0f} | {best:.1f} | {best / ms:.0%} | "
-                   f"{roof:.1f} | {roof / ms:.0%} |")
+                   f"{chained:.1f} | {chained / ms:.0%} | {roof:.1f} | {roof / ms:.0%} |")
     lines += ["", f"Copy bandwidth (best np.copyto of 512 MiB, read + write): {bw:.1f} GB/s."]
     lines += ["", f"Batched decode, {args.batch_new_tokens} new tokens per row (tokens/s, all rows):",
               "", "| batch | float32 incl. prefill | float32 decode only | int8 incl. prefill | "
