@@ -9,9 +9,8 @@ from flax import nnx
 
 from effjax.decoding.engine import AutoRegressive, Engine
 from effjax.decoding.sampling import GREEDY
-from effjax.decoding.tree import (Layout, Tree, block_attention, block_mask, block_positions,
-                                  first_child_path, layout_tables, select_nodes, select_tree,
-                                  tree_step, verify)
+from effjax.decoding.tree import (Layout, Tree, block_attention, first_child_path, layout_tables,
+                                  select_nodes, select_tree, tree_step, verify)
 from effjax.models import KVCache, create_model, tiny_config
 
 
@@ -57,8 +56,7 @@ def test_block_mask_and_positions_match_brute_force(k):
   valid = jnp.array([v for _, v in trees])
   tree = Tree(tokens=jnp.zeros(parent.shape, jnp.int32), parent=parent, valid=valid)
   root_pos = jnp.array([0, 5, 17, 3])
-  got_mask = np.asarray(block_mask(tree, k))
-  got_pos = np.asarray(block_positions(tree, k, root_pos))
+  got_mask, got_pos = map(np.asarray, block_attention(tree, k, root_pos))
   for b, (p, v) in enumerate(trees):
     want_mask, want_pos = _reference(p, v, k, int(root_pos[b]))
     np.testing.assert_array_equal(got_mask[b], want_mask)
@@ -74,13 +72,14 @@ def test_static_layout_tables_equal_the_per_step_computation(layout, k):
               valid=jnp.ones((2, o), bool))
   root_pos = jnp.array([3, 40])
   mask, offsets = layout_tables(layout, k)
-  np.testing.assert_array_equal(np.asarray(block_mask(tree, k))[0], mask)
-  np.testing.assert_array_equal(np.asarray(block_positions(tree, k, root_pos)),
+  per_step_mask, per_step_pos = block_attention(tree, k, root_pos)  # no layout: from the parents
+  np.testing.assert_array_equal(np.asarray(per_step_mask)[0], mask)
+  np.testing.assert_array_equal(np.asarray(per_step_pos),
                                 np.asarray(root_pos)[:, None] + offsets[None])
   got_mask, got_pos = block_attention(Tree(tree.tokens, tree.parent, tree.valid, layout), k,
                                       root_pos)
-  np.testing.assert_array_equal(got_mask, block_mask(tree, k))
-  np.testing.assert_array_equal(got_pos, block_positions(tree, k, root_pos))
+  np.testing.assert_array_equal(got_mask, per_step_mask)
+  np.testing.assert_array_equal(got_pos, per_step_pos)
 
 
 def test_first_child_path_follows_the_first_child_and_stops_at_leaves():
@@ -233,10 +232,11 @@ def test_tree_step_commits_exactly_the_appended_path(family):
   np.testing.assert_array_equal(out.state.done, [False, False, True, True, True])
   # Mask logits of the deepest accepted node: row 0's (node 3) is off the first-child path and
   # takes the second head pass, the others' are on it. All equal the block forward's own.
+  attn_mask, positions = block_attention(tree, 2, state.cache.index)
   block = model(embeddings=jnp.concatenate([model.embed_tokens(tree.tokens),
                                             jnp.tile(masks, (1, 5, 1))], axis=1),
-                positions=block_positions(tree, 2, state.cache.index),
-                attn_mask=block_mask(tree, 2), cache=state.cache, advance=False).logits
+                positions=positions, attn_mask=attn_mask, cache=state.cache,
+                advance=False).logits
   for i, deepest in enumerate([3, 1, 4, 4, 4]):
     np.testing.assert_allclose(out.mask_logits[i], block[i, 5 + 2 * deepest + np.arange(2)],
                                rtol=1e-5, atol=1e-5)

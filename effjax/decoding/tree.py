@@ -118,10 +118,6 @@ def ancestors(tree: Tree) -> jax.Array:
   return reach > 0
 
 
-def owner_depths(tree: Tree) -> jax.Array:
-  return ancestors(tree).sum(axis=-1).astype(jnp.int32) - 1
-
-
 def _mask_columns(num_owners: int, num_masks: int, num_masked: int | None = None) -> np.ndarray:
   """[T, M * k] for the block [O owners | k masks of each of M masked owners] (M = O unless
   given): mask j of a masked owner sees masks 1..j of that owner; nothing else sees a mask."""
@@ -134,28 +130,10 @@ def _mask_columns(num_owners: int, num_masks: int, num_masked: int | None = None
           & (j[None, o:] <= j[:, None]))
 
 
-def block_mask(tree: Tree, num_masks: int) -> jax.Array:
-  """[B, T, T] tree attention over the block: a node sees the root, its ancestors and itself; mask
-  j of owner b sees what b sees, b itself and masks 1..j of b. Nothing sees other owners' masks."""
-  o = tree.num_owners
-  owner, _ = _block_index(o, num_masks)
-  to_owners = ancestors(tree)[:, owner, :]  # [B, T, O]
-  mask_cols = _mask_columns(o, num_masks)
-  b = tree.tokens.shape[0]
-  return jnp.concatenate([to_owners, jnp.broadcast_to(mask_cols, (b,) + mask_cols.shape)], axis=-1)
-
-
-def block_positions(tree: Tree, num_masks: int, root_pos: jax.Array) -> jax.Array:
-  """[B, T] position ids: node at depth d -> root_pos + d; mask j of owner b -> pos(b) + j."""
-  owner, j = _block_index(tree.num_owners, num_masks)
-  depth = owner_depths(tree)
-  return root_pos[:, None] + depth[:, owner] + (j + 1)[None, :]
-
-
 @functools.lru_cache(maxsize=None)
 def layout_tables(layout: Layout, num_masks: int) -> tuple[np.ndarray, np.ndarray]:
   """The block mask [T, T] and position offsets from the root [T] of a static layout, built once
-  (block_mask and block_positions of a tree of that shape with every slot valid)."""
+  (block_attention of a tree of that shape with every slot valid)."""
   o = layout.num_nodes + 1
   parents = (0,) + layout.parents
   anc = np.eye(o, dtype=bool)
@@ -166,24 +144,23 @@ def layout_tables(layout: Layout, num_masks: int) -> tuple[np.ndarray, np.ndarra
   return mask, (np.asarray(layout.depths)[owner] + j + 1).astype(np.int32)
 
 
-def block_attention(tree: Tree, num_masks: int, root_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The block's attention mask [B, T, T] and position ids [B, T]: from the layout's tables when
-  the tree has a static layout, else from its parents. A chain's invalid tail slots may see and be
-  placed as in the full chain: no valid slot sees them and they are never committed."""
-  if tree.layout is None:
-    return block_mask(tree, num_masks), block_positions(tree, num_masks, root_pos)
-  mask, offsets = layout_tables(tree.layout, num_masks)
-  b = tree.tokens.shape[0]
-  return jnp.broadcast_to(mask, (b,) + mask.shape), root_pos[:, None] + offsets[None, :]
+def block_attention(tree: Tree, num_masks: int, root_pos: jax.Array,
+                    mask_owners: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The attention mask [B, T, T] and position ids [B, T] of the block [owners | k masks of each
+  owner in mask_owners [B, M]] (None: of every owner, in owner order; T = O + M k). A node sees
+  the root, its ancestors and itself, at the root's position + its depth; mask j of an owner sees
+  what that owner sees, the owner itself and its masks 1..j, at the owner's position + j + 1.
+  Nothing sees another owner's masks.
 
-
-def masked_block_attention(tree: Tree, mask_owners: jax.Array, num_masks: int,
-                           root_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Attention mask [B, T, T] and position ids [B, T] of the block [owners | k masks of each owner
-  in mask_owners [B, M]] (T = O + M k): owners as in block_mask; mask j of owner
-  mask_owners[:, m] sees what that owner sees, the owner itself and its masks 1..j, at the
-  owner's position + j + 1."""
+  A tree with a static layout and masks after every owner takes the layout's tables, else they
+  come from its parents. A chain's invalid tail slots may see and be placed as in the full chain:
+  no valid slot sees them and they are never committed."""
   b, o = tree.tokens.shape
+  if tree.layout is not None and mask_owners is None:
+    mask, offsets = layout_tables(tree.layout, num_masks)
+    return jnp.broadcast_to(mask, (b,) + mask.shape), root_pos[:, None] + offsets[None, :]
+  if mask_owners is None:
+    mask_owners = jnp.broadcast_to(jnp.arange(o, dtype=jnp.int32), (b, o))
   anc = ancestors(tree)  # [B, O, O]
   depth = anc.sum(axis=-1).astype(jnp.int32) - 1
   which = jnp.repeat(mask_owners, num_masks, axis=1)  # [B, M k] the owner of each mask row
@@ -296,10 +273,8 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   masked = o if mask_owners is None else mask_owners.shape[1]
   if k:
     emb = jnp.concatenate([emb, jnp.tile(masks.astype(emb.dtype), (1, masked, 1))], axis=1)
-  if k and mask_owners is not None:
-    attn_mask, positions = masked_block_attention(tree, mask_owners, k, state.cache.index)
-  else:
-    attn_mask, positions = block_attention(tree, k, state.cache.index)
+  attn_mask, positions = block_attention(tree, k, state.cache.index,
+                                        mask_owners if k else None)
   out = model(embeddings=emb, positions=positions, attn_mask=attn_mask, cache=state.cache,
               advance=False, compute_logits=False,
               steering=None if hook is None else block_steering(hook, hs, emb.shape[1]),
@@ -333,26 +308,26 @@ def tree_step(model: Transformer, state: DecodeState, tree: Tree, masks: jax.Arr
   mask_logits, mask_found = None, None
   if k:
     deepest = jnp.take_along_axis(path, accepted[:, None], axis=1)[:, 0]
-  if k and mask_owners is not None:
-    hit = mask_owners == deepest[:, None]
-    mask_found = hit.any(axis=1)
-    by_owner = logits[:, o:].reshape(b, masked, k, -1)
-    mask_logits = jnp.take_along_axis(by_owner, jnp.argmax(hit, axis=1)[:, None, None, None],
-                                      axis=1)[:, 0]
-  elif k:
-    mask_found = jnp.ones((b,), bool)
-    at = jnp.minimum(accepted, spine.shape[1] - 1)[:, None]
-    on_spine = jnp.take_along_axis(spine, at, axis=1)[:, 0] == deepest
-    spine_logits = logits[:, o:].reshape(b, spine.shape[1], k, -1)
-    mask_logits = jnp.take_along_axis(spine_logits, at[:, :, None, None], axis=1)[:, 0]
-    off = ~state.done & ~on_spine
+    if mask_owners is not None:
+      hit = mask_owners == deepest[:, None]
+      mask_found = hit.any(axis=1)
+      by_owner = logits[:, o:].reshape(b, masked, k, -1)
+      mask_logits = jnp.take_along_axis(by_owner, jnp.argmax(hit, axis=1)[:, None, None, None],
+                                        axis=1)[:, 0]
+    else:
+      mask_found = jnp.ones((b,), bool)
+      at = jnp.minimum(accepted, spine.shape[1] - 1)[:, None]
+      on_spine = jnp.take_along_axis(spine, at, axis=1)[:, 0] == deepest
+      spine_logits = logits[:, o:].reshape(b, spine.shape[1], k, -1)
+      mask_logits = jnp.take_along_axis(spine_logits, at[:, :, None, None], axis=1)[:, 0]
+      off = ~state.done & ~on_spine
 
-    def second_pass(mask_logits):
-      idx = o + deepest[:, None] * k + jnp.arange(k)[None, :]
-      hidden = jnp.take_along_axis(out.hidden, idx[:, :, None], axis=1)
-      return jnp.where(off[:, None, None], model.logits(hidden), mask_logits)
+      def second_pass(mask_logits):
+        idx = o + deepest[:, None] * k + jnp.arange(k)[None, :]
+        hidden = jnp.take_along_axis(out.hidden, idx[:, :, None], axis=1)
+        return jnp.where(off[:, None, None], model.logits(hidden), mask_logits)
 
-    mask_logits = jax.lax.cond(off.any(), second_pass, lambda x: x, mask_logits)
+      mask_logits = jax.lax.cond(off.any(), second_pass, lambda x: x, mask_logits)
   return StepOutcome(state=after, path=path, accepted=accepted, tokens=new, appended=appended,
                      mask_logits=mask_logits, logits=owner_logits, kept=kept,
                      mask_found=mask_found)
