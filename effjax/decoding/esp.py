@@ -18,6 +18,7 @@ from flax import struct
 
 from effjax.decoding.engine import DecodeState, Strategy, sample_first
 from effjax.decoding.sampling import GREEDY, Sampler
+from effjax.decoding.topk import top_log_probs
 from effjax.decoding.tree import (Layout, StepOutcome, Tree, count_appended, select_tree,
                                   tree_step)
 from effjax.models.cache import commit, write_rows
@@ -240,8 +241,7 @@ def prefill_with_masks(model: Transformer, state: DecodeState, masks: jax.Array)
 
 def candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
   """Top-m tokens of each distribution [..., V] and their log-probabilities, best first."""
-  logp, tok = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), m)
-  return tok.astype(jnp.int32), logp
+  return top_log_probs(logits, m)
 
 
 def static_tree(root: jax.Array, cand_tokens: jax.Array, widths: tuple[int, ...]) -> Tree:

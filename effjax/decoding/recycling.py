@@ -29,6 +29,7 @@ from flax import struct
 
 from effjax.decoding.engine import DecodeState, Strategy, append_tokens, prefill_forward
 from effjax.decoding.sampling import GREEDY, Sampler
+from effjax.decoding.topk import top_log_probs
 from effjax.decoding.tree import Layout, Tree, count_appended, tree_step
 from effjax.models.transformer import Transformer
 
@@ -124,16 +125,12 @@ class SuccessorTable:
     valid [B, O]. Of repeated tokens in a row the last valid one writes."""
     b, o = fed.shape
     v, k = self.tokens.shape[1:]
-    # The top-k of the logits less their log-sum-exp: log_softmax's values, without writing
-    # and reading again a [B, O, V] array (a vocabulary per owner).
-    logits = logits.astype(jnp.float32)
-    top_logit, top = jax.lax.top_k(logits, k)
-    logp = top_logit - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    top, logp = top_log_probs(logits, k)
     later = jnp.triu(jnp.ones((o, o), bool), 1)  # [i, j]: j after i
     shadowed = ((fed[:, :, None] == fed[:, None, :]) & valid[:, None, :] & later[None]).any(-1)
     row = jnp.where(valid & ~shadowed, fed, v)  # v: out of bounds, dropped
     at = (jnp.arange(b)[:, None], row)
-    return SuccessorTable(self.tokens.at[at].set(top.astype(jnp.int32), mode="drop"),
+    return SuccessorTable(self.tokens.at[at].set(top, mode="drop"),
                           self.logp.at[at].set(logp, mode="drop"),
                           self.written.at[at].set(True, mode="drop"))
 
