@@ -12,24 +12,15 @@ Random float32 logits [--rows, V] for SmolLM2's and Gemma 3's vocabularies, k = 
 from __future__ import annotations
 
 import argparse
-import time
 
 import effjax  # noqa: F401  first: with libtpu installed, keeps JAX off a TPU this host lacks
 import jax
 import numpy as np
-from forward_cost import time_round_robin
+from forward_cost import call_timer, time_round_robin
 
 from effjax.decoding.topk import top_log_probs
 
 VOCABS = {"smollm2 (49152)": 49152, "gemma3 (262144)": 262144}
-
-
-def timer(fn, x):
-  def run():
-    w, c = time.perf_counter(), time.process_time()
-    jax.block_until_ready(fn(x))
-    return time.perf_counter() - w, time.process_time() - c
-  return run
 
 
 def main(argv=None) -> int:
@@ -53,7 +44,7 @@ def main(argv=None) -> int:
     (want_logp, want_tok), (tok, logp) = fns[1](x), fns[2](x)
     np.testing.assert_array_equal(tok, want_tok)
     np.testing.assert_allclose(logp, want_logp, atol=1e-5)
-    timed = time_round_robin([timer(f, x) for f in fns], args.reps)
+    timed = time_round_robin([call_timer(f, x) for f in fns], args.reps)
     for form, (med, best, cpu) in zip(forms, timed):
       print(f"| {name} | {form} | {med:.2f} | {best:.2f} | {cpu:.2f} | {best / timed[0][1]:.2f}x |")
   return 0

@@ -139,7 +139,7 @@ class ESP(Strategy):
     state = sample_first(state.replace(cache=cache), logits, hidden, self.sampler, k_tok)
     masks = ema_update(masks, model.embed_tokens(state.last[:, None]), state.length - before,
                        self.ema)
-    tok, logp = candidates(mask_logits, self.num_candidates)
+    tok, logp = top_log_probs(mask_logits, self.num_candidates)
     hist = jnp.zeros((before.shape[0], self.max_step_tokens + 1), jnp.int32)
     return state.replace(extra=ESPState(masks, tok, logp, hist))
 
@@ -172,7 +172,7 @@ def esp_tree_step(model: Transformer, state: DecodeState, tree: Tree, depth: int
   active = ~state.done
   out = tree_step(model, state, tree, ex.masks, depth, sampler, key, commit_cache=commit_cache,
                   mask_owners=mask_owners)
-  tok, logp = candidates(out.mask_logits, num_candidates)
+  tok, logp = top_log_probs(out.mask_logits, num_candidates)
   logp = jnp.where(out.mask_found[:, None, None], logp, -jnp.inf)
   masks = ema_update(ex.masks, model.embed_tokens(out.tokens), out.appended, ema)
   keep = active[:, None, None]
@@ -237,11 +237,6 @@ def prefill_with_masks(model: Transformer, state: DecodeState, masks: jax.Array)
   last = (state.prompt_len - 1)[:, None, None]
   hidden = tuple(jnp.take_along_axis(h, last, axis=1)[:, 0] for h in out.layer_hidden)
   return logits[:, 0], logits[:, 1:], hidden, commit(state.cache, out.block, state.prompt_len)
-
-
-def candidates(logits: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
-  """Top-m tokens of each distribution [..., V] and their log-probabilities, best first."""
-  return top_log_probs(logits, m)
 
 
 def static_tree(root: jax.Array, cand_tokens: jax.Array, widths: tuple[int, ...]) -> Tree:
