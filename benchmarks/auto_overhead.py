@@ -13,6 +13,7 @@ loop step is timed against plain decoding's (forward_cost.step_timer: the README
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import effjax  # noqa: F401  first: with libtpu installed, keeps JAX off a TPU this host lacks
 from forward_cost import PROMPT, step_timer, time_round_robin
@@ -26,9 +27,10 @@ from effjax.decoding.methods import make_strategy
 
 
 def always_plain(auto: Auto, cache_len: int) -> Auto:
-  """auto with a cost model under which a k-token forward costs k^3 plain steps."""
-  return auto.with_cost_model(CostModel(tuple((cache_len, k, float(k) ** 3)
-                                              for k in sorted(set(auto.blocks)))))
+  """auto with a cost model under which a k-token forward costs k^3 plain steps, every option
+  compiled (pruning would drop the trees such costs rule out)."""
+  return dataclasses.replace(auto, prune=False, cost_model=CostModel(
+      tuple((cache_len, k, float(k) ** 3) for k in sorted(set(auto.blocks)))))
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@ cost model decides what runs: flat costs (an accelerator) speculate, costs growi
 (a CPU at its worst) decode plainly, and the lookup chain is taken where the text repeats."""
 
 import functools
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ OPTIONS = (Option("plain"), Option("chain", 3), Option("chain", 10), Option("hyb
 
 def costs(per_token: float) -> CostModel:
   """cost(k) = 1 + per_token * (k - 1) ms, at any cache length."""
-  return CostModel(tuple((64, k, 1e-3 * (1 + per_token * (k - 1))) for k in (1, 2, 4, 11, 30)))
+  return CostModel(tuple((64, k, 1e-3 * (1 + per_token * (k - 1))) for k in (1, 2, 4, 10, 11, 30, 60)))
 
 
 @functools.cache
@@ -41,8 +42,12 @@ def test_auto_equals_plain_and_follows_the_cost_model(per_token, runs):
   auto = Auto(options=OPTIONS, cost_model=costs(per_token))
   res = eng.generate(PROMPTS, strategy=auto, max_new_tokens=LIMITS)
   assert res.tokens == want
-  ran = dict(zip([o.name for o in OPTIONS], res.extra.runs.tolist()))
+  ran = dict(zip([o.name for o in auto.options], res.extra.runs.tolist()))
   assert sum(ran.values()) == res.model_calls
+  # Growing costs leave the trees that cannot repay their forward out of the program.
+  assert [o.name for o in auto.options] == {
+      "speculates": [o.name for o in OPTIONS], "plain": ["plain", "chain-3", "chain-10"],
+      "chain": ["plain", "chain-3", "chain-10", "hybrid-4"]}[runs]
   hist = res.extra.esp.hist
   np.testing.assert_array_equal((hist * np.arange(hist.shape[1])).sum(axis=1),
                                 [len(t) - 1 for t in want])
@@ -118,3 +123,43 @@ def test_the_decode_loop_fades_the_chain_counts(memory):
     assert seen[:, 0].max() > 2
   else:  # a geometric sum of weights that halve each step stays under 2
     assert 0 < seen[:, 0].max() < 2
+
+
+# Forward seconds measured on a 2-core CPU for SmolLM2-135M (the cost model `auto` measured there).
+CPU_COSTS = CostModel(tuple((s, k, t * 1e-3) for s, row in (
+    (256, (15.3, 19.8, 24.9, 26.9, 44.2, 75.9)), (2048, (19.4, 27.4, 42.2, 43.7, 94.2, 179.1)))
+    for k, t in zip((1, 4, 10, 11, 30, 60), row)))
+
+
+def test_pruning_keeps_the_options_a_device_can_profit_from():
+  assert Auto(cost_model=costs(0.0)).options == Auto().options  # flat costs: every option
+  cpu = Auto(cost_model=CPU_COSTS)
+  assert [o.name for o in cpu.options] == ["plain", "chain-3", "chain-10", "hybrid-4", "hybrid-14"]
+  assert cpu.block_size == 30 and cpu.blocks == (1, 4, 11, 10, 30)
+  assert Auto(cost_model=CPU_COSTS, prune=False).options == Auto().options
+  assert Auto().with_cost_model(CPU_COSTS).options == cpu.options
+
+
+@pytest.mark.parametrize("cost_model", [CPU_COSTS, costs(0.08), costs(0.3)])
+def test_a_pruned_option_is_never_the_best_choice(cost_model):
+  """The estimator over many random states, at several cache lengths: every step's choice among
+  all options is one the pruning kept, and the mask candidates' reach probabilities sum to <= 1."""
+  full = Auto(cost_model=cost_model, prune=False)
+  kept = {o.name for o in Auto(options=full.options, cost_model=cost_model).options}
+  rng = np.random.default_rng(0)
+  b, c, chosen = 4, full.max_nodes, set()
+  for _ in range(300):
+    seen = rng.uniform(0, 30, (b, full.chain))
+    ex = SimpleNamespace(
+        chain_seen=jnp.asarray(seen), chain_hits=jnp.asarray(seen * rng.beta(2, 0.6, (b, full.chain))),
+        esp_hits=jnp.asarray(rng.uniform(0, 40, b)), esp_mass=jnp.asarray(rng.uniform(0, 20, b)),
+        fresh=jnp.asarray(rng.random(b) < 0.8))
+    valid = jnp.asarray(rng.integers(0, full.chain + 1, b))
+    score = jnp.asarray(np.log(rng.dirichlet(np.full(c, rng.uniform(0.05, 2)), b)))
+    esp_valid = jnp.asarray(rng.random((b, c)) < 0.9)
+    expected, _, esp_p = full.expected(ex, valid, score, esp_valid)
+    assert float(esp_p.sum(axis=1).max()) <= 1 + 1e-5
+    active = jnp.asarray(rng.random(b) < 0.7)
+    for cache_len in (64, 300, 2048):
+      chosen.add(full.options[int(full.choose(expected, active, cache_len))].name)
+  assert chosen <= kept and len(chosen) > 1, (chosen, kept)

@@ -28,7 +28,17 @@ The expected tokens come from online estimates that start empty in every generat
   the masks gave them (prior 1); mask candidates count only when computed at the current root (a
   plain or chain step leaves them one token behind, and they are then worth nothing).
 E(option) = 1 + the sum of the reach probabilities of the nodes it would draft (for hybrid-N the
-N most probable of both sources).
+N most probable of both sources). One mask proposes alternatives for the first token only, so the
+ESP reach probabilities of a step sum to at most 1 (scaled down where the calibration says more):
+a hybrid tree appends at most one expected token more than its lookup chain alone.
+
+Options the cost model makes unprofitable in every state are not compiled (`Auto.prune`, on by
+default): by that bound, a hybrid tree whose forward costs more than one extra token can repay,
+against plain decoding and the chain options at every cache length, is never the best choice.
+Each option is one more copy of the model in the decode program, slower to compile and to restore:
+on a 2-core CPU this drops the 60-token tree for SmolLM2-135M and the 30- and 60-token trees for
+Gemma 3 270M (its LM head makes every row dear); on an accelerator, where forwards of any of these
+sizes cost about the same, every option stays.
 """
 
 from __future__ import annotations
@@ -87,7 +97,8 @@ class Auto(Strategy):
   longest lookup chain any option drafts; max_ngram: the lookup's longest n-gram; chain_prior:
   the (hits, misses) pseudo-counts depth 1's rate starts from (deeper depths start from the depth
   above with the same strength); chain_memory: the factor the chain counts fade by per step
-  (1: the whole generation counts alike; 0.9: an observation weighs about ten steps)."""
+  (1: the whole generation counts alike; 0.9: an observation weighs about ten steps); prune: keep
+only the options that can be the best choice under the cost model (`worth_running`)."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -96,6 +107,7 @@ class Auto(Strategy):
   ema: float = 0.1
   chain_prior: tuple[float, float] = (1.0, 3.0)
   chain_memory: float = 0.9
+  prune: bool = True
   sampler: Sampler = GREEDY
 
   def __post_init__(self):
@@ -114,9 +126,38 @@ class Auto(Strategy):
       raise ValueError(f"chain_memory must be in (0, 1], got {self.chain_memory}")
     if self.chain < 1 or self.max_ngram < 1:
       raise ValueError(f"chain and max_ngram must be >= 1, got {self.chain}, {self.max_ngram}")
+    if self.prune and self.cost_model is not None:
+      object.__setattr__(self, "options", self.worth_running(self.cost_model))
 
   def with_cost_model(self, cost_model: CostModel) -> "Auto":
     return dataclasses.replace(self, cost_model=cost_model)
+
+  def worth_running(self, cost_model: CostModel) -> tuple[Option, ...]:
+    """The options that are the best choice in some state at some cache length under `cost_model`.
+
+    Let x be the expected tokens of the lookup chain a hybrid-N tree holds (m = min(chain, N)
+    deep): x is in [1, 1 + m], the tree's expectation at most min(x + 1, 1 + N) (its mask
+    candidates add at most one token), plain decoding's is 1, and a chain-n option's at least
+    1 + min(1, n / m) (x - 1) (reach probabilities fall with depth). A hybrid that loses to one
+    of those for every x, at every cache length from 64 slots to twice the largest measured
+    (the costs are linear in it), never has the most expected tokens per second."""
+    others = [o for o in self.options if o.kind != "hybrid"]
+    top = max(cost_model.cache_lens)
+    lens = sorted(set(cost_model.cache_lens) | {64 * 2 ** i for i in range(16) if 64 * 2 ** i <= 2 * top})
+
+    def can_win(o: Option) -> bool:
+      m = min(self.chain, o.nodes)
+      for s in lens:
+        cost = lambda opt: cost_model.seconds(opt.block, s)
+        for i in range(401):
+          x = 1.0 + m * i / 400
+          rival = max((1.0 if r.kind == "plain" else 1.0 + min(1.0, r.nodes / m) * (x - 1.0)) / cost(r)
+                      for r in others)
+          if min(x + 1.0, 1.0 + o.nodes) / cost(o) > rival:
+            return True
+      return False
+
+    return tuple(o for o in self.options if o.kind != "hybrid" or can_win(o))
 
   @property
   def blocks(self) -> tuple[int, ...]:
@@ -171,6 +212,8 @@ class Auto(Strategy):
     calib = (ex.esp_hits + 1.0) / (ex.esp_mass + 1.0)
     esp_p = jnp.where(esp_valid & ex.fresh[:, None],
                       jnp.clip(calib[:, None] * jnp.exp(esp_score), 0.0, 1.0), 0.0)
+    # Alternatives for the same (first) token: together reached with probability at most 1.
+    esp_p = esp_p / jnp.maximum(1.0, esp_p.sum(axis=1, keepdims=True))
     out = []
     for o in self.options:
       if o.kind == "plain":
