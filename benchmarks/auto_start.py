@@ -68,10 +68,13 @@ def main() -> None:
   if args.child:
     child(*args.child)
     return
+  from effjax.checkpoints.registry import load_model
+
   py = sys.executable
+  chat = {m: load_model(m).tokenizer.chat_template is not None for m in args.models}
   restores = {(m, v): [py, __file__, "--child", m, v] for m in args.models for v in VARIANTS}
   gens = {(m, v): [py, "-m", "effjax.cli", "generate", "--model", m, "--prompt", README_PROMPT,
-                   "--method", v, "--verbose"] + ([] if m.startswith("smollm2") else ["--no-chat"])
+                   "--method", v, "--verbose"] + ([] if chat[m] else ["--no-chat"])
           for m in args.models for v in ("ar", "auto")}
   everything = {("restore",) + k: c for k, c in restores.items()}
   everything.update({("generate",) + k: c for k, c in gens.items()})
@@ -90,22 +93,25 @@ def main() -> None:
            f"{load_after[0]:.1f} after; {args.repeats} rounds, median (min-max) seconds.",
            "", f"Command: `python benchmarks/auto_start.py --models {' '.join(args.models)} "
            f"--repeats {args.repeats}`", "",
-           "| model | decode program | options | restored from disk | restore s | vs auto (all options) |",
-           "|---|---|---|---|---|---|"]
+           "| model | decode program | options | restored from disk | restore s | "
+           "vs auto (all options) | same tokens as ar |", "|---|---|---|---|---|---|---|"]
+  child_out = lambda x: json.loads(x["out"].splitlines()[-1])
   for m in args.models:
-    full = statistics.median(json.loads(x["out"].splitlines()[-1])["restore_s"]
+    full = statistics.median(child_out(x)["restore_s"]
                              for x in runs[("restore", m, "auto, all options")])
+    ar_tokens = child_out(runs[("restore", m, "ar")][0])["tokens"]
     for v in VARIANTS:
-      info = [json.loads(x["out"].splitlines()[-1]) for x in runs[("restore", m, v)]]
+      info = [child_out(x) for x in runs[("restore", m, v)]]
       times = [i["restore_s"] for i in info]
-      disk = all(s == ["disk"] for i in info for s in [i["source"]])
+      disk = all(i["source"] == ["disk"] for i in info)
+      same = all(i["tokens"] == ar_tokens for i in info)
       lines.append(f"| {m} | {v} | {', '.join(info[0]['options']) or 'plain'} | "
                    f"{'yes' if disk else 'NO'} | {summary(times)} | "
-                   f"{statistics.median(times) / full:.2f}x |")
+                   f"{statistics.median(times) / full:.2f}x | {'yes' if same else 'NO'} |")
   lines += ["", f"`effjax generate --prompt \"{README_PROMPT}\" --method ar|auto --verbose` "
-            "(Gemma 3 270M with --no-chat):", "",
-            "| model | method | wall s | compile phase s | decoding tokens/s | auto / ar tokens/s | "
-            "same text as ar |", "|---|---|---|---|---|---|---|"]
+            "(--no-chat for a model without a chat template):", "",
+            "| model | method | wall s | compile phase s | decoding tokens/s | "
+            "auto / ar tokens/s | same text as ar |", "|---|---|---|---|---|---|---|"]
   rate = lambda x: float(re.search(r"([\d.]+) tokens/s decoding", x["err"]).group(1))
   for m in args.models:
     ar = statistics.median(rate(x) for x in runs[("generate", m, "ar")])
@@ -115,7 +121,8 @@ def main() -> None:
       lines.append(f"| {m} | {v} | {summary([x['wall'] for x in xs])} | "
                    f"{summary([effjax_phases(x['err'])['compile'] for x in xs])} | "
                    f"{summary([rate(x) for x in xs])} | "
-                   f"{statistics.median(rate(x) for x in xs) / ar:.2f}x | {'yes' if same else 'NO'} |")
+                   f"{statistics.median(rate(x) for x in xs) / ar:.2f}x | "
+                   f"{'yes' if same else 'NO'} |")
   text = "\n".join(lines) + "\n"
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(text)

@@ -22,7 +22,8 @@ OPTIONS = (Option("plain"), Option("chain", 3), Option("chain", 10), Option("hyb
 
 def costs(per_token: float) -> CostModel:
   """cost(k) = 1 + per_token * (k - 1) ms, at any cache length."""
-  return CostModel(tuple((64, k, 1e-3 * (1 + per_token * (k - 1))) for k in (1, 2, 4, 10, 11, 30, 60)))
+  return CostModel(tuple((64, k, 1e-3 * (1 + per_token * (k - 1)))
+                        for k in (1, 2, 4, 10, 11, 30, 60)))
 
 
 @functools.cache
@@ -151,7 +152,8 @@ def test_a_pruned_option_is_never_the_best_choice(cost_model):
   for _ in range(300):
     seen = rng.uniform(0, 30, (b, full.chain))
     ex = SimpleNamespace(
-        chain_seen=jnp.asarray(seen), chain_hits=jnp.asarray(seen * rng.beta(2, 0.6, (b, full.chain))),
+        chain_seen=jnp.asarray(seen),
+        chain_hits=jnp.asarray(seen * rng.beta(2, 0.6, (b, full.chain))),
         esp_hits=jnp.asarray(rng.uniform(0, 40, b)), esp_mass=jnp.asarray(rng.uniform(0, 20, b)),
         fresh=jnp.asarray(rng.random(b) < 0.8))
     valid = jnp.asarray(rng.integers(0, full.chain + 1, b))

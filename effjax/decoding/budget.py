@@ -98,7 +98,7 @@ class Auto(Strategy):
   the (hits, misses) pseudo-counts depth 1's rate starts from (deeper depths start from the depth
   above with the same strength); chain_memory: the factor the chain counts fade by per step
   (1: the whole generation counts alike; 0.9: an observation weighs about ten steps); prune: keep
-only the options that can be the best choice under the cost model (`worth_running`)."""
+  only the options that can be the best choice under the cost model (`worth_running`)."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -142,18 +142,20 @@ only the options that can be the best choice under the cost model (`worth_runnin
     of those for every x, at every cache length from 64 slots to twice the largest measured
     (the costs are linear in it), never has the most expected tokens per second."""
     others = [o for o in self.options if o.kind != "hybrid"]
-    top = max(cost_model.cache_lens)
-    lens = sorted(set(cost_model.cache_lens) | {64 * 2 ** i for i in range(16) if 64 * 2 ** i <= 2 * top})
+    top = 2 * max(cost_model.cache_lens)
+    lens = sorted(set(cost_model.cache_lens) | {s for s in (64 * 2 ** i for i in range(16))
+                                                 if s <= top})
 
     def can_win(o: Option) -> bool:
       m = min(self.chain, o.nodes)
       for s in lens:
-        cost = lambda opt: cost_model.seconds(opt.block, s)
+        cost, rival_costs = cost_model.seconds(o.block, s), [cost_model.seconds(r.block, s)
+                                                             for r in others]
         for i in range(401):
           x = 1.0 + m * i / 400
-          rival = max((1.0 if r.kind == "plain" else 1.0 + min(1.0, r.nodes / m) * (x - 1.0)) / cost(r)
-                      for r in others)
-          if min(x + 1.0, 1.0 + o.nodes) / cost(o) > rival:
+          rival = max((1.0 if r.kind == "plain" else 1.0 + min(1.0, r.nodes / m) * (x - 1.0)) / c
+                      for r, c in zip(others, rival_costs))
+          if min(x + 1.0, 1.0 + o.nodes) / cost > rival:
             return True
       return False
 
