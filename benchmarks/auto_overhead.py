@@ -4,8 +4,8 @@
 drafts every step (lookup chain, mask candidates, estimates) whatever it then runs. Here its cost
 model makes every speculative option look ruinous, so it always takes the plain option, and its
 loop step is timed against plain decoding's (forward_cost.step_timer: the README prompt, then
-`--steps` loop steps per timed call, round-robin): with all six default options, with plain alone
-(no choice to make), and with plain and one lookup chain.
+`--steps` loop steps per timed call, round-robin): with all six default options (with and without
+the recycled successors), with plain alone (no choice to make), and with plain and one draft tree.
 
   python benchmarks/auto_overhead.py
 """
@@ -47,8 +47,10 @@ def main(argv=None) -> int:
   strategies = {
       "ar": make_strategy("ar"),
       "auto, 6 default options": always_plain(Auto(), args.cache_len),
+      "auto, 6 default options, recycled successors": always_plain(Auto(recycled=10),
+                                                                  args.cache_len),
       "auto, plain only": always_plain(Auto(options=(Option("plain"),)), args.cache_len),
-      "auto, plain and chain-3": always_plain(Auto(options=(Option("plain"), Option("chain", 3))),
+      "auto, plain and draft-3": always_plain(Auto(options=(Option("plain"), Option("draft", 3))),
                                               args.cache_len),
   }
   timers = [step_timer(engine, s, prompt, args.steps) for s in strategies.values()]

@@ -5,6 +5,7 @@ cost model decides what runs: flat costs (an accelerator) speculate, costs growi
 import functools
 from types import SimpleNamespace
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from effjax.models import create_model, tiny_config
 
 PROMPTS = [[1, 2, 3, 4, 9, 10, 11, 14, 15, 20, 21], [7, 8, 9], [5, 6, 7, 8] * 3 + [5, 6]]
 LIMITS = [14, 18, 24]
-OPTIONS = (Option("plain"), Option("chain", 3), Option("chain", 10), Option("hybrid", 4),
+OPTIONS = (Option("plain"), Option("draft", 3), Option("draft", 10), Option("hybrid", 4),
            Option("hybrid", 14))
 
 
@@ -47,8 +48,8 @@ def test_auto_equals_plain_and_follows_the_cost_model(per_token, runs):
   assert sum(ran.values()) == res.model_calls
   # Growing costs leave the trees that cannot repay their forward out of the program.
   assert [o.name for o in auto.options] == {
-      "speculates": [o.name for o in OPTIONS], "plain": ["plain", "chain-3", "chain-10"],
-      "chain": ["plain", "chain-3", "chain-10", "hybrid-4"]}[runs]
+      "speculates": [o.name for o in OPTIONS], "plain": ["plain", "draft-3", "draft-10"],
+      "chain": ["plain", "draft-3", "draft-10", "hybrid-4"]}[runs]
   hist = res.extra.esp.hist
   np.testing.assert_array_equal((hist * np.arange(hist.shape[1])).sum(axis=1),
                                 [len(t) - 1 for t in want])
@@ -57,16 +58,19 @@ def test_auto_equals_plain_and_follows_the_cost_model(per_token, runs):
   elif runs == "speculates":
     assert ran["hybrid-14"] > ran["plain"] and hist[:, 2:].sum() > 0
   else:
-    assert ran["chain-3"] + ran["chain-10"] > 0 and res.model_calls < max(len(t) for t in want) - 1
+    assert ran["draft-3"] + ran["draft-10"] > 0 and res.model_calls < max(len(t) for t in want) - 1
 
 
 def test_auto_checks_its_settings():
   with pytest.raises(ValueError, match="first option"):
-    Auto(options=(Option("chain", 3),))
+    Auto(options=(Option("draft", 3),))
   with pytest.raises(ValueError, match="bad option"):
-    Auto(options=(Option("plain"), Option("chain", 0)))
-  with pytest.raises(ValueError, match="more than chain"):
-    Auto(options=(Option("plain"), Option("chain", 12)))
+    Auto(options=(Option("plain"), Option("draft", 0)))
+  with pytest.raises(ValueError, match="more than the 10 candidates"):
+    Auto(options=(Option("plain"), Option("draft", 11)))
+  Auto(options=(Option("plain"), Option("draft", 20)), recycled=10)
+  with pytest.raises(ValueError, match="recycled=10 needs"):
+    Auto(chain=2, recycled=10)
   auto = Auto()
   assert auto.blocks == (1, 4, 11, 10, 30, 60) and auto.block_size == 60
   eng, _ = engine_and_plain()
@@ -135,7 +139,7 @@ CPU_COSTS = CostModel(tuple((s, k, t * 1e-3) for s, row in (
 def test_pruning_keeps_the_options_a_device_can_profit_from():
   assert Auto(cost_model=costs(0.0)).options == Auto().options  # flat costs: every option
   cpu = Auto(cost_model=CPU_COSTS)
-  assert [o.name for o in cpu.options] == ["plain", "chain-3", "chain-10", "hybrid-4", "hybrid-14"]
+  assert [o.name for o in cpu.options] == ["plain", "draft-3", "draft-10", "hybrid-4", "hybrid-14"]
   assert cpu.block_size == 30 and cpu.blocks == (1, 4, 11, 10, 30)
   assert Auto(cost_model=CPU_COSTS, prune=False).options == Auto().options
   assert Auto().with_cost_model(CPU_COSTS).options == cpu.options
@@ -145,23 +149,64 @@ def test_pruning_keeps_the_options_a_device_can_profit_from():
 def test_a_pruned_option_is_never_the_best_choice(cost_model):
   """The estimator over many random states, at several cache lengths: every step's choice among
   all options is one the pruning kept, and the mask candidates' reach probabilities sum to <= 1."""
-  full = Auto(cost_model=cost_model, prune=False)
-  kept = {o.name for o in Auto(options=full.options, cost_model=cost_model).options}
+  full = Auto(cost_model=cost_model, prune=False, recycled=10)
+  kept = {o.name for o in Auto(options=full.options, cost_model=cost_model, recycled=10).options}
   rng = np.random.default_rng(0)
   b, c, chosen = 4, full.max_nodes, set()
   for _ in range(300):
     seen = rng.uniform(0, 30, (b, full.chain))
-    ex = SimpleNamespace(
-        chain_seen=jnp.asarray(seen),
-        chain_hits=jnp.asarray(seen * rng.beta(2, 0.6, (b, full.chain))),
-        esp_hits=jnp.asarray(rng.uniform(0, 40, b)), esp_mass=jnp.asarray(rng.uniform(0, 20, b)),
-        fresh=jnp.asarray(rng.random(b) < 0.8))
-    valid = jnp.asarray(rng.integers(0, full.chain + 1, b))
+    ex = SimpleNamespace(esp_hits=jnp.asarray(rng.uniform(0, 40, b)),
+                         esp_mass=jnp.asarray(rng.uniform(0, 20, b)),
+                         fresh=jnp.asarray(rng.random(b) < 0.8))
+    rates = full.chain_rates(jnp.asarray(seen * rng.beta(2, 0.6, (b, full.chain))),
+                             jnp.asarray(seen))
+    chain_p = jnp.cumprod(rates, axis=1) * (np.arange(full.chain)[None, :]
+                                           < rng.integers(0, full.chain + 1, (b, 1)))
+    recorded = np.log(1e-12 + rng.dirichlet(np.full(8, rng.uniform(0.05, 2)), (b, full.recycled)))
+    rec_p = full.recycled_reach(jnp.asarray(rng.uniform(0, 30, b)), jnp.asarray(rng.uniform(0, 30, b)),
+                                jnp.asarray(recorded[:, :, 0]),
+                                jnp.asarray(rng.random((b, full.recycled)) < 0.8))
+    draft_p = jax.lax.top_k(jnp.concatenate([chain_p, rec_p], axis=1), full.selected)[0]
     score = jnp.asarray(np.log(rng.dirichlet(np.full(c, rng.uniform(0.05, 2)), b)))
-    esp_valid = jnp.asarray(rng.random((b, c)) < 0.9)
-    expected, _, esp_p = full.expected(ex, valid, score, esp_valid)
+    esp_p = full.esp_reach(ex, score, jnp.asarray(rng.random((b, c)) < 0.9))
+    expected = full.expected(draft_p, esp_p)
     assert float(esp_p.sum(axis=1).max()) <= 1 + 1e-5
     active = jnp.asarray(rng.random(b) < 0.7)
     for cache_len in (64, 300, 2048):
       chosen.add(full.options[int(full.choose(expected, active, cache_len))].name)
   assert chosen <= kept and len(chosen) > 1, (chosen, kept)
+
+
+def test_recycled_reach_golden_values():
+  """template(3): the root's successors of rank 0 and 1, and rank 0 under the first. Row 0: c =
+  (1 + 1) / (3 + 1) = 0.5; row 1: c = 10 / 2 = 5, so min(1, c p) saturates and the root's two
+  successors (1 and 0.5) are scaled to sum to 1."""
+  auto = Auto(options=OPTIONS[:2], recycled=3)
+  logp = jnp.log(jnp.array([[0.8, 0.1, 0.5]] * 2))
+  reach = auto.recycled_reach(jnp.array([1.0, 9.0]), jnp.array([3.0, 1.0]), logp,
+                              jnp.array([[True, True, True], [True, True, True]]))
+  np.testing.assert_allclose(reach, [[0.4, 0.05, 0.1], [2 / 3, 1 / 3, 2 / 3]], rtol=1e-6)
+  reach = auto.recycled_reach(jnp.array([1.0]), jnp.array([3.0]), logp[:1],
+                              jnp.array([[False, True, True]]))
+  np.testing.assert_allclose(reach, [[0.0, 0.05, 0.0]], atol=1e-7)
+
+
+def test_auto_records_and_inherits_the_successor_table():
+  """Every generated token but the last is fed on an accepted path, so with every path row
+  recorded the table has its successors; the next generation on the engine starts from that
+  table; recycled=0 keeps none."""
+  eng, want = engine_and_plain()
+  auto = Auto(options=OPTIONS, cost_model=costs(0.0), recycled=10, recorded=11)
+  res = eng.generate(PROMPTS, strategy=auto, max_new_tokens=LIMITS)
+  assert res.tokens == want
+  written = np.asarray(res.extra.table.written)
+  for row, toks in enumerate(want):
+    assert written[row, toks[:-1]].all()
+  assert float(res.extra.rec_mass.min()) > 0
+  left = eng._memory_of(auto)[0]
+  assert left.tokens.shape == (1, 32, 8) and (np.asarray(left.tokens[0, want[0][:-1], 0]) >= 0).all()
+  again = eng.generate(PROMPTS, strategy=auto, max_new_tokens=LIMITS)
+  assert again.tokens == want
+  bare = Auto(options=OPTIONS, cost_model=costs(0.0))
+  res = eng.generate(PROMPTS, strategy=bare, max_new_tokens=LIMITS)
+  assert res.tokens == want and res.extra.table is None and eng._memory_of(bare)[0] is None

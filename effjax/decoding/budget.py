@@ -5,8 +5,9 @@ model) and appends E tokens in expectation; plain decoding appends 1 for cost(1)
 a few fixed-shape step bodies, the options:
 
 - plain: the root alone (one token);
-- chain-n: the prompt-lookup chain (effjax.decoding.pld), n draft tokens;
-- hybrid-N: the lookup chain and ESP's dynamic-tree candidates (one mask) merged into one tree of
+- draft-n: the n likeliest draft nodes of the prompt-lookup chain (effjax.decoding.pld) and Token
+  Recycling's successors (effjax.decoding.recycling) merged into one tree, n + 1 tokens;
+- hybrid-N: those draft nodes and ESP's dynamic-tree candidates (one mask) merged into one tree of
   N nodes, 2 (N + 1) tokens with the masks, which also refreshes the mask candidates;
 
 and at every step runs the one with the most expected tokens per second, sum over active rows of
@@ -23,18 +24,29 @@ The expected tokens come from online estimates that start empty in every generat
   probability a_1 ... a_d. The counts fade by `chain_memory` per step, so the estimate follows the
   text as it is now: a summary that quoted its source at length and then paraphrases stops
   paying for ten-token chains within a few steps;
-- ESP: a node is reached with probability c * prod q_i (the masks' own probabilities), c the ratio
-  of how often the model's token at the root was one of the depth-1 candidates to the probability
-  the masks gave them (prior 1); mask candidates count only when computed at the current root (a
-  plain or chain step leaves them one token behind, and they are then worth nothing).
-E(option) = 1 + the sum of the reach probabilities of the nodes it would draft (for hybrid-N the
-N most probable of both sources). One mask proposes alternatives for the first token only, so the
+- the recycled successors (`recycled` > 0; off by default): the `recycled` cheapest nodes of Token
+  Recycling's template, filled from the successor table every step updates with the model's top-k
+  at the first `recorded` tokens of its accepted path (as in Token Recycling the table carries
+  over between generations on one engine, `inherit`). A node whose successor the model once gave
+  probability p is reached with probability prod min(1, c p) along its path (siblings together at
+  most their parent's), c the ratio of how often the model's token at the root was one of the
+  root's recycled successors to the probability recorded for them (prior 1). On SpecBench with a
+  2-core CPU (BENCHMARKS.md, "auto with Token Recycling's successors") `recycled=10` raised
+  SmolLM2-135M's tokens per call from 1.49 to 1.64-1.67 but not its speed (a 4-token forward
+  costs 1.3x a plain step there), and cost Gemma 3 270M 6% of its speed: opt in where forwards of
+  a few tokens cost about one;
+- ESP: a node is reached with probability c * prod q_i (the masks' own probabilities), c the same
+  ratio for the depth-1 mask candidates; mask candidates count only when computed at the current
+  root (a plain or draft step leaves them one token behind, and they are then worth nothing).
+E(option) = 1 + the sum of the reach probabilities of the nodes it would draft (the likeliest
+draft nodes, a token proposed by both draft sources counted once; for hybrid-N the N most probable
+of those and the mask candidates). One mask proposes alternatives for the first token only, so the
 ESP reach probabilities of a step sum to at most 1 (scaled down where the calibration says more):
-a hybrid tree appends at most one expected token more than its lookup chain alone.
+a hybrid tree appends at most one expected token more than its draft nodes alone.
 
 Options the cost model makes unprofitable in every state are not compiled (`Auto.prune`, on by
 default): by that bound, a hybrid tree whose forward costs more than one extra token can repay,
-against plain decoding and the chain options at every cache length, is never the best choice.
+against plain decoding and the draft options at every cache length, is never the best choice.
 Each option is one more copy of the model in the decode program, slower to compile and to restore:
 on a 2-core CPU this drops the 60-token tree for SmolLM2-135M and the 30- and 60-token trees for
 Gemma 3 270M (its LM head makes every row dear); on an accelerator, where forwards of any of these
@@ -47,58 +59,83 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from effjax.decoding.cost_model import CostModel
 from effjax.decoding.engine import DecodeState, Strategy
 from effjax.decoding.esp import ESP, ESPState, dynamic_candidates, ema_update, esp_tree_step
 from effjax.decoding.pld import chain_tree, context, lookup
+from effjax.decoding.recycling import TOP_K, InheritsTable, SuccessorTable, Template, template
 from effjax.decoding.sampling import GREEDY, Sampler
-from effjax.decoding.tree import Tree, count_appended, select_tree, tree_step
+from effjax.decoding.topk import top_log_probs
+from effjax.decoding.tree import Tree, count_appended, select_nodes, select_tree, tree_step
 from effjax.models.cache import commit
 from effjax.models.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-  kind: str  # "plain", "chain" or "hybrid"
-  nodes: int = 0  # draft tokens (chain) or tree nodes (hybrid)
+  kind: str  # "plain", "draft" or "hybrid"
+  nodes: int = 0  # tree nodes (draft, hybrid)
 
   @property
   def block(self) -> int:
     """Tokens in the option's forward."""
-    return {"plain": 1, "chain": self.nodes + 1, "hybrid": 2 * (self.nodes + 1)}[self.kind]
+    return {"plain": 1, "draft": self.nodes + 1, "hybrid": 2 * (self.nodes + 1)}[self.kind]
 
   @property
   def name(self) -> str:
     return "plain" if self.kind == "plain" else f"{self.kind}-{self.nodes}"
 
 
-# Plain steps, short and full lookup chains, and the hybrid tree at BC 10 / 30 / 60 (one mask).
-DEFAULT_OPTIONS = (Option("plain"), Option("chain", 3), Option("chain", 10), Option("hybrid", 4),
+# Plain steps, small and full draft trees, and the hybrid tree at BC 10 / 30 / 60 (one mask).
+DEFAULT_OPTIONS = (Option("plain"), Option("draft", 3), Option("draft", 10), Option("hybrid", 4),
                    Option("hybrid", 14), Option("hybrid", 29))
+
+
+@struct.dataclass
+class Drafts:
+  """The draft candidates of a step, [B, C]: the lookup chain's, then the recycled successors'
+  (parents first), with their reach probabilities."""
+
+  parent: jax.Array  # candidate index of the parent, -1 = the root
+  tokens: jax.Array
+  own: jax.Array  # the source's probability given the parent: 1 (chain), recorded (recycled)
+  reach: jax.Array
+  valid: jax.Array
+  levels: tuple[int, ...] = struct.field(pytree_node=False)
 
 
 @struct.dataclass
 class AutoState:
   esp: ESPState  # one mask: its embedding, its candidates; hist counts tokens per model call
+  table: SuccessorTable | None  # the recycled successors (None: recycled=0)
   fresh: jax.Array  # [B] whether the candidates were computed at the current root
   chain_seen: jax.Array  # [B, L] per depth: chain tokens whose first d - 1 the model generated
   chain_hits: jax.Array  # [B, L] ... and whose d-th too
   esp_mass: jax.Array  # [B] summed mask probability of the depth-1 candidates, when fresh
   esp_hits: jax.Array  # [B] times the model's token at the root was one of them
+  rec_mass: jax.Array  # [B] summed recorded probability of the root's recycled successors
+  rec_hits: jax.Array  # [B] times the model's token at the root was one of them
   runs: jax.Array  # [n_options] steps each option ran
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Auto(Strategy):
+class Auto(InheritsTable, Strategy):
   """Cost-aware speculation over `options` with the device's `cost_model` (None: set it with
   `with_cost_model` before decoding, e.g. from cost_model_for(model, auto.blocks)). chain: the
-  longest lookup chain any option drafts; max_ngram: the lookup's longest n-gram; chain_prior:
-  the (hits, misses) pseudo-counts depth 1's rate starts from (deeper depths start from the depth
-  above with the same strength); chain_memory: the factor the chain counts fade by per step
-  (1: the whole generation counts alike; 0.9: an observation weighs about ten steps); prune: keep
-  only the options that can be the best choice under the cost model (`worth_running`)."""
+  longest lookup chain drafted; max_ngram: the lookup's longest n-gram; chain_prior: the (hits,
+  misses) pseudo-counts depth 1's rate starts from (deeper depths start from the depth above with
+  the same strength); chain_memory: the factor the chain counts fade by per step (1: the whole
+  generation counts alike; 0.9: an observation weighs about ten steps); recycled: the recycled
+  successors offered (the cheapest nodes of Token Recycling's template; 0: the lookup chain
+  alone), top_k recorded per token after the first `recorded` tokens of each step's accepted path
+  (the root and the first accepted nodes: a top-k over a large vocabulary is not free, so unlike
+  Token Recycling the rejected nodes are not recorded), the table carried over between
+  generations (`inherit`);
+  prune: keep only the options that can be the best choice under the cost model
+  (`worth_running`)."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -107,6 +144,10 @@ class Auto(Strategy):
   ema: float = 0.1
   chain_prior: tuple[float, float] = (1.0, 3.0)
   chain_memory: float = 0.9
+  recycled: int = 0
+  recorded: int = 4
+  top_k: int = TOP_K
+  inherit: bool = True
   prune: bool = True
   sampler: Sampler = GREEDY
 
@@ -118,36 +159,48 @@ class Auto(Strategy):
     if not self.options or self.options[0].kind != "plain":
       raise ValueError("the first option must be plain decoding (Option('plain'))")
     for o in self.options:
-      if o.kind not in ("plain", "chain", "hybrid") or (o.kind != "plain") != (o.nodes >= 1):
-        raise ValueError(f"bad option {o}: plain has no nodes, chain and hybrid at least one")
-      if o.kind == "chain" and o.nodes > self.chain:
-        raise ValueError(f"option {o.name} drafts more than chain={self.chain} tokens")
+      if o.kind not in ("plain", "draft", "hybrid") or (o.kind != "plain") != (o.nodes >= 1):
+        raise ValueError(f"bad option {o}: plain has no nodes, draft and hybrid at least one")
+      if o.kind == "draft" and o.nodes > self.draft_nodes:
+        raise ValueError(f"option {o.name} drafts more than the {self.draft_nodes} candidates of "
+                         f"chain={self.chain} and recycled={self.recycled}")
     if not 0.0 < self.chain_memory <= 1.0:
       raise ValueError(f"chain_memory must be in (0, 1], got {self.chain_memory}")
-    if self.chain < 1 or self.max_ngram < 1:
-      raise ValueError(f"chain and max_ngram must be >= 1, got {self.chain}, {self.max_ngram}")
+    if self.chain < 1 or self.max_ngram < 1 or self.recorded < 1:
+      raise ValueError(f"chain, max_ngram and recorded must be >= 1, got {self.chain}, "
+                       f"{self.max_ngram}, {self.recorded}")
+    if self.recycled:
+      tpl = template(self.recycled)  # raises on an impossible size
+      if max(tpl.ranks) >= self.top_k or tpl.layout.depth > self.chain:
+        raise ValueError(f"recycled={self.recycled} needs top_k > {max(tpl.ranks)} and chain >= "
+                         f"{tpl.layout.depth}, got top_k={self.top_k}, chain={self.chain}")
     if self.prune and self.cost_model is not None:
       object.__setattr__(self, "options", self.worth_running(self.cost_model))
 
   def with_cost_model(self, cost_model: CostModel) -> "Auto":
     return dataclasses.replace(self, cost_model=cost_model)
 
+  @property
+  def draft_nodes(self) -> int:
+    """Draft candidates per step: the lookup chain's and the recycled successors'."""
+    return self.chain + self.recycled
+
   def worth_running(self, cost_model: CostModel) -> tuple[Option, ...]:
     """The options that are the best choice in some state at some cache length under `cost_model`.
 
-    Let x be the expected tokens of the lookup chain a hybrid-N tree holds (m = min(chain, N)
-    deep): x is in [1, 1 + m], the tree's expectation at most min(x + 1, 1 + N) (its mask
-    candidates add at most one token), plain decoding's is 1, and a chain-n option's at least
-    1 + min(1, n / m) (x - 1) (reach probabilities fall with depth). A hybrid that loses to one
-    of those for every x, at every cache length from 64 slots to twice the largest measured
-    (the costs are linear in it), never has the most expected tokens per second."""
+    Let x be the expected tokens of the draft nodes a hybrid-N tree holds (at most the
+    m = min(draft_nodes, N) likeliest): x is in [1, 1 + m], the tree's expectation at most
+    min(x + 1, 1 + N) (its mask candidates add at most one token), plain decoding's is 1, and a
+    draft-n option's at least 1 + min(1, n / m) (x - 1) (it holds the n likeliest). A hybrid that
+    loses to one of those for every x, at every cache length from 64 slots to twice the largest
+    measured (the costs are linear in it), never has the most expected tokens per second."""
     others = [o for o in self.options if o.kind != "hybrid"]
     top = 2 * max(cost_model.cache_lens)
     lens = sorted(set(cost_model.cache_lens) | {s for s in (64 * 2 ** i for i in range(16))
                                                  if s <= top})
 
     def can_win(o: Option) -> bool:
-      m = min(self.chain, o.nodes)
+      m = min(self.draft_nodes, o.nodes)
       for s in lens:
         cost, rival_costs = cost_model.seconds(o.block, s), [cost_model.seconds(r.block, s)
                                                              for r in others]
@@ -170,9 +223,18 @@ class Auto(Strategy):
     return max((o.nodes for o in self.options if o.kind == "hybrid"), default=1)
 
   @property
+  def selected(self) -> int:
+    """Draft nodes the per-step estimate ranks: the most any option holds."""
+    return min(self.draft_nodes, max(o.nodes for o in self.options))
+
+  @property
   def _esp(self) -> ESP:
     """The mask machinery: one mask, candidates for the largest hybrid tree."""
     return ESP(masks=1, budget=2 * (self.max_nodes + 1), ema=self.ema, sampler=self.sampler)
+
+  @property
+  def _template(self) -> Template | None:
+    return template(self.recycled) if self.recycled else None
 
   @property
   def block_size(self) -> int:
@@ -180,16 +242,25 @@ class Auto(Strategy):
 
   @property
   def max_step_tokens(self) -> int:
-    return self.chain + 1
+    return self.chain + 1  # the deepest draft: recycled trees are no deeper (__post_init__)
+
+  def new_memory(self, cfg):
+    return super().new_memory(cfg) if self.recycled else None
+
+  def leave_memory(self, state):
+    return super().leave_memory(state) if self.recycled else None
 
   def prefill(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     state = self._esp.prefill(model, state, key)
     b, n = state.length.shape[0], self.chain
     esp = state.extra.replace(hist=jnp.zeros((b, self.max_step_tokens + 1), jnp.int32))
+    table = (SuccessorTable.start(state.memory, b, model.cfg.vocab_size, self.top_k)
+             if self.recycled else None)
     zeros = jnp.zeros((b,), jnp.float32)
-    return state.replace(extra=AutoState(
-        esp=esp, fresh=jnp.ones((b,), bool), chain_seen=jnp.zeros((b, n), jnp.float32),
-        chain_hits=jnp.zeros((b, n), jnp.float32), esp_mass=zeros, esp_hits=zeros,
+    return state.replace(memory=(), extra=AutoState(
+        esp=esp, table=table, fresh=jnp.ones((b,), bool),
+        chain_seen=jnp.zeros((b, n), jnp.float32), chain_hits=jnp.zeros((b, n), jnp.float32),
+        esp_mass=zeros, esp_hits=zeros, rec_mass=zeros, rec_hits=zeros,
         runs=jnp.zeros((len(self.options),), jnp.int32)))
 
   def chain_rates(self, hits: jax.Array, seen: jax.Array) -> jax.Array:
@@ -205,27 +276,63 @@ class Auto(Strategy):
       rates.append(mean)
     return jnp.stack(rates, axis=1)
 
-  def expected(self, ex: AutoState, chain_valid: jax.Array, esp_score: jax.Array,
-               esp_valid: jax.Array) -> tuple[tuple[jax.Array, ...], jax.Array, jax.Array]:
-    """Expected tokens appended [B] per option, and the reach probabilities they sum: the lookup
-    chain's [B, L] and the ESP candidates' [B, C] (esp_score: their log prod q)."""
-    chain_p = jnp.cumprod(self.chain_rates(ex.chain_hits, ex.chain_seen), axis=1) * (
-        jnp.arange(self.chain)[None, :] < chain_valid[:, None])
+  def recycled_reach(self, rec_hits: jax.Array, rec_mass: jax.Array, logp: jax.Array,
+                     valid: jax.Array) -> jax.Array:
+    """[B, K] the probability of reaching each recycled node: prod min(1, c p) along its path, p
+    the recorded probabilities, c = (hits + 1) / (mass + 1); each node's siblings and itself
+    together at most 1 at every level."""
+    parents = np.asarray(self._template.layout.parents)  # tree slot of each node's parent, 0 root
+    c = (rec_hits + 1.0) / (rec_mass + 1.0)
+    q = jnp.where(valid, jnp.minimum(1.0, c[:, None] * jnp.exp(logp)), 0.0)
+    by_parent = jnp.zeros((q.shape[0], len(parents) + 1)).at[:, parents].add(q)
+    q = q / jnp.maximum(1.0, by_parent[:, parents])
+    reach = []
+    for i, p in enumerate(parents):  # parents come first
+      reach.append(q[:, i] if p == 0 else q[:, i] * reach[p - 1])
+    return jnp.stack(reach, axis=1)
+
+  def drafts(self, state: DecodeState) -> tuple[Drafts, jax.Array, jax.Array]:
+    """This step's draft candidates, and the lookup chain [B, L] with its valid length [B]."""
+    ex: AutoState = state.extra
+    b, n = state.last.shape[0], self.chain
+    ctx, length = context(state)
+    chain, chain_valid = lookup(ctx, length, self.max_ngram, n)
+    in_chain = jnp.arange(n)[None, :] < chain_valid[:, None]
+    chain_p = jnp.cumprod(self.chain_rates(ex.chain_hits, ex.chain_seen), axis=1) * in_chain
+    parts = [Drafts(jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n)), chain,
+                    jnp.ones((b, n)), chain_p, in_chain, tuple(range(1, n + 1)))]
+    if self.recycled:
+      tpl = self._template
+      tokens, logp, valid = ex.table.expand(state.last, tpl)
+      parent = jnp.broadcast_to(jnp.asarray(tpl.layout.parents, jnp.int32) - 1 + n, tokens.shape)
+      parts.append(Drafts(jnp.where(parent >= n, parent, -1), tokens,
+                          jnp.where(valid, jnp.exp(logp), 0.0), self.recycled_reach(ex.rec_hits, ex.rec_mass, logp, valid), valid,
+                          tpl.layout.depths[1:]))
+    cat = lambda name: jnp.concatenate([getattr(p, name) for p in parts], axis=1)
+    return (Drafts(cat("parent"), cat("tokens"), cat("own"), cat("reach"), cat("valid"),
+                   sum((p.levels for p in parts), ())), chain, chain_valid)
+
+  def esp_reach(self, ex: AutoState, score: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, C] the mask candidates' reach probabilities (score: their log prod q)."""
     calib = (ex.esp_hits + 1.0) / (ex.esp_mass + 1.0)
-    esp_p = jnp.where(esp_valid & ex.fresh[:, None],
-                      jnp.clip(calib[:, None] * jnp.exp(esp_score), 0.0, 1.0), 0.0)
+    p = jnp.where(valid & ex.fresh[:, None],
+                  jnp.clip(calib[:, None] * jnp.exp(score), 0.0, 1.0), 0.0)
     # Alternatives for the same (first) token: together reached with probability at most 1.
-    esp_p = esp_p / jnp.maximum(1.0, esp_p.sum(axis=1, keepdims=True))
+    return p / jnp.maximum(1.0, p.sum(axis=1, keepdims=True))
+
+  def expected(self, draft_p: jax.Array, esp_p: jax.Array) -> tuple[jax.Array, ...]:
+    """Expected tokens appended [B] per option, from the reach probabilities of the distinct
+    draft nodes [B, D] and of the mask candidates [B, C]."""
+    top = lambda p, k: jax.lax.top_k(p, min(k, p.shape[1]))[0].sum(axis=1)
     out = []
     for o in self.options:
       if o.kind == "plain":
-        out.append(jnp.ones_like(calib))
-      elif o.kind == "chain":
-        out.append(1.0 + chain_p[:, :o.nodes].sum(axis=1))
+        out.append(jnp.ones(draft_p.shape[:1]))
+      elif o.kind == "draft":
+        out.append(1.0 + top(draft_p, o.nodes))
       else:
-        both = jnp.concatenate([chain_p[:, :min(self.chain, o.nodes)], esp_p], axis=1)
-        out.append(1.0 + jax.lax.top_k(both, min(o.nodes, both.shape[1]))[0].sum(axis=1))
-    return tuple(out), chain_p, esp_p
+        out.append(1.0 + top(jnp.concatenate([draft_p, esp_p], axis=1), o.nodes))
+    return tuple(out)
 
   def choose(self, expected: tuple[jax.Array, ...], active: jax.Array, cache_len: int) -> jax.Array:
     """Index of the option with the most expected tokens per second over the active rows."""
@@ -239,14 +346,32 @@ class Auto(Strategy):
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     ex: AutoState = state.extra
     b, n = state.last.shape[0], self.chain
-    ctx, length = context(state)
-    chain, chain_valid = lookup(ctx, length, self.max_ngram, n)
+    drafts, chain, chain_valid = self.drafts(state)
+    log_reach = jnp.log(jnp.maximum(drafts.reach, 1e-9))
+    if self.recycled:  # a token both sources propose is one node
+      draft_p = jnp.exp(select_nodes(state.last, drafts.parent, drafts.tokens, log_reach,
+                                     drafts.valid, drafts.levels, self.selected).node_score)
+    else:  # the chain alone: its nodes are distinct
+      draft_p = drafts.reach
     parent, tokens, score, valid, levels = dynamic_candidates(
         state.last, ex.esp.cand_tokens, ex.esp.cand_logp, self.max_nodes + 1)
-    expected, chain_p, esp_p = self.expected(ex, chain_valid, score, valid)
+    esp_p = self.esp_reach(ex, score, valid)
+    expected = self.expected(draft_p, esp_p)
     active = ~state.done
     choice = self.choose(expected, active, state.cache.length)
-    kept_len = 1 + max(min(n, o.nodes) if o.kind == "hybrid" else o.nodes for o in self.options)
+    depth = lambda o: min(n, o.nodes)
+    kept_len = 1 + max(depth(o) for o in self.options)
+    rows = min(self.recorded, kept_len)
+
+    def fed(tree: Tree, out):
+      """The first `rows` tokens of the accepted path, their top-k successors and validity."""
+      if not self.recycled:
+        return ()
+      at = _pad(out.path[:, :rows], rows)
+      top, logp = top_log_probs(jnp.take_along_axis(out.logits, at[:, :, None], axis=1),
+                                self.top_k)
+      return (jnp.take_along_axis(tree.tokens, at, axis=1), top, logp,
+              jnp.arange(rows)[None, :] <= out.accepted[:, None])
 
     def draft_only(tree: Tree, depth: int):
       """A step without masks: the candidates fall one token behind."""
@@ -255,29 +380,25 @@ class Auto(Strategy):
         masks = ema_update(s.extra.masks, model.embed_tokens(out.tokens), out.appended, self.ema)
         esp = s.extra.replace(masks=masks, hist=count_appended(s.extra.hist, out.appended, active))
         return (out.state.replace(extra=esp), out.kept.pad(kept_len), _pad(out.tokens, n + 1),
-                jnp.zeros((b,), bool))
+                jnp.zeros((b,), bool), fed(tree, out))
       return run
 
-    def hybrid(nodes: int):
-      """The lookup chain and the mask candidates in one tree; the masks are refreshed."""
-      m = min(n, nodes)
-
+    def hybrid(o: Option):
+      """The draft candidates and the mask candidates in one tree; the masks are refreshed."""
       def run(s):
+        c = drafts.tokens.shape[1]
         tree = select_tree(
-            s.last,
-            jnp.concatenate([jnp.broadcast_to(jnp.arange(-1, m - 1, dtype=jnp.int32), (b, m)),
-                             jnp.where(parent >= 0, parent + m, -1)], axis=1),
-            jnp.concatenate([chain[:, :m], tokens], axis=1),
-            jnp.log(jnp.maximum(jnp.concatenate([chain_p[:, :m], esp_p], axis=1), 1e-9)),
-            jnp.concatenate([jnp.arange(m)[None, :] < chain_valid[:, None], valid], axis=1),
-            tuple(range(1, m + 1)) + levels, nodes)
-        out = esp_tree_step(model, s, tree, m, self.sampler, self.ema, self._esp.num_candidates,
-                            key, commit_cache=False)
+            s.last, jnp.concatenate([drafts.parent, jnp.where(parent >= 0, parent + c, -1)], axis=1),
+            jnp.concatenate([drafts.tokens, tokens], axis=1),
+            jnp.concatenate([log_reach, jnp.log(jnp.maximum(esp_p, 1e-9))], axis=1),
+            jnp.concatenate([drafts.valid, valid], axis=1), drafts.levels + levels, o.nodes)
+        out = esp_tree_step(model, s, tree, depth(o), self.sampler, self.ema,
+                            self._esp.num_candidates, key, commit_cache=False)
         new = out.state
         # The model's tokens along the accepted path, as appended at the old length.
         toks = jax.vmap(lambda row, at: jax.lax.dynamic_slice_in_dim(row, at, n + 1))(
             _pad(new.tokens, new.tokens.shape[1] + n + 1), s.length)
-        return new, out.kept.pad(kept_len), toks, jnp.ones((b,), bool)
+        return new, out.kept.pad(kept_len), toks, jnp.ones((b,), bool), fed(tree, out)
       return run
 
     branches = []
@@ -285,13 +406,17 @@ class Auto(Strategy):
       if o.kind == "plain":
         root = Tree(state.last[:, None], jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1), bool))
         branches.append(draft_only(root, 0))
-      elif o.kind == "chain":
+      elif o.kind == "draft" and not self.recycled:
         branches.append(draft_only(chain_tree(state.last, chain[:, :o.nodes],
                                               jnp.minimum(chain_valid, o.nodes)), o.nodes))
+      elif o.kind == "draft":
+        branches.append(draft_only(
+            select_tree(state.last, drafts.parent, drafts.tokens, log_reach, drafts.valid,
+                        drafts.levels, o.nodes), depth(o)))
       else:
-        branches.append(hybrid(o.nodes))
+        branches.append(hybrid(o))
     # No branch writes the cache (XLA would copy it for each): the path's K/V is committed after.
-    new, kept, toks, fresh = jax.lax.switch(choice, branches, state.replace(extra=ex.esp))
+    new, kept, toks, fresh, recorded = jax.lax.switch(choice, branches, state.replace(extra=ex.esp))
     appended = new.length - state.length
     new = new.replace(cache=commit(state.cache, kept, appended))
     # Observe the chain drafted before the step against the tokens the model generated: depth d
@@ -301,17 +426,28 @@ class Auto(Strategy):
     prefix = jnp.cumprod(jnp.concatenate([jnp.ones((b, 1), jnp.int32), same[:, :-1]], axis=1),
                          axis=1) > 0
     seen = prefix & made & (jnp.arange(n)[None, :] < chain_valid[:, None]) & active[:, None]
-    # ... and the depth-1 mask candidates, where fresh, against the model's first token.
-    observe = active & ex.fresh & (appended > 0)
+    # ... and the depth-1 candidates of the masks (where fresh) and of the successor table
+    # against the model's first token.
+    observe = active & (appended > 0)
     first = ex.esp.cand_tokens[:, 0, :self.max_nodes]
     mass = jnp.exp(ex.esp.cand_logp[:, 0, :self.max_nodes]).sum(axis=1)
     hit = (first == toks[:, :1]).any(axis=1)
+    table, rec_mass, rec_hits = ex.table, ex.rec_mass, ex.rec_hits
+    if self.recycled:
+      fed_tokens, top, logp, fed_valid = recorded
+      table = table.record(fed_tokens, top, logp, fed_valid & active[:, None])
+      root_children = np.asarray(self._template.layout.parents) == 0
+      rec_tok, rec_p, rec_valid = (x[:, n:][:, root_children]
+                                   for x in (drafts.tokens, drafts.own, drafts.valid))
+      rec_mass = rec_mass + jnp.where(observe, rec_p.sum(axis=1), 0.0)
+      rec_hits = rec_hits + (observe & ((rec_tok == toks[:, :1]) & rec_valid).any(axis=1))
     return new.replace(extra=AutoState(
-        esp=new.extra, fresh=jnp.where(active, fresh, ex.fresh),
+        esp=new.extra, table=table, fresh=jnp.where(active, fresh, ex.fresh),
         chain_seen=self.chain_memory * ex.chain_seen + seen,
         chain_hits=self.chain_memory * ex.chain_hits + (seen & same),
-        esp_mass=ex.esp_mass + jnp.where(observe, mass, 0.0),
-        esp_hits=ex.esp_hits + (observe & hit),
+        esp_mass=ex.esp_mass + jnp.where(observe & ex.fresh, mass, 0.0),
+        esp_hits=ex.esp_hits + (observe & ex.fresh & hit),
+        rec_mass=rec_mass, rec_hits=rec_hits,
         runs=ex.runs.at[choice].add(active.any().astype(jnp.int32))))
 
 

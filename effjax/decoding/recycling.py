@@ -123,9 +123,13 @@ class SuccessorTable:
   def update(self, fed: jax.Array, logits: jax.Array, valid: jax.Array) -> "SuccessorTable":
     """Record the model's top-k after each fed token: fed [B, O] tokens, logits [B, O, V] there,
     valid [B, O]. Of repeated tokens in a row the last valid one writes."""
+    return self.record(fed, *top_log_probs(logits, self.tokens.shape[2]), valid)
+
+  def record(self, fed: jax.Array, top: jax.Array, logp: jax.Array, valid: jax.Array
+             ) -> "SuccessorTable":
+    """`update` from the top-k already taken: top, logp [B, O, k]."""
     b, o = fed.shape
-    v, k = self.tokens.shape[1:]
-    top, logp = top_log_probs(logits, k)
+    v = self.tokens.shape[1]
     later = jnp.triu(jnp.ones((o, o), bool), 1)  # [i, j]: j after i
     shadowed = ((fed[:, :, None] == fed[:, None, :]) & valid[:, None, :] & later[None]).any(-1)
     row = jnp.where(valid & ~shadowed, fed, v)  # v: out of bounds, dropped
