@@ -163,8 +163,8 @@ def test_a_pruned_option_is_never_the_best_choice(cost_model):
     chain_p = jnp.cumprod(rates, axis=1) * (np.arange(full.chain)[None, :]
                                            < rng.integers(0, full.chain + 1, (b, 1)))
     recorded = np.log(1e-12 + rng.dirichlet(np.full(8, rng.uniform(0.05, 2)), (b, full.recycled)))
-    rec_p = full.recycled_reach(jnp.asarray(rng.uniform(0, 30, b)), jnp.asarray(rng.uniform(0, 30, b)),
-                                jnp.asarray(recorded[:, :, 0]),
+    rec_p = full.recycled_reach(jnp.asarray(rng.uniform(0, 30, b)),
+                                jnp.asarray(rng.uniform(0, 30, b)), jnp.asarray(recorded[:, :, 0]),
                                 jnp.asarray(rng.random((b, full.recycled)) < 0.8))
     draft_p = jax.lax.top_k(jnp.concatenate([chain_p, rec_p], axis=1), full.selected)[0]
     score = jnp.asarray(np.log(rng.dirichlet(np.full(c, rng.uniform(0.05, 2)), b)))
@@ -204,7 +204,8 @@ def test_auto_records_and_inherits_the_successor_table():
     assert written[row, toks[:-1]].all()
   assert float(res.extra.rec_mass.min()) > 0
   left = eng._memory_of(auto)[0]
-  assert left.tokens.shape == (1, 32, 8) and (np.asarray(left.tokens[0, want[0][:-1], 0]) >= 0).all()
+  assert left.tokens.shape == (1, 32, 8)
+  assert (np.asarray(left.tokens[0, want[0][:-1], 0]) >= 0).all()
   again = eng.generate(PROMPTS, strategy=auto, max_new_tokens=LIMITS)
   assert again.tokens == want
   bare = Auto(options=OPTIONS, cost_model=costs(0.0))

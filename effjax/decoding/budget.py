@@ -69,7 +69,8 @@ from effjax.decoding.pld import chain_tree, context, lookup
 from effjax.decoding.recycling import TOP_K, InheritsTable, SuccessorTable, Template, template
 from effjax.decoding.sampling import GREEDY, Sampler
 from effjax.decoding.topk import top_log_probs
-from effjax.decoding.tree import Tree, count_appended, select_nodes, select_tree, tree_step
+from effjax.decoding.tree import (Tree, concat_parents, count_appended, select_nodes, select_tree,
+                                  tree_step)
 from effjax.models.cache import commit
 from effjax.models.transformer import Transformer
 
@@ -304,13 +305,14 @@ class Auto(InheritsTable, Strategy):
     if self.recycled:
       tpl = self._template
       tokens, logp, valid = ex.table.expand(state.last, tpl)
-      parent = jnp.broadcast_to(jnp.asarray(tpl.layout.parents, jnp.int32) - 1 + n, tokens.shape)
-      parts.append(Drafts(jnp.where(parent >= n, parent, -1), tokens,
-                          jnp.where(valid, jnp.exp(logp), 0.0), self.recycled_reach(ex.rec_hits, ex.rec_mass, logp, valid), valid,
-                          tpl.layout.depths[1:]))
+      parts.append(Drafts(
+          jnp.broadcast_to(jnp.asarray(tpl.layout.parents, jnp.int32) - 1, tokens.shape), tokens,
+          jnp.where(valid, jnp.exp(logp), 0.0),
+          self.recycled_reach(ex.rec_hits, ex.rec_mass, logp, valid), valid, tpl.layout.depths[1:]))
     cat = lambda name: jnp.concatenate([getattr(p, name) for p in parts], axis=1)
-    return (Drafts(cat("parent"), cat("tokens"), cat("own"), cat("reach"), cat("valid"),
-                   sum((p.levels for p in parts), ())), chain, chain_valid)
+    return (Drafts(concat_parents([p.parent for p in parts]), cat("tokens"), cat("own"),
+                   cat("reach"), cat("valid"), sum((p.levels for p in parts), ())),
+            chain, chain_valid)
 
   def esp_reach(self, ex: AutoState, score: jax.Array, valid: jax.Array) -> jax.Array:
     """[B, C] the mask candidates' reach probabilities (score: their log prod q)."""
@@ -359,8 +361,8 @@ class Auto(InheritsTable, Strategy):
     expected = self.expected(draft_p, esp_p)
     active = ~state.done
     choice = self.choose(expected, active, state.cache.length)
-    depth = lambda o: min(n, o.nodes)
-    kept_len = 1 + max(depth(o) for o in self.options)
+    depth_of = lambda o: min(n, o.nodes)
+    kept_len = 1 + max(depth_of(o) for o in self.options)
     rows = min(self.recorded, kept_len)
 
     def fed(tree: Tree, out):
@@ -386,13 +388,12 @@ class Auto(InheritsTable, Strategy):
     def hybrid(o: Option):
       """The draft candidates and the mask candidates in one tree; the masks are refreshed."""
       def run(s):
-        c = drafts.tokens.shape[1]
         tree = select_tree(
-            s.last, jnp.concatenate([drafts.parent, jnp.where(parent >= 0, parent + c, -1)], axis=1),
+            s.last, concat_parents([drafts.parent, parent]),
             jnp.concatenate([drafts.tokens, tokens], axis=1),
             jnp.concatenate([log_reach, jnp.log(jnp.maximum(esp_p, 1e-9))], axis=1),
             jnp.concatenate([drafts.valid, valid], axis=1), drafts.levels + levels, o.nodes)
-        out = esp_tree_step(model, s, tree, depth(o), self.sampler, self.ema,
+        out = esp_tree_step(model, s, tree, depth_of(o), self.sampler, self.ema,
                             self._esp.num_candidates, key, commit_cache=False)
         new = out.state
         # The model's tokens along the accepted path, as appended at the old length.
@@ -412,7 +413,7 @@ class Auto(InheritsTable, Strategy):
       elif o.kind == "draft":
         branches.append(draft_only(
             select_tree(state.last, drafts.parent, drafts.tokens, log_reach, drafts.valid,
-                        drafts.levels, o.nodes), depth(o)))
+                        drafts.levels, o.nodes), depth_of(o)))
       else:
         branches.append(hybrid(o))
     # No branch writes the cache (XLA would copy it for each): the path's K/V is committed after.

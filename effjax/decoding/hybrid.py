@@ -53,7 +53,7 @@ from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_
 from effjax.decoding.pld import context, lookup_match
 from effjax.decoding.recycling import TOP_K, InheritsTable, SuccessorTable, template
 from effjax.decoding.suffix import suffix_candidates
-from effjax.decoding.tree import Selection, Tree, select_nodes
+from effjax.decoding.tree import Selection, Tree, concat_parents, select_nodes
 from effjax.models.transformer import Transformer
 
 SOURCES = ("esp", "suffix", "recycle", "ngram")
@@ -108,13 +108,9 @@ class Candidates:
   @classmethod
   def concat(cls, parts: list["Candidates"]) -> "Candidates":
     """Parts in order; parent indices shift by each part's offset."""
-    offset, parents = 0, []
-    for p in parts:
-      parents.append(jnp.where(p.parent >= 0, p.parent + offset, -1))
-      offset += p.tokens.shape[1]
     cat = lambda name: jnp.concatenate([getattr(p, name) for p in parts], axis=1)
-    return cls(parent=jnp.concatenate(parents, axis=1), tokens=cat("tokens"), own=cat("own"),
-               valid=cat("valid"), cell=cat("cell"), counted=cat("counted"),
+    return cls(parent=concat_parents([p.parent for p in parts]), tokens=cat("tokens"),
+               own=cat("own"), valid=cat("valid"), cell=cat("cell"), counted=cat("counted"),
                levels=sum((p.levels for p in parts), ()))
 
 

@@ -367,6 +367,16 @@ class Selection:
   node_score: jax.Array  # [B, num_nodes] that score per tree slot 1..num_nodes (-inf: unused)
 
 
+def concat_parents(parents: list[jax.Array]) -> jax.Array:
+  """The parent indices [B, C] of candidate lists joined in order: each list's own indices (-1 =
+  the root) shifted by the candidates before it."""
+  offset, out = 0, []
+  for p in parents:
+    out.append(jnp.where(p >= 0, p + offset, -1))
+    offset += p.shape[1]
+  return jnp.concatenate(out, axis=1)
+
+
 def select_tree(root: jax.Array, parent: jax.Array, tokens: jax.Array, score: jax.Array,
                 valid: jax.Array, levels: tuple[int, ...], num_nodes: int) -> Tree:
   """select_nodes(...).tree: the tree of the best candidates by their (path) score."""
