@@ -50,6 +50,8 @@ def main(argv=None) -> int:
       "auto, 6 default options, recycled successors": always_plain(Auto(recycled=10),
                                                                   args.cache_len),
       "auto, plain only": always_plain(Auto(options=(Option("plain"),)), args.cache_len),
+      "auto's starter (6 options' state, plain steps)": always_plain(Auto(),
+                                                                     args.cache_len).starter(),
       "auto, plain and draft-3": always_plain(Auto(options=(Option("plain"), Option("draft", 3))),
                                               args.cache_len),
   }

@@ -1,6 +1,8 @@
 """What `auto` costs a new process: restoring its decode program from effjax's program cache, with
 the options the device's cost model keeps and with all six, against plain decoding's; and the cold
-`effjax generate` of README's prompt with `--method auto` against `--method ar`.
+`effjax generate` of README's prompt with `--method auto` (plain steps first, its speculative
+program loaded once the text shows it pays), with `--method auto --no-hand-over` (that program
+loaded first) and with `--method ar`.
 
     python benchmarks/auto_start.py [--models smollm2-135m-instruct gemma3-270m] [--repeats 4]
                                     [--out benchmarks/notes/auto_start.md]
@@ -10,7 +12,8 @@ then the processes run round-robin, `--repeats` times each. Restore: a child loa
 builds the strategy (auto's cost model from the cache) and generates the prompt once through
 `Engine.generate`; reported is the seconds effjax's program cache spent restoring the decode
 program (effjax.program_cache.events). Generate: the wall clock of `effjax generate --verbose`,
-its compile phase (restoring all three programs), and the tokens/s of its summary line.
+its compile phase (restoring the programs, auto's mid-stream load included), the tokens/s of its
+summary line (decoding only) and the plain steps before auto's speculative program took over.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from cold_start import effjax_phases, summary, timed  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 README_PROMPT = "Explain what a KV cache is in two sentences."
 VARIANTS = ("ar", "auto", "auto, all options")
+GENERATE = ("ar", "auto", "auto --no-hand-over")
 
 
 def child(model: str, variant: str) -> None:
@@ -74,8 +78,8 @@ def main() -> None:
   chat = {m: load_model(m).tokenizer.chat_template is not None for m in args.models}
   restores = {(m, v): [py, __file__, "--child", m, v] for m in args.models for v in VARIANTS}
   gens = {(m, v): [py, "-m", "effjax.cli", "generate", "--model", m, "--prompt", README_PROMPT,
-                   "--method", v, "--verbose"] + ([] if chat[m] else ["--no-chat"])
-          for m in args.models for v in ("ar", "auto")}
+                   "--verbose", "--method", *v.split()] + ([] if chat[m] else ["--no-chat"])
+          for m in args.models for v in GENERATE}
   everything = {("restore",) + k: c for k, c in restores.items()}
   everything.update({("generate",) + k: c for k, c in gens.items()})
   load_before = os.getloadavg()
@@ -108,20 +112,27 @@ def main() -> None:
       lines.append(f"| {m} | {v} | {', '.join(info[0]['options']) or 'plain'} | "
                    f"{'yes' if disk else 'NO'} | {summary(times)} | "
                    f"{statistics.median(times) / full:.2f}x | {'yes' if same else 'NO'} |")
-  lines += ["", f"`effjax generate --prompt \"{README_PROMPT}\" --method ar|auto --verbose` "
-            "(--no-chat for a model without a chat template):", "",
-            "| model | method | wall s | compile phase s | decoding tokens/s | "
-            "auto / ar tokens/s | same text as ar |", "|---|---|---|---|---|---|---|"]
+  lines += ["", f"`effjax generate --prompt \"{README_PROMPT}\" --verbose --method "
+            f"{'|'.join(GENERATE)}` (--no-chat for a model without a chat template):", "",
+            "| model | method | wall s | ar / method wall | compile phase s | decoding tokens/s | "
+            "plain steps before auto's program | same text as ar |",
+            "|---|---|---|---|---|---|---|---|"]
   rate = lambda x: float(re.search(r"([\d.]+) tokens/s decoding", x["err"]).group(1))
+
+  def plain_first(x) -> str:
+    hit = re.search(r"loaded after (\d+)", x["err"])
+    return hit.group(1) if hit else ("all" if "plain steps only" in x["err"] else "-")
+
   for m in args.models:
-    ar = statistics.median(rate(x) for x in runs[("generate", m, "ar")])
-    for v in ("ar", "auto"):
+    ar_wall = statistics.median(x["wall"] for x in runs[("generate", m, "ar")])
+    for v in GENERATE:
       xs = runs[("generate", m, v)]
       same = all(x["out"] == runs[("generate", m, "ar")][0]["out"] for x in xs)
       lines.append(f"| {m} | {v} | {summary([x['wall'] for x in xs])} | "
+                   f"{ar_wall / statistics.median(x['wall'] for x in xs):.2f}x | "
                    f"{summary([effjax_phases(x['err'])['compile'] for x in xs])} | "
                    f"{summary([rate(x) for x in xs])} | "
-                   f"{statistics.median(rate(x) for x in xs) / ar:.2f}x | "
+                   f"{', '.join(sorted(set(plain_first(x) for x in xs)))} | "
                    f"{'yes' if same else 'NO'} |")
   text = "\n".join(lines) + "\n"
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ def test_a_pruned_option_is_never_the_best_choice(cost_model):
     assert float(esp_p.sum(axis=1).max()) <= 1 + 1e-5
     active = jnp.asarray(rng.random(b) < 0.7)
     for cache_len in (64, 300, 2048):
-      chosen.add(full.options[int(full.choose(expected, active, cache_len))].name)
+      chosen.add(full.options[int(jnp.argmax(full.rates(expected, active, cache_len)))].name)
   assert chosen <= kept and len(chosen) > 1, (chosen, kept)
 
 
@@ -211,3 +211,59 @@ def test_auto_records_and_inherits_the_successor_table():
   bare = Auto(options=OPTIONS, cost_model=costs(0.0))
   res = eng.generate(PROMPTS, strategy=bare, max_new_tokens=LIMITS)
   assert res.tokens == want and res.extra.table is None and eng._memory_of(bare)[0] is None
+
+
+def stream_all(eng, strategy, prompts, limit):
+  """Engine.stream one step per chunk: every row's tokens and the GenerationResult."""
+  chunks = eng.stream(prompts, strategy=strategy, max_new_tokens=limit, chunk=1)
+  got = [[] for _ in prompts]
+  while True:
+    try:
+      got = [g + t for g, t in zip(got, next(chunks))]
+    except StopIteration as end:
+      return got, end.value
+
+
+def test_stream_starts_with_plain_steps_and_hands_over_to_the_speculative_program():
+  _, want = engine_and_plain()
+  cfg = tiny_config("llama", vocab_size=32, tie_embeddings=False, num_layers=2)
+  eng = Engine(create_model(cfg, seed=0), cache_len=96)  # its own: nothing loaded yet
+  auto = Auto(options=OPTIONS[:2], cost_model=costs(0.0), load_steps=3, load_saving=0.0)
+  assert auto.starter().plain_only and auto.starter().options == auto.options
+  assert auto.starter().starter() is None
+  got, res = stream_all(eng, auto, PROMPTS[2:], LIMITS[2])
+  assert got == res.tokens == want[2:]
+  # The starter ran plain steps until it had seen load_steps of them, then auto's own program was
+  # loaded and took over from the same loop state, and speculated.
+  assert res.handed_over == 3 < res.model_calls
+  plain, draft = res.extra.runs.tolist()
+  assert plain >= res.handed_over and draft > 0 and plain + draft == res.model_calls
+  assert res.extra.saving > 0
+  # Loaded now: the next stream runs auto's program from the start.
+  got, res = stream_all(eng, auto, PROMPTS[2:], LIMITS[2])
+  assert got == want[2:] and res.handed_over is None and res.extra.runs[1] > 0
+
+
+def test_a_starter_that_is_never_worth_replacing_decodes_plainly_to_the_end():
+  _, want = engine_and_plain()
+  eng, _ = engine_and_plain()
+  auto = Auto(options=OPTIONS[:2], cost_model=costs(1.0), load_saving=0.5)  # nothing pays
+  got, res = stream_all(eng, auto, PROMPTS, LIMITS)
+  assert got == want and res.handed_over == res.model_calls
+  assert res.extra.runs.tolist() == [res.model_calls, 0] and res.extra.saving == 0
+  assert not eng.loaded(auto)
+  with pytest.raises(ValueError, match="load_saving"):
+    Auto(load_saving=1.0)
+
+
+@pytest.mark.parametrize("calls,saving,load", [
+    (15, 100.0, False),  # too few steps, however much it would save
+    (16, 0.201 * (1 - 0.9 ** 16) / 0.1, True),  # a recent mean just over load_saving
+    (16, 0.199 * (1 - 0.9 ** 16) / 0.1, False),
+    (200, 0.201 * 10.0, True),  # long runs: the faded weight tends to 1 / (1 - 0.9) = 10
+    (200, 1.99, False),
+])
+def test_load_now_golden_values(calls, saving, load):
+  auto = Auto(options=OPTIONS[:2], cost_model=costs(0.0)).starter()  # load_saving 0.2, 16 steps
+  state = SimpleNamespace(calls=np.int32(calls), extra=SimpleNamespace(saving=np.float32(saving)))
+  assert auto.load_now(state) is load

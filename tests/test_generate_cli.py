@@ -32,14 +32,20 @@ def test_prompt_longer_than_cache_is_refused(capsys):
 
 
 def test_streams_text_and_batches_a_jsonl_file(tmp_path, capsys):
-  assert main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
-               "--cache-len", "256"]) == 0
+  argv = ["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
+          "--cache-len", "256"]
+  assert main([*argv, "--method", "ar"]) == 0
   out = capsys.readouterr()
   assert "Paris" in out.out
   assert re.search(r"\[ar: \d+ tokens", out.err) and "tau 1.00" in out.err and "tokens/s" in out.err
-  # A speculative method streams the same text (lossless) and reports its tokens per forward.
-  assert main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "12",
-               "--cache-len", "256", "--method", "pld"]) == 0
+  # The default, auto, streams the same text (lossless); on a short answer that repeats nothing
+  # it never loads its speculative program (plain steps from its starter program).
+  assert main(argv) == 0
+  auto = capsys.readouterr()
+  assert auto.out == out.out and re.search(r"\[auto: \d+ tokens", auto.err)
+  assert "plain steps only: the text gave speculation too little" in auto.err
+  # A speculative method streams the same text and reports its tokens per forward.
+  assert main([*argv, "--method", "pld"]) == 0
   spec = capsys.readouterr()
   assert spec.out == out.out and re.search(r"\[pld: \d+ tokens", spec.err) and "tau " in spec.err
   prompts = tmp_path / "p.jsonl"
@@ -57,8 +63,8 @@ QUESTION = "What is the capital of France? Answer in one word."
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags,want", [
-    ([], "The capital of France is Paris."),
-    (["--temperature", "0.7", "--top-k", "20", "--seed", "3"],
+    ([], "The capital of France is Paris."),  # auto, the default: plain decoding's greedy text
+    (["--method", "ar", "--temperature", "0.7", "--top-k", "20", "--seed", "3"],
      "That's not entirely accurate. The capital of France is Paris, not Paris itself. I'm using a "
      "helper named Sm"),
 ])

@@ -44,6 +44,19 @@ of those and the mask candidates). One mask proposes alternatives for the first 
 ESP reach probabilities of a step sum to at most 1 (scaled down where the calibration says more):
 a hybrid tree appends at most one expected token more than its draft nodes alone.
 
+Starting fast (`Engine.stream`, the main job): every option is one more copy of the model in the
+decode program, so auto's program takes seconds longer to load than plain decoding's (SmolLM2-135M's
+five options ~3.5 s on a 2-core CPU, ~100 plain steps). `starter()` is auto with the same loop
+state that runs plain steps only (its program loads as fast as plain decoding's) while its
+estimates go on and record how much of each step's time the best option would have saved
+(`AutoState.saving`). `Engine.stream` decodes with it until the starter says speculation pays
+(`load_now`: the mean predicted saving of recent steps, faded as the chain counts are, reaches
+`load_saving` after `load_steps` steps), then loads auto's own program (decoding waits for it)
+and goes on with it from the same state. Text that does not repeat never loads it. Only a large
+predicted saving repays a pause of ~100 steps within a few hundred tokens: `load_saving` = 0.2 by
+that reasoning, not searched on data. (Loading in a background thread while the starter decodes
+was tried: on 2 cores the two starve each other, BENCHMARKS.md.)
+
 Options the cost model makes unprofitable in every state are not compiled (`Auto.prune`, on by
 default): by that bound, a hybrid tree whose forward costs more than one extra token can repay,
 against plain decoding and the draft options at every cache length, is never the best choice.
@@ -63,7 +76,7 @@ import numpy as np
 from flax import struct
 
 from effjax.decoding.cost_model import CostModel
-from effjax.decoding.engine import DecodeState, Strategy
+from effjax.decoding.engine import DecodeState, Strategy, fetch
 from effjax.decoding.esp import ESP, ESPState, dynamic_candidates, ema_update, esp_tree_step
 from effjax.decoding.pld import chain_tree, context, lookup
 from effjax.decoding.recycling import TOP_K, InheritsTable, SuccessorTable, Template, template
@@ -120,6 +133,8 @@ class AutoState:
   rec_mass: jax.Array  # [B] summed recorded probability of the root's recycled successors
   rec_hits: jax.Array  # [B] times the model's token at the root was one of them
   runs: jax.Array  # [n_options] steps each option ran
+  saving: jax.Array  # [] per step 1 - (plain's rate / the best option's), by the estimates, summed
+  # with the weight chain_memory^age (the starter's evidence that speculation pays here now)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -136,7 +151,10 @@ class Auto(InheritsTable, Strategy):
   Token Recycling the rejected nodes are not recorded), the table carried over between
   generations (`inherit`);
   prune: keep only the options that can be the best choice under the cost model
-  (`worth_running`)."""
+  (`worth_running`); plain_only: run plain steps only, the estimates going on (`starter`);
+  load_saving: the mean fraction of decode time the estimates must say speculation saves (recent
+  steps weigh most, by chain_memory) before `Engine.stream` loads the speculative program
+  (`load_now`), after at least `load_steps` steps."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -150,6 +168,9 @@ class Auto(InheritsTable, Strategy):
   top_k: int = TOP_K
   inherit: bool = True
   prune: bool = True
+  plain_only: bool = False
+  load_saving: float = 0.2
+  load_steps: int = 16
   sampler: Sampler = GREEDY
 
   def __post_init__(self):
@@ -175,11 +196,27 @@ class Auto(InheritsTable, Strategy):
       if max(tpl.ranks) >= self.top_k or tpl.layout.depth > self.chain:
         raise ValueError(f"recycled={self.recycled} needs top_k > {max(tpl.ranks)} and chain >= "
                          f"{tpl.layout.depth}, got top_k={self.top_k}, chain={self.chain}")
+    if not 0.0 <= self.load_saving < 1.0 or self.load_steps < 1:
+      raise ValueError(f"need 0 <= load_saving < 1 and load_steps >= 1, got {self.load_saving}, "
+                       f"{self.load_steps}")
     if self.prune and self.cost_model is not None:
       object.__setattr__(self, "options", self.worth_running(self.cost_model))
 
   def with_cost_model(self, cost_model: CostModel) -> "Auto":
     return dataclasses.replace(self, cost_model=cost_model)
+
+  def starter(self) -> "Auto | None":
+    """This strategy running plain steps only, with the same loop state: what `Engine.stream`
+    decodes with while this one's program loads."""
+    return None if self.plain_only else dataclasses.replace(self, plain_only=True)
+
+  def load_now(self, state: DecodeState) -> bool:
+    """For the starter's state: whether speculation would have saved enough so far to load the
+    speculative program (see the module docstring). Two scalars to the host, compared there."""
+    steps, saving = fetch((state.calls, state.extra.saving))
+    m = self.chain_memory
+    weight = steps if m == 1.0 else (1.0 - m ** steps) / (1.0 - m)  # sum of m^age over the steps
+    return bool(steps >= self.load_steps and saving >= self.load_saving * weight)
 
   @property
   def draft_nodes(self) -> int:
@@ -262,7 +299,7 @@ class Auto(InheritsTable, Strategy):
         esp=esp, table=table, fresh=jnp.ones((b,), bool),
         chain_seen=jnp.zeros((b, n), jnp.float32), chain_hits=jnp.zeros((b, n), jnp.float32),
         esp_mass=zeros, esp_hits=zeros, rec_mass=zeros, rec_hits=zeros,
-        runs=jnp.zeros((len(self.options),), jnp.int32)))
+        runs=jnp.zeros((len(self.options),), jnp.int32), saving=jnp.zeros((), jnp.float32)))
 
   def chain_rates(self, hits: jax.Array, seen: jax.Array) -> jax.Array:
     """Per depth [B, L], the rate at which the model generates the chain's d-th token once it has
@@ -336,14 +373,14 @@ class Auto(InheritsTable, Strategy):
         out.append(1.0 + top(jnp.concatenate([draft_p, esp_p], axis=1), o.nodes))
     return tuple(out)
 
-  def choose(self, expected: tuple[jax.Array, ...], active: jax.Array, cache_len: int) -> jax.Array:
-    """Index of the option with the most expected tokens per second over the active rows."""
+  def rates(self, expected: tuple[jax.Array, ...], active: jax.Array, cache_len: int) -> jax.Array:
+    """[n_options] expected tokens per second of each option over the active rows; the best one
+    runs (argmax)."""
     if self.cost_model is None:
       raise ValueError("Auto needs a cost model: auto.with_cost_model(cost_model_for(model, "
                        "auto.blocks))")
-    rate = jnp.stack([jnp.where(active, e, 0.0).sum() / self.cost_model.seconds(o.block, cache_len)
+    return jnp.stack([jnp.where(active, e, 0.0).sum() / self.cost_model.seconds(o.block, cache_len)
                       for e, o in zip(expected, self.options)])
-    return jnp.argmax(rate).astype(jnp.int32)
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     ex: AutoState = state.extra
@@ -360,7 +397,10 @@ class Auto(InheritsTable, Strategy):
     esp_p = self.esp_reach(ex, score, valid)
     expected = self.expected(draft_p, esp_p)
     active = ~state.done
-    choice = self.choose(expected, active, state.cache.length)
+    rates = self.rates(expected, active, state.cache.length)
+    best = jnp.argmax(rates).astype(jnp.int32)
+    choice = jnp.zeros((), jnp.int32) if self.plain_only else best
+    saving = jnp.where(active.any(), 1.0 - rates[0] / jnp.maximum(rates[best], 1e-30), 0.0)
     depth_of = lambda o: min(n, o.nodes)
     kept_len = 1 + max(depth_of(o) for o in self.options)
     rows = min(self.recorded, kept_len)
@@ -403,7 +443,7 @@ class Auto(InheritsTable, Strategy):
       return run
 
     branches = []
-    for o in self.options:
+    for o in self.options[:1] if self.plain_only else self.options:
       if o.kind == "plain":
         root = Tree(state.last[:, None], jnp.zeros((b, 1), jnp.int32), jnp.ones((b, 1), bool))
         branches.append(draft_only(root, 0))
@@ -449,7 +489,8 @@ class Auto(InheritsTable, Strategy):
         esp_mass=ex.esp_mass + jnp.where(observe & ex.fresh, mass, 0.0),
         esp_hits=ex.esp_hits + (observe & ex.fresh & hit),
         rec_mass=rec_mass, rec_hits=rec_hits,
-        runs=ex.runs.at[choice].add(active.any().astype(jnp.int32))))
+        runs=ex.runs.at[choice].add(active.any().astype(jnp.int32)),
+        saving=self.chain_memory * ex.saving + saving))
 
 
 def _pad(x: jax.Array, width: int) -> jax.Array:

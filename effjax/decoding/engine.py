@@ -167,6 +167,16 @@ class Strategy:
     """The memory a finished generation leaves (shaped like new_memory's), from its final state."""
     return None
 
+  def starter(self) -> "Strategy | None":
+    """A strategy with this one's loop state (the same pytree and shapes) whose decode program
+    loads faster, for `Engine.stream` to decode with while this one's loads; None: none."""
+    return None
+
+  def load_now(self, state: DecodeState) -> bool:
+    """For a starter's state (on the host, between chunks): whether the full strategy's program is
+    worth loading yet."""
+    return True
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AutoRegressive(Strategy):
@@ -424,6 +434,8 @@ class GenerationResult:
   decode_s: float
   extra: Any = None  # the strategy's final state (counters), as numpy
   hook_state: Any = None  # the hook's final state, as numpy
+  handed_over: int | None = None  # Engine.stream: forwards its starter ran before the strategy's
+  # own program took over (None: no starter ran; model_calls: it never took over)
 
   @property
   def new_tokens(self) -> int:
@@ -555,11 +567,13 @@ class Engine:
             program_cache.CachedJit(decode, name="decode", program_key=key, donate_argnums=(1,)))
 
   def start(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
-            stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0) -> DecodeState:
-    """Check inputs, then prefill: the state holds the first generated token."""
+            stop_sequences: Sequence[Sequence[int]] = (), seed: int = 0,
+            run: Strategy | None = None) -> DecodeState:
+    """Check inputs, then prefill: the state holds the first generated token. run: the programs
+    to start with (strategy's starter; default strategy's own)."""
     strategy = strategy or PLAIN_GREEDY
     limits = self._check(prompts, max_new_tokens, strategy)
-    init, prefill, _ = self._functions(strategy)
+    init, prefill, _ = self._functions(run or strategy)
     state = init(*self._inputs(prompts, limits, stop_array(stop_sequences), seed, strategy))
     memory = self._memory_of(strategy)[0]
     if memory is not None:
@@ -596,29 +610,53 @@ class Engine:
     return self._result(state, strategy, prompts, t1 - t0, t2 - t1)
 
   def stream(self, prompts, *, strategy: Strategy | None = None, max_new_tokens=256,
-             stop_sequences=(), seed: int = 0, chunk: int = 8
+             stop_sequences=(), seed: int = 0, chunk: int = 8, hand_over: bool = True
              ) -> Generator[list[list[int]], None, GenerationResult]:
     """Yield each row's newly generated tokens every `chunk` loop steps (one host trip per chunk).
 
-    The generator's return value is the GenerationResult: prefill_s covers the prefill and the
-    loop's compilation, decode_s the loop after them (host trips included)."""
+    hand_over: where the strategy has a starter (`Strategy.starter`) and its own decode program is
+    not loaded in this process yet, decode with the starter until its state says the strategy's
+    program is worth loading (`Strategy.load_now`), then load it and go on with it from the same
+    state (GenerationResult.handed_over). A strategy whose program is slow to load (auto's) then
+    costs nothing where it would not pay.
+
+    The generator's return value is the GenerationResult: prefill_s covers the prefill and loading
+    or compiling the loop's programs, decode_s the loop (host trips included)."""
     strategy = strategy or PLAIN_GREEDY
+    starter = strategy.starter() if hand_over and not self.loaded(strategy) else None
+    run = starter or strategy
     t0 = time.perf_counter()
     state = self.start(prompts, strategy=strategy, max_new_tokens=max_new_tokens,
-                       stop_sequences=stop_sequences, seed=seed)
-    state = self.advance(state, strategy, 0)  # compiles the loop before decoding is timed
+                       stop_sequences=stop_sequences, seed=seed, run=run)
+    state = self.advance(state, run, 0)  # compiles the loop before decoding is timed
     jax.block_until_ready(state.length)
     t1 = time.perf_counter()
     sent = np.zeros(len(prompts), np.int64)
+    handed_over, load_s = None, 0.0
     while True:
-      tokens, length, done = fetch((state.tokens, state.length, state.done))
+      tokens, length, done, calls = fetch((state.tokens, state.length, state.done, state.calls))
       yield [tokens[i, sent[i]:length[i]].tolist() for i in range(len(prompts))]
       sent = length.astype(np.int64)
       if done.all():
-        return self._result(state, strategy, prompts, t1 - t0, time.perf_counter() - t1)
-      state = self.advance(state, strategy, chunk)
+        break
+      if run is starter and starter.load_now(state):
+        t = time.perf_counter()
+        run, handed_over = strategy, int(calls)
+        state = self.advance(state, run, 0)  # loads its programs
+        jax.block_until_ready(state.length)
+        load_s = time.perf_counter() - t
+      state = self.advance(state, run, chunk)
+    if starter is not None and handed_over is None:
+      handed_over = int(calls)
+    return self._result(state, strategy, prompts, t1 - t0 + load_s,
+                        time.perf_counter() - t1 - load_s, handed_over=handed_over)
 
-  def _result(self, state, strategy, prompts, prefill_s, decode_s) -> GenerationResult:
+  def loaded(self, strategy: Strategy) -> bool:
+    """Whether a decode program of `strategy` is loaded in this process."""
+    return self._functions(strategy)[2].cache_size() > 0
+
+  def _result(self, state, strategy, prompts, prefill_s, decode_s,
+              handed_over: int | None = None) -> GenerationResult:
     box = self._memory_of(strategy)
     if box[0] is not None:
       box[0] = strategy.leave_memory(state)
@@ -627,4 +665,4 @@ class Engine:
     return GenerationResult(tokens=[tokens[i, :length[i]].tolist() for i in range(len(prompts))],
                             prompt_tokens=[len(p) for p in prompts], model_calls=int(calls),
                             prefill_s=prefill_s, decode_s=decode_s, extra=extra,
-                            hook_state=hook_state)
+                            hook_state=hook_state, handed_over=handed_over)

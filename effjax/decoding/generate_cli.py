@@ -45,6 +45,10 @@ def summary(method: str, res, strategy) -> str:
   if getattr(res.extra, "runs", None) is not None:
     runs = "; steps " + ", ".join(f"{o.name} {int(c)}" for o, c in
                                   zip(strategy.options, res.extra.runs) if c)
+  if res.handed_over is not None:
+    runs += (f"; plain steps until its speculative program was loaded after {res.handed_over}"
+             if res.handed_over < res.model_calls else
+             "; plain steps only: the text gave speculation too little to load its program")
   return (f"[{method}: {n} tokens; prefill + compile {res.prefill_s:.2f}s, decoding "
           f"{res.decode_s:.2f}s; {res.model_calls} decode forwards, tau {res.tokens_per_call:.2f} "
           f"tokens per forward; {(n - 1) / max(res.decode_s, 1e-9):.1f} tokens/s decoding{runs}]")
@@ -63,13 +67,17 @@ def register(sub) -> None:
   p.add_argument("--batch-size", type=positive_int, default=8, help="rows per batch with --file")
   add_strict_arg(p, default=False)
   p.add_argument("--out", default=None, help="with --file: write JSONL results here (default stdout)")
-  p.add_argument("--method", default="ar",
-                 help="decoding method: ar (plain), pld, lookahead, esp-bc10|30|60, "
-                      "hybrid-bc10|30|60 (a method and its BC budget), or auto (the budget that "
-                      "pays on this device, step by step); all lossless")
+  p.add_argument("--method", default="auto",
+                 help="decoding method: auto (default: the budget that pays on this device, step "
+                      "by step), ar (plain), pld, lookahead, tr, suffix, esp-bc10|30|60, "
+                      "esp-dyn-bc10|30|60, hybrid-bc10|30|60 (a method and its BC budget); all "
+                      "lossless")
   p.add_argument("--cost-model", default=None,
                  help="for auto: a JSON table of forward costs {\"entries\": [[cache_len, tokens, "
                       "seconds], ...]} (default: measured once per device and model, cached)")
+  p.add_argument("--hand-over", action=argparse.BooleanOptionalAction, default=True,
+                 help="auto, streaming: start with plain steps and load the speculative program "
+                      "only once the text shows it pays (default); --no-hand-over loads it first")
   add_sampling_args(p)
   p.add_argument("--verbose", action="store_true",
                  help="report where the time went: start-up, imports, loading, compiling or "
@@ -116,7 +124,7 @@ def run(args) -> int:
     n = 0
     programs = _ProgramRows(phases)
     chunks = engine.stream(prompts, strategy=strategy, max_new_tokens=args.max_new_tokens,
-                           seed=args.seed)
+                           seed=args.seed, hand_over=args.hand_over)
     while True:
       try:
         chunk = next(chunks)
