@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax.decoding.budget import Auto, Option
+from effjax.decoding.budget import Auto, Option, ShadowLookup
 from effjax.decoding.cost_model import CostModel
 from effjax.decoding.engine import Engine
 from effjax.models import create_model, tiny_config
@@ -228,7 +228,7 @@ def test_stream_starts_with_plain_steps_and_hands_over_to_the_speculative_progra
   _, want = engine_and_plain()
   cfg = tiny_config("llama", vocab_size=32, tie_embeddings=False, num_layers=2)
   eng = Engine(create_model(cfg, seed=0), cache_len=96)  # its own: nothing loaded yet
-  auto = Auto(options=OPTIONS[:2], cost_model=costs(0.0), load_steps=3, load_saving=0.0)
+  auto = Auto(options=OPTIONS[:2], cost_model=costs(0.0), load_steps=3, load_seconds=0.0)
   assert auto.starter().plain_only and auto.starter().options == auto.options
   assert auto.starter().starter() is None
   got, res = stream_all(eng, auto, PROMPTS[2:], LIMITS[2])
@@ -238,7 +238,6 @@ def test_stream_starts_with_plain_steps_and_hands_over_to_the_speculative_progra
   assert res.handed_over == 3 < res.model_calls
   plain, draft = res.extra.runs.tolist()
   assert plain >= res.handed_over and draft > 0 and plain + draft == res.model_calls
-  assert res.extra.saving > 0
   # Loaded now: the next stream runs auto's program from the start.
   got, res = stream_all(eng, auto, PROMPTS[2:], LIMITS[2])
   assert got == want[2:] and res.handed_over is None and res.extra.runs[1] > 0
@@ -247,23 +246,53 @@ def test_stream_starts_with_plain_steps_and_hands_over_to_the_speculative_progra
 def test_a_starter_that_is_never_worth_replacing_decodes_plainly_to_the_end():
   _, want = engine_and_plain()
   eng, _ = engine_and_plain()
-  auto = Auto(options=OPTIONS[:2], cost_model=costs(1.0), load_saving=0.5)  # nothing pays
+  auto = Auto(options=OPTIONS[:2], cost_model=costs(1.0), load_seconds=1e-6)  # nothing pays
   got, res = stream_all(eng, auto, PROMPTS, LIMITS)
   assert got == want and res.handed_over == res.model_calls
-  assert res.extra.runs.tolist() == [res.model_calls, 0] and res.extra.saving == 0
+  assert res.extra.runs.tolist() == [res.model_calls, 0]
+  # Prompt lookup ran in the starter's shadow: each shadow step appends at least its own token.
+  shadow = res.extra.shadow
+  assert (shadow.calls > 0).all() and (shadow.tokens >= shadow.calls).all()
   assert not eng.loaded(auto)
-  with pytest.raises(ValueError, match="load_saving"):
-    Auto(load_saving=1.0)
+  with pytest.raises(ValueError, match="load_seconds"):
+    Auto(load_seconds=-1.0)
 
 
-@pytest.mark.parametrize("calls,saving,load", [
-    (15, 100.0, False),  # too few steps, however much it would save
-    (16, 0.201 * (1 - 0.9 ** 16) / 0.1, True),  # a recent mean just over load_saving
-    (16, 0.199 * (1 - 0.9 ** 16) / 0.1, False),
-    (200, 0.201 * 10.0, True),  # long runs: the faded weight tends to 1 / (1 - 0.9) = 10
-    (200, 1.99, False),
+def test_shadow_lookup_golden_values():
+  """Two rows, chains of 3, memory 0.5: row 0 follows its chain for two tokens and ends on the third
+  (one shadow step of 3 tokens), then is finished; row 1 misses at once (1 token), takes up a new
+  chain, follows it to its end and ends on the token after it (3 tokens)."""
+  sh = ShadowLookup.start(2, 3)
+  both, row1 = jnp.array([True, True]), jnp.array([False, True])
+  steps = [([[7, 8, 9], [4, 0, 0]], [3, 1], [7, 5], both),
+           ([[1, 1, 1], [6, 7, 0]], [3, 2], [8, 6], both),
+           ([[1, 1, 1], [1, 1, 1]], [3, 3], [3, 7], both),
+           ([[1, 1, 1], [1, 1, 1]], [3, 3], [2, 9], row1)]
+  ats = [[1, -1], [2, 1], [-1, 2], [-1, -1]]
+  for (chain, valid, token, active), at in zip(steps, ats):
+    sh = sh.follow(jnp.array(chain), jnp.array(valid), jnp.array(token), active, 0.5)
+    np.testing.assert_array_equal(sh.at, at)
+  np.testing.assert_allclose(sh.tokens, [3.0, 1 * 0.5 ** 3 + 3])
+  np.testing.assert_allclose(sh.calls, [1.0, 0.5 ** 3 + 1])
+
+
+@pytest.mark.parametrize("calls,tau,left,load", [
+    (15, 11.0, 1000, False),  # too few steps, however well the lookup would do
+    # costs(0.1): a plain step 1 ms, the 11-token chain forward 2 ms. tau 4: the lookup would
+    # save 1 - 2 / 4 = 0.5 ms a token; 201 tokens left save 0.1005 s, over load_seconds = 0.1.
+    (16, 4.0, 201, True),
+    (16, 4.0, 199, False),
+    (16, 2.0, 10 ** 6, False),  # a chain forward per 2 tokens saves nothing here
+    (200, 2.5, 501, True),  # saves 0.2 ms a token
+    (200, 2.5, 499, False),
 ])
-def test_load_now_golden_values(calls, saving, load):
-  auto = Auto(options=OPTIONS[:2], cost_model=costs(0.0)).starter()  # load_saving 0.2, 16 steps
-  state = SimpleNamespace(calls=np.int32(calls), extra=SimpleNamespace(saving=np.float32(saving)))
+def test_load_now_golden_values(calls, tau, left, load):
+  auto = Auto(options=OPTIONS[:3], cost_model=costs(0.1), load_seconds=0.1).starter()
+  assert auto.shadow_nodes == 10
+  shadow = SimpleNamespace(tokens=np.array([tau * 2.0, tau]), calls=np.array([2.0, 1.0]))
+  state = SimpleNamespace(
+      calls=np.int32(calls), extra=SimpleNamespace(shadow=shadow),
+      limit=np.array([300, left + 7]), length=np.array([300 - 1000, 7]),
+      done=np.array([True, False]),  # a finished row's tokens left do not count
+      cache=SimpleNamespace(length=256))
   assert auto.load_now(state) is load

@@ -46,16 +46,16 @@ a hybrid tree appends at most one expected token more than its draft nodes alone
 
 Starting fast (`Engine.stream`, the main job): every option is one more copy of the model in the
 decode program, so auto's program takes seconds longer to load than plain decoding's (SmolLM2-135M's
-five options ~3.5 s on a 2-core CPU, ~100 plain steps). `starter()` is auto with the same loop
+five options ~3.5 s on a 2-core CPU, 100-200 plain steps). `starter()` is auto with the same loop
 state that runs plain steps only (its program loads as fast as plain decoding's) while its
-estimates go on and record how much of each step's time the best option would have saved
-(`AutoState.saving`). `Engine.stream` decodes with it until the starter says speculation pays
-(`load_now`: the mean predicted saving of recent steps, faded as the chain counts are, reaches
-`load_saving` after `load_steps` steps), then loads auto's own program (decoding waits for it)
-and goes on with it from the same state. Text that does not repeat never loads it. Only a large
-predicted saving repays a pause of ~100 steps within a few hundred tokens: `load_saving` = 0.2 by
-that reasoning, not searched on data. (Loading in a background thread while the starter decodes
-was tried: on 2 cores the two starve each other, BENCHMARKS.md.)
+estimates go on and prompt lookup runs in its shadow (`ShadowLookup`: the tokens per forward its
+longest chain would have given, had it run). `Engine.stream` decodes with it until the load would
+repay itself (`load_now`: the time that shadow rate saves over plain steps, across the tokens still
+allowed, reaches `load_seconds`, after `load_steps` steps), then loads auto's own program
+(decoding waits for it) and goes on with it from the same state. Text that does not repeat never
+loads it. (The shadow, not the estimates, decides: their sceptical priors and fading counts are
+made for choosing a step's budget, and under plain steps they never see a chain's deeper tokens.) (Loading in a background thread while the
+starter decodes was tried: on 2 cores the two starve each other, BENCHMARKS.md.)
 
 Options the cost model makes unprofitable in every state are not compiled (`Auto.prune`, on by
 default): by that bound, a hybrid tree whose forward costs more than one extra token can repay,
@@ -122,6 +122,42 @@ class Drafts:
 
 
 @struct.dataclass
+class ShadowLookup:
+  """Prompt lookup run in the shadow of plain steps, per row [B]: the chain a lookup step would
+  have drafted, how far the model's tokens have followed it since, and the tokens per forward such
+  steps would have appended (each ends at the first token off its chain, which it appends as its
+  own), counted with the weight chain_memory^age in steps (a finished row's stay as they were)."""
+
+  chain: jax.Array  # [B, L]
+  valid: jax.Array  # its drafted length
+  at: jax.Array  # its tokens the model has generated since; -1: the next step drafts a new one
+  tokens: jax.Array  # tokens the finished shadow steps appended (faded)
+  calls: jax.Array  # finished shadow steps (faded)
+
+  @classmethod
+  def start(cls, batch: int, length: int) -> "ShadowLookup":
+    z = jnp.zeros((batch,), jnp.float32)
+    return cls(jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), jnp.int32),
+               jnp.full((batch,), -1, jnp.int32), z, z)
+
+  def follow(self, chain: jax.Array, valid: jax.Array, token: jax.Array, active: jax.Array,
+             memory: float) -> "ShadowLookup":
+    """After a plain step that generated `token` [B]; chain [B, >= L] (valid [B]) is the lookup
+    drafted before it, which a shadow step that has ended takes up."""
+    new = self.at < 0
+    drafted = jnp.where(new[:, None], chain[:, :self.chain.shape[1]], self.chain)
+    valid, at = jnp.where(new, valid, self.valid), jnp.maximum(self.at, 0)
+    hit = (at < valid) & (jnp.take_along_axis(
+        drafted, jnp.minimum(at, drafted.shape[1] - 1)[:, None], axis=1)[:, 0] == token)
+    ends = active & ~hit
+    keep = lambda x, y: jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), x, y)
+    return ShadowLookup(keep(drafted, self.chain), keep(valid, self.valid),
+                        keep(jnp.where(hit, at + 1, -1), self.at),
+                        keep(memory * self.tokens + jnp.where(ends, at + 1.0, 0.0), self.tokens),
+                        keep(memory * self.calls + ends, self.calls))
+
+
+@struct.dataclass
 class AutoState:
   esp: ESPState  # one mask: its embedding, its candidates; hist counts tokens per model call
   table: SuccessorTable | None  # the recycled successors (None: recycled=0)
@@ -133,8 +169,7 @@ class AutoState:
   rec_mass: jax.Array  # [B] summed recorded probability of the root's recycled successors
   rec_hits: jax.Array  # [B] times the model's token at the root was one of them
   runs: jax.Array  # [n_options] steps each option ran
-  saving: jax.Array  # [] per step 1 - (plain's rate / the best option's), by the estimates, summed
-  # with the weight chain_memory^age (the starter's evidence that speculation pays here now)
+  shadow: "ShadowLookup"  # the starter's evidence that speculation pays here now
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -152,9 +187,10 @@ class Auto(InheritsTable, Strategy):
   generations (`inherit`);
   prune: keep only the options that can be the best choice under the cost model
   (`worth_running`); plain_only: run plain steps only, the estimates going on (`starter`);
-  load_saving: the mean fraction of decode time the estimates must say speculation saves (recent
-  steps weigh most, by chain_memory) before `Engine.stream` loads the speculative program
-  (`load_now`), after at least `load_steps` steps."""
+  load_seconds: what loading the speculative program costs, which the time the estimates say it
+  saves over the tokens still allowed must reach before `Engine.stream` loads it (`load_now`),
+  after at least `load_steps` steps (2.4-3.8 s for the embedded models' programs on a 2-core CPU,
+  BENCHMARKS.md; the tokens still allowed are an upper bound, as an answer may end sooner)."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -169,7 +205,7 @@ class Auto(InheritsTable, Strategy):
   inherit: bool = True
   prune: bool = True
   plain_only: bool = False
-  load_saving: float = 0.2
+  load_seconds: float = 3.0
   load_steps: int = 16
   sampler: Sampler = GREEDY
 
@@ -196,8 +232,8 @@ class Auto(InheritsTable, Strategy):
       if max(tpl.ranks) >= self.top_k or tpl.layout.depth > self.chain:
         raise ValueError(f"recycled={self.recycled} needs top_k > {max(tpl.ranks)} and chain >= "
                          f"{tpl.layout.depth}, got top_k={self.top_k}, chain={self.chain}")
-    if not 0.0 <= self.load_saving < 1.0 or self.load_steps < 1:
-      raise ValueError(f"need 0 <= load_saving < 1 and load_steps >= 1, got {self.load_saving}, "
+    if self.load_seconds < 0 or self.load_steps < 1:
+      raise ValueError(f"need load_seconds >= 0 and load_steps >= 1, got {self.load_seconds}, "
                        f"{self.load_steps}")
     if self.prune and self.cost_model is not None:
       object.__setattr__(self, "options", self.worth_running(self.cost_model))
@@ -211,12 +247,25 @@ class Auto(InheritsTable, Strategy):
     return None if self.plain_only else dataclasses.replace(self, plain_only=True)
 
   def load_now(self, state: DecodeState) -> bool:
-    """For the starter's state: whether speculation would have saved enough so far to load the
-    speculative program (see the module docstring). Two scalars to the host, compared there."""
-    steps, saving = fetch((state.calls, state.extra.saving))
-    m = self.chain_memory
-    weight = steps if m == 1.0 else (1.0 - m ** steps) / (1.0 - m)  # sum of m^age over the steps
-    return bool(steps >= self.load_steps and saving >= self.load_saving * weight)
+    """For the starter's state (on the host): whether the speculative program would repay its
+    load, by the estimates of recent steps (see the module docstring)."""
+    steps, tokens, calls, limit, length, done = fetch((
+        state.calls, state.extra.shadow.tokens, state.extra.shadow.calls, state.limit,
+        state.length, state.done))
+    if steps < self.load_steps:
+      return False
+    if not self.shadow_nodes:
+      return True  # no chain option to judge by: the hybrids' masks may pay
+    cost = lambda k: self.cost_model.seconds(k, state.cache.length)
+    tau = tokens.sum() / max(calls.sum(), 1e-9) if calls.sum() else 1.0
+    saving = 1.0 - cost(self.shadow_nodes + 1) / (cost(1) * tau)  # per token, against plain
+    left = np.where(done, 0, limit - length).max()
+    return bool(saving * left * cost(1) >= self.load_seconds)
+
+  @property
+  def shadow_nodes(self) -> int:
+    """The longest lookup chain a draft option holds (0: none), the one `ShadowLookup` runs."""
+    return min(self.chain, max((o.nodes for o in self.options if o.kind == "draft"), default=0))
 
   @property
   def draft_nodes(self) -> int:
@@ -299,7 +348,8 @@ class Auto(InheritsTable, Strategy):
         esp=esp, table=table, fresh=jnp.ones((b,), bool),
         chain_seen=jnp.zeros((b, n), jnp.float32), chain_hits=jnp.zeros((b, n), jnp.float32),
         esp_mass=zeros, esp_hits=zeros, rec_mass=zeros, rec_hits=zeros,
-        runs=jnp.zeros((len(self.options),), jnp.int32), saving=jnp.zeros((), jnp.float32)))
+        runs=jnp.zeros((len(self.options),), jnp.int32),
+        shadow=ShadowLookup.start(b, max(self.shadow_nodes, 1))))
 
   def chain_rates(self, hits: jax.Array, seen: jax.Array) -> jax.Array:
     """Per depth [B, L], the rate at which the model generates the chain's d-th token once it has
@@ -398,9 +448,7 @@ class Auto(InheritsTable, Strategy):
     expected = self.expected(draft_p, esp_p)
     active = ~state.done
     rates = self.rates(expected, active, state.cache.length)
-    best = jnp.argmax(rates).astype(jnp.int32)
-    choice = jnp.zeros((), jnp.int32) if self.plain_only else best
-    saving = jnp.where(active.any(), 1.0 - rates[0] / jnp.maximum(rates[best], 1e-30), 0.0)
+    choice = jnp.zeros((), jnp.int32) if self.plain_only else jnp.argmax(rates).astype(jnp.int32)
     depth_of = lambda o: min(n, o.nodes)
     kept_len = 1 + max(depth_of(o) for o in self.options)
     rows = min(self.recorded, kept_len)
@@ -490,7 +538,9 @@ class Auto(InheritsTable, Strategy):
         esp_hits=ex.esp_hits + (observe & ex.fresh & hit),
         rec_mass=rec_mass, rec_hits=rec_hits,
         runs=ex.runs.at[choice].add(active.any().astype(jnp.int32)),
-        saving=self.chain_memory * ex.saving + saving))
+        shadow=(ex.shadow.follow(chain, jnp.minimum(chain_valid, ex.shadow.chain.shape[1]),
+                                 toks[:, 0], active, self.chain_memory)
+                if self.plain_only else ex.shadow)))
 
 
 def _pad(x: jax.Array, width: int) -> jax.Array:
