@@ -46,7 +46,7 @@ a hybrid tree appends at most one expected token more than its draft nodes alone
 
 Starting fast (`Engine.stream`, the main job): every option is one more copy of the model in the
 decode program, so auto's program takes seconds longer to load than plain decoding's (SmolLM2-135M's
-five options ~3.5 s on a 2-core CPU, 100-200 plain steps). `starter()` is auto with the same loop
+five options 2.5-3.5 s on a 2-core CPU, 100-200 plain steps). `starter()` is auto with the same loop
 state that runs plain steps only (its program loads as fast as plain decoding's) while its
 estimates go on and prompt lookup runs in its shadow (`ShadowLookup`: the tokens per forward its
 longest chain would have given, had it run). `Engine.stream` decodes with it until the load would
@@ -54,8 +54,9 @@ repay itself (`load_now`: the time that shadow rate saves over plain steps, acro
 allowed, reaches `load_seconds`, after `load_steps` steps), then loads auto's own program
 (decoding waits for it) and goes on with it from the same state. Text that does not repeat never
 loads it. (The shadow, not the estimates, decides: their sceptical priors and fading counts are
-made for choosing a step's budget, and under plain steps they never see a chain's deeper tokens.) (Loading in a background thread while the
-starter decodes was tried: on 2 cores the two starve each other, BENCHMARKS.md.)
+made for choosing a step's budget, and under plain steps they never see a chain's deeper tokens.
+Loading in a background thread while the starter decodes was tried: on 2 cores the two starve each
+other, BENCHMARKS.md, "auto starts fast".)
 
 Options the cost model makes unprofitable in every state are not compiled (`Auto.prune`, on by
 default): by that bound, a hybrid tree whose forward costs more than one extra token can repay,
