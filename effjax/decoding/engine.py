@@ -504,8 +504,10 @@ class Engine:
     # Per strategy, a one-item list: the memory its last finished generation left (new_memory).
     self._memory = StrategyCache(max_strategies)
 
-  # -- input checks (before any compilation) --
-  def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens, strategy: Strategy):
+  def check(self, prompts: Sequence[Sequence[int]], max_new_tokens,
+            strategy: Strategy) -> np.ndarray:
+    """The inputs' errors, raised before any compilation (every call checks them); the per-row
+    limits."""
     if not prompts:
       raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
@@ -572,7 +574,7 @@ class Engine:
     """Check inputs, then prefill: the state holds the first generated token. run: the programs
     to start with (strategy's starter; default strategy's own)."""
     strategy = strategy or PLAIN_GREEDY
-    limits = self._check(prompts, max_new_tokens, strategy)
+    limits = self.check(prompts, max_new_tokens, strategy)
     init, prefill, _ = self._functions(run or strategy)
     state = init(*self._inputs(prompts, limits, stop_array(stop_sequences), seed, strategy))
     memory = self._memory_of(strategy)[0]

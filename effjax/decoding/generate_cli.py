@@ -76,8 +76,8 @@ def register(sub) -> None:
                  help="for auto: a JSON table of forward costs {\"entries\": [[cache_len, tokens, "
                       "seconds], ...]} (default: measured once per device and model, cached)")
   p.add_argument("--hand-over", action=argparse.BooleanOptionalAction, default=True,
-                 help="auto, streaming: start with plain steps and load the speculative program "
-                      "only once the text shows it pays (default); --no-hand-over loads it first")
+                 help="auto: start with plain steps and load the speculative program only once "
+                      "the text shows it pays (default); --no-hand-over loads it first")
   add_sampling_args(p)
   p.add_argument("--verbose", action="store_true",
                  help="report where the time went: start-up, imports, loading, compiling or "
@@ -115,6 +115,7 @@ def run(args) -> int:
                                               args.max_new_tokens + strategy.block_size - 1,
                                               loaded.cfg.max_position)
   engine = Engine(loaded.model, cache_len=cache_len, eos_ids=sorted(eos), mesh=mesh)
+  engine.check(prompts, args.max_new_tokens, strategy)  # before auto times forwards
   strategy = prepare(strategy, loaded.model, cost_model=args.cost_model,
                      log=lambda s: print(s, file=sys.stderr, flush=True))
   phases.mark("prompt", "chat template, tokenizer, engine set-up")
@@ -148,8 +149,10 @@ def run(args) -> int:
   try:
     for i in range(0, len(problems), args.batch_size):
       batch = problems[i:i + args.batch_size]
-      res = engine.generate(prompts[i:i + args.batch_size], strategy=strategy,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed + i)
+      # Streamed in chunks unseen, so that auto loads its program only once it pays (hand_over).
+      res = _result_of(engine.stream(prompts[i:i + args.batch_size], strategy=strategy,
+                                     max_new_tokens=args.max_new_tokens, seed=args.seed + i,
+                                     chunk=32, hand_over=args.hand_over))
       calls += res.model_calls
       for rec, toks in zip(batch, res.tokens):
         total += len(toks)
@@ -168,6 +171,15 @@ def run(args) -> int:
     print(phases.report(), file=sys.stderr)
   return 0
 
+
+
+def _result_of(chunks):
+  """Run a generator to its end; its return value."""
+  while True:
+    try:
+      next(chunks)
+    except StopIteration as end:
+      return end.value
 
 
 def _collect_garbage_again() -> None:
