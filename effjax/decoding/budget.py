@@ -46,7 +46,7 @@ a hybrid tree appends at most one expected token more than its draft nodes alone
 
 Starting fast (`Engine.stream`, the main job): every option is one more copy of the model in the
 decode program, so auto's program takes seconds longer to load than plain decoding's (SmolLM2-135M's
-five options 2.5-3.5 s on a 2-core CPU, 100-200 plain steps). `starter()` is auto with the same loop
+five options 2.6-3.8 s on a 2-core CPU, 100-200 plain steps). `starter()` is auto with the same loop
 state that runs plain steps only (its program loads as fast as plain decoding's) while its
 estimates go on and prompt lookup runs in its shadow (`ShadowLookup`: the tokens per forward its
 longest chain would have given, had it run). `Engine.stream` decodes with it until the load would
@@ -144,10 +144,11 @@ class ShadowLookup:
   def follow(self, chain: jax.Array, valid: jax.Array, token: jax.Array, active: jax.Array,
              memory: float) -> "ShadowLookup":
     """After a plain step that generated `token` [B]; chain [B, >= L] (valid [B]) is the lookup
-    drafted before it, which a shadow step that has ended takes up."""
-    new = self.at < 0
-    drafted = jnp.where(new[:, None], chain[:, :self.chain.shape[1]], self.chain)
-    valid, at = jnp.where(new, valid, self.valid), jnp.maximum(self.at, 0)
+    drafted before it, whose first L tokens a shadow step that has ended takes up."""
+    new, width = self.at < 0, self.chain.shape[1]
+    drafted = jnp.where(new[:, None], chain[:, :width], self.chain)
+    valid = jnp.where(new, jnp.minimum(valid, width), self.valid)
+    at = jnp.maximum(self.at, 0)
     hit = (at < valid) & (jnp.take_along_axis(
         drafted, jnp.minimum(at, drafted.shape[1] - 1)[:, None], axis=1)[:, 0] == token)
     ends = active & ~hit
@@ -188,8 +189,9 @@ class Auto(InheritsTable, Strategy):
   generations (`inherit`);
   prune: keep only the options that can be the best choice under the cost model
   (`worth_running`); plain_only: run plain steps only, the estimates going on (`starter`);
-  load_seconds: what loading the speculative program costs, which the time the estimates say it
-  saves over the tokens still allowed must reach before `Engine.stream` loads it (`load_now`),
+  load_seconds: what loading the speculative program costs, which the time the starter's shadow
+  lookup says it saves over the tokens still allowed must reach before `Engine.stream` loads it
+  (`load_now`),
   after at least `load_steps` steps (2.4-3.8 s for the embedded models' programs on a 2-core CPU,
   BENCHMARKS.md; the tokens still allowed are an upper bound, as an answer may end sooner)."""
 
@@ -249,7 +251,7 @@ class Auto(InheritsTable, Strategy):
 
   def load_now(self, state: DecodeState) -> bool:
     """For the starter's state (on the host): whether the speculative program would repay its
-    load, by the estimates of recent steps (see the module docstring)."""
+    load, by the shadow lookup's recent tokens per forward (see the module docstring)."""
     steps, tokens, calls, limit, length, done = fetch((
         state.calls, state.extra.shadow.tokens, state.extra.shadow.calls, state.limit,
         state.length, state.done))
@@ -258,7 +260,7 @@ class Auto(InheritsTable, Strategy):
     if not self.shadow_nodes:
       return True  # no chain option to judge by: the hybrids' masks may pay
     cost = lambda k: self.cost_model.seconds(k, state.cache.length)
-    tau = tokens.sum() / max(calls.sum(), 1e-9) if calls.sum() else 1.0
+    tau = tokens.sum() / calls.sum() if calls.sum() else 1.0
     saving = 1.0 - cost(self.shadow_nodes + 1) / (cost(1) * tau)  # per token, against plain
     left = np.where(done, 0, limit - length).max()
     return bool(saving * left * cost(1) >= self.load_seconds)
@@ -424,14 +426,14 @@ class Auto(InheritsTable, Strategy):
         out.append(1.0 + top(jnp.concatenate([draft_p, esp_p], axis=1), o.nodes))
     return tuple(out)
 
-  def rates(self, expected: tuple[jax.Array, ...], active: jax.Array, cache_len: int) -> jax.Array:
-    """[n_options] expected tokens per second of each option over the active rows; the best one
-    runs (argmax)."""
+  def choose(self, expected: tuple[jax.Array, ...], active: jax.Array, cache_len: int) -> jax.Array:
+    """Index of the option with the most expected tokens per second over the active rows."""
     if self.cost_model is None:
       raise ValueError("Auto needs a cost model: auto.with_cost_model(cost_model_for(model, "
                        "auto.blocks))")
-    return jnp.stack([jnp.where(active, e, 0.0).sum() / self.cost_model.seconds(o.block, cache_len)
+    rate = jnp.stack([jnp.where(active, e, 0.0).sum() / self.cost_model.seconds(o.block, cache_len)
                       for e, o in zip(expected, self.options)])
+    return jnp.argmax(rate).astype(jnp.int32)
 
   def step(self, model: Transformer, state: DecodeState, key: jax.Array) -> DecodeState:
     ex: AutoState = state.extra
@@ -448,8 +450,9 @@ class Auto(InheritsTable, Strategy):
     esp_p = self.esp_reach(ex, score, valid)
     expected = self.expected(draft_p, esp_p)
     active = ~state.done
-    rates = self.rates(expected, active, state.cache.length)
-    choice = jnp.zeros((), jnp.int32) if self.plain_only else jnp.argmax(rates).astype(jnp.int32)
+    # The starter's only branch is plain decoding's.
+    choice = (jnp.zeros((), jnp.int32) if self.plain_only else
+              self.choose(expected, active, state.cache.length))
     depth_of = lambda o: min(n, o.nodes)
     kept_len = 1 + max(depth_of(o) for o in self.options)
     rows = min(self.recorded, kept_len)
@@ -539,8 +542,7 @@ class Auto(InheritsTable, Strategy):
         esp_hits=ex.esp_hits + (observe & ex.fresh & hit),
         rec_mass=rec_mass, rec_hits=rec_hits,
         runs=ex.runs.at[choice].add(active.any().astype(jnp.int32)),
-        shadow=(ex.shadow.follow(chain, jnp.minimum(chain_valid, ex.shadow.chain.shape[1]),
-                                 toks[:, 0], active, self.chain_memory)
+        shadow=(ex.shadow.follow(chain, chain_valid, toks[:, 0], active, self.chain_memory)
                 if self.plain_only else ex.shadow)))
 
 
