@@ -1,10 +1,12 @@
 """The vocabulary top-k that drafting takes at every verified row (Token Recycling's table update,
-ESP's candidates), against the `lax.top_k` forms it replaced, round robin in one process.
+ESP's candidates) and the greedy argmax of every verified row, against the `lax.top_k` and
+`jnp.argmax` forms they replaced, round robin in one process.
 
 Random float32 logits [--rows, V] for SmolLM2's and Gemma 3's vocabularies, k = --k:
 - `lax.top_k + logsumexp`: Token Recycling's update until d297d61;
 - `lax.top_k(log_softmax)`: ESP's candidates until d297d61;
-- `topk.top_log_probs`: both now (effjax/decoding/topk.py), same tokens and log-probabilities.
+- `topk.top_log_probs`: both now (effjax/decoding/topk.py), same tokens and log-probabilities;
+- `jnp.argmax`: the greedy choice at every row until the chunked `topk.argmax` (same indices).
 
   python benchmarks/topk.py
 """
@@ -18,7 +20,7 @@ import jax
 import numpy as np
 from forward_cost import call_timer, time_round_robin
 
-from effjax.decoding.topk import top_log_probs
+from effjax.decoding.topk import argmax, top_log_probs
 
 VOCABS = {"smollm2 (49152)": 49152, "gemma3 (262144)": 262144}
 
@@ -46,6 +48,11 @@ def main(argv=None) -> int:
     np.testing.assert_allclose(logp, want_logp, atol=1e-5)
     timed = time_round_robin([call_timer(f, x) for f in fns], args.reps)
     for form, (med, best, cpu) in zip(forms, timed):
+      print(f"| {name} | {form} | {med:.2f} | {best:.2f} | {cpu:.2f} | {best / timed[0][1]:.2f}x |")
+    greedy = [jax.jit(lambda x: jax.numpy.argmax(x, axis=-1)), jax.jit(argmax)]
+    np.testing.assert_array_equal(greedy[0](x), greedy[1](x))
+    timed = time_round_robin([call_timer(f, x) for f in greedy], args.reps)
+    for form, (med, best, cpu) in zip(("jnp.argmax", "topk.argmax"), timed):
       print(f"| {name} | {form} | {med:.2f} | {best:.2f} | {cpu:.2f} | {best / timed[0][1]:.2f}x |")
   return 0
 

@@ -67,6 +67,21 @@ def test_measured_once_per_device_and_model_then_only_what_is_missing(tmp_path, 
   assert cost_model.default_path(other) != path
 
 
+def test_each_host_processor_keeps_its_own_table(monkeypatch):
+  # JAX calls every CPU "cpu"; the processor model and the usable cores tell two hosts apart.
+  cfg = tiny_config("llama", vocab_size=64, num_layers=2, max_position=512)
+  here = cost_model.host_cpu()
+  assert here.rsplit(" x", 1)[1].isdigit() and here in cost_model.device_name()
+  paths = set()
+  for cpu in ("Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz x2", "AMD EPYC 9B14 x2",
+              "AMD EPYC 9B14 x4"):
+    monkeypatch.setattr(cost_model, "host_cpu", lambda cpu=cpu: cpu)
+    path = cost_model.default_path(cfg)
+    assert path.name.startswith("cpu-cpu-x") and " " not in path.name
+    paths.add(path)
+  assert len(paths) == 3
+
+
 def test_a_users_table_is_used_as_given(tmp_path):
   model = create_model(tiny_config("llama", vocab_size=64, num_layers=2))
   path = tmp_path / "cost.json"

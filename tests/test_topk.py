@@ -1,4 +1,5 @@
-"""The two-pass vocabulary top-k equals lax.top_k, ties and ragged chunks included."""
+"""The two-pass vocabulary top-k equals lax.top_k and the chunked argmax jnp.argmax, ties, NaNs and
+ragged chunks included."""
 
 import chex
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effjax.decoding.topk import top_k, top_log_probs
+from effjax.decoding.topk import argmax, top_k, top_log_probs
 
 
 @pytest.mark.parametrize("shape,k,chunk,levels", [
@@ -32,3 +33,29 @@ def test_top_log_probs_are_log_softmax_top_k():
   chex.assert_type(tokens, jnp.int32)
   np.testing.assert_array_equal(tokens, want_tokens)
   np.testing.assert_allclose(logp, want_logp, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,chunk,levels", [
+    ((3, 5, 49152), 128, None),  # SmolLM2's vocabulary, distinct values
+    ((6, 3001), 16, 3),  # three values only: the first maximum must win; a ragged last chunk
+    ((2, 40), 16, None),  # shorter than four chunks: jnp.argmax itself
+])
+def test_argmax_equals_jnp_argmax(shape, chunk, levels):
+  key = jax.random.key(sum(shape))
+  x = (jax.random.normal(key, shape) if levels is None
+       else jax.random.randint(key, shape, 0, levels).astype(jnp.float32))
+  got = jax.jit(argmax, static_argnums=1)(x, chunk)
+  chex.assert_type(got, jnp.int32)
+  chex.assert_shape(got, shape[:-1])
+  np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+
+
+def test_argmax_of_rows_with_nans_and_infinities():
+  x = np.zeros((4, 1000), np.float32)
+  x[0, [700, 300]] = np.nan  # the first NaN, as jnp.argmax
+  x[1] = -np.inf  # all -inf: index 0
+  x[2, 999] = np.inf  # in the ragged last chunk
+  x[3, [5, 640]] = 2.0  # a tie across chunks: the first
+  got = argmax(jnp.asarray(x), 16)
+  np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
+  np.testing.assert_array_equal(got, [300, 0, 999, 5])

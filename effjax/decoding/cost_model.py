@@ -12,9 +12,9 @@ tokens k) -> seconds, and answers for any k up to the largest measured and any S
 
 `cost_model_for` measures it with a few timed forwards (layers plus logits at all k tokens, as a
 tree step computes them at every draft node; each (S, k) the minimum of `reps` calls, round-robin)
-and caches the table on disk per device kind, model architecture (shapes and dtype; the weights do
-not change the cost) and MEASURE_VERSION under $EFFJAX_CACHE/cost_models; a later call measures
-only what is missing. Delete the file to measure again. A user may give the table instead, as a
+and caches the table on disk per device kind (for CPUs, the processor model and cores), model
+architecture (shapes and dtype; the weights do not change the cost) and MEASURE_VERSION under
+$EFFJAX_CACHE/cost_models; a later call measures only what is missing. Delete the file to measure again. A user may give the table instead, as a
 JSON file:
 
   {"entries": [[S, k, seconds], ...]}
@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import re
 import time
 from pathlib import Path
@@ -115,11 +116,28 @@ class CostModel:
     tmp.replace(path)
 
 
+def host_cpu() -> str:
+  """This host's processor model and the cores this process may use, e.g. "AMD EPYC 9B14 x2":
+  JAX names every CPU device kind "cpu", yet two CPU models differ in cost per forward and in
+  its growth with k (BENCHMARKS.md, "Forward cost of k tokens")."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                   model)
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return f"{model} x{cores}"
+
+
 def device_name() -> str:
+  """The device kind and count, and for CPU devices the host's processor (host_cpu)."""
   import jax
 
   d = jax.devices()[0]
-  return f"{d.platform}-{getattr(d, 'device_kind', 'device')}-x{jax.device_count()}"
+  name = f"{d.platform}-{getattr(d, 'device_kind', 'device')}-x{jax.device_count()}"
+  return f"{name}-{host_cpu()}" if d.platform == "cpu" else name
 
 
 def default_path(cfg) -> Path:

@@ -32,6 +32,7 @@ from flax import struct
 
 from effjax.decoding.engine import DecodeState, Strategy, append_tokens
 from effjax.decoding.sampling import GREEDY, Sampler
+from effjax.decoding.topk import argmax
 from effjax.models.cache import commit
 from effjax.models.transformer import Transformer
 
@@ -212,7 +213,7 @@ class Lookahead(Strategy):
     cache = commit(state.cache, out.block.take(keep), appended)
 
     # Next Jacobi level (always greedy, as in LADE); EOS guesses are replaced by prompt tokens.
-    level = jnp.argmax(logits[:, -w:], axis=-1).astype(jnp.int32)
+    level = argmax(logits[:, -w:])
     is_eos = (level[:, :, None] == state.eos[None, None, :]).any(axis=-1)
     level = jnp.where(is_eos, self._seeds(state, k_seed, (w,)), level)
     # Harvest one n-gram per column once the rows hold Jacobi iterates (after N-2 steps).

@@ -12,6 +12,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from effjax.decoding.topk import argmax
+
 NEG_INF = -1e30
 
 
@@ -65,12 +67,12 @@ class Sampler:
   def probs(self, logits: jax.Array) -> jax.Array:
     """The distribution sampled from, [B, V] (one-hot of the argmax when greedy)."""
     if self.greedy:
-      return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+      return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     return jax.nn.softmax(self.filtered_logits(logits), axis=-1)
 
   def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
     if self.greedy:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      return argmax(logits)
     return jax.random.categorical(key, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
 
 
