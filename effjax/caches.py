@@ -18,6 +18,20 @@ def cache_root() -> Path:
   return Path(os.environ.get("EFFJAX_CACHE", "~/.cache/effjax")).expanduser()
 
 
+def cpuinfo(*keys: str) -> dict[str, str]:
+  """The first value of each of `keys` ("model name", "flags", ...) in /proc/cpuinfo; those it
+  lacks, or all where it cannot be read (not Linux), are left out."""
+  found: dict[str, str] = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        found.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  return {k: found[k] for k in keys if k in found}
+
+
 def programs_dir() -> Path | None:
   value = os.environ.get(PROGRAMS_ENV)
   return Path(value).expanduser() if value else None

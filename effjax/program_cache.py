@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import jax
 
-from effjax.caches import programs_dir
+from effjax.caches import cpuinfo, programs_dir
 
 FORMAT = 1
 _MAX_FILES = 256  # least recently used programs beyond this are deleted
@@ -61,12 +61,8 @@ def _code_fingerprint() -> str:
 @functools.cache
 def _cpu() -> str:
   """The host CPU's model and instruction-set flags: an executable may use any of them."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
-    return "".join(lines)
-  except OSError:
-    return platform.processor() or platform.machine()
+  info = cpuinfo("model name", "flags")
+  return "|".join(info.values()) or platform.processor() or platform.machine()
 
 
 def _environment() -> str:

@@ -14,8 +14,8 @@ tokens k) -> seconds, and answers for any k up to the largest measured and any S
 tree step computes them at every draft node; each (S, k) the minimum of `reps` calls, round-robin)
 and caches the table on disk per device kind (for CPUs, the processor model and cores), model
 architecture (shapes and dtype; the weights do not change the cost) and MEASURE_VERSION under
-$EFFJAX_CACHE/cost_models; a later call measures only what is missing. Delete the file to measure again. A user may give the table instead, as a
-JSON file:
+$EFFJAX_CACHE/cost_models; a later call measures only what is missing. Delete the file to measure
+again. A user may give the table instead, as a JSON file:
 
   {"entries": [[S, k, seconds], ...]}
 """
@@ -120,13 +120,9 @@ def host_cpu() -> str:
   """This host's processor model and the cores this process may use, e.g. "AMD EPYC 9B14 x2":
   JAX names every CPU device kind "cpu", yet two CPU models differ in cost per forward and in
   its growth with k (BENCHMARKS.md, "Forward cost of k tokens")."""
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                   model)
-  except OSError:
-    pass
+  from effjax.caches import cpuinfo
+
+  model = cpuinfo("model name").get("model name") or platform.processor() or platform.machine()
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return f"{model} x{cores}"
 
