@@ -103,6 +103,15 @@ def _abstract(x):
   return x
 
 
+HOST_ONLY = "effjax_host_only"
+
+
+def host_field(default):
+  """A dataclass field that only host code reads (e.g. when to load a program), never a compiled
+  program: `describe` leaves it out, so changing it keeps the stored programs."""
+  return dataclasses.field(default=default, metadata={HOST_ONLY: True})
+
+
 def describe(obj) -> str | None:
   """repr(obj) when it is fully described by value (plain numbers, strings, tuples, frozen
   dataclasses of those), else None: an object holding arrays or other state cannot name a stored
@@ -115,10 +124,11 @@ def describe(obj) -> str | None:
   if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
     if not obj.__dataclass_params__.frozen:
       return None
-    parts = [describe(getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    compiled = [f for f in dataclasses.fields(obj) if not f.metadata.get(HOST_ONLY)]
+    parts = [describe(getattr(obj, f.name)) for f in compiled]
     if None in parts:
       return None
-    fields = ", ".join(f"{f.name}={p}" for f, p in zip(dataclasses.fields(obj), parts))
+    fields = ", ".join(f"{f.name}={p}" for f, p in zip(compiled, parts))
     return f"{type(obj).__module__}.{type(obj).__qualname__}({fields})"
   return None
 

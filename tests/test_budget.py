@@ -238,9 +238,12 @@ def test_stream_starts_with_plain_steps_and_hands_over_to_the_speculative_progra
   assert res.handed_over == 3 < res.model_calls
   plain, draft = res.extra.runs.tolist()
   assert plain >= res.handed_over and draft > 0 and plain + draft == res.model_calls
+  seconds, source = res.hand_over_load  # what loading auto's program took, and how it came
+  assert seconds > 0 and source in ("disk", "compiled")
   # Loaded now: the next stream runs auto's program from the start.
   got, res = stream_all(eng, auto, PROMPTS[2:], LIMITS[2])
   assert got == want[2:] and res.handed_over is None and res.extra.runs[1] > 0
+  assert res.hand_over_load is None
 
 
 def test_a_starter_that_is_never_worth_replacing_decodes_plainly_to_the_end():
@@ -248,7 +251,7 @@ def test_a_starter_that_is_never_worth_replacing_decodes_plainly_to_the_end():
   eng, _ = engine_and_plain()
   auto = Auto(options=OPTIONS[:2], cost_model=costs(1.0), load_seconds=1e-6)  # nothing pays
   got, res = stream_all(eng, auto, PROMPTS, LIMITS)
-  assert got == want and res.handed_over == res.model_calls
+  assert got == want and res.handed_over == res.model_calls and res.hand_over_load is None
   assert res.extra.runs.tolist() == [res.model_calls, 0]
   # Prompt lookup ran in the starter's shadow: each shadow step appends at least its own token.
   shadow = res.extra.shadow

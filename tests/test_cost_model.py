@@ -82,6 +82,33 @@ def test_each_host_processor_keeps_its_own_table(monkeypatch):
   assert len(paths) == 3
 
 
+def test_auto_restores_with_the_load_time_it_last_took(tmp_path, monkeypatch):
+  monkeypatch.setenv("EFFJAX_CACHE", str(tmp_path))
+  from effjax.decoding.budget import Auto
+  from effjax.decoding.engine import GenerationResult
+  from effjax.decoding.methods import prepare, remember_load
+
+  model = create_model(tiny_config("llama", vocab_size=64, num_layers=2))
+  table = tmp_path / "cost.json"
+  table.write_text(json.dumps({"entries": [[512, 1, 0.01], [512, 64, 0.012]]}))
+  auto = prepare(Auto(), model, cost_model=str(table))
+  assert auto.load_seconds == Auto.load_seconds  # nothing remembered yet: the default
+  assert cost_model.remembered_load(model.cfg, auto.program_name) is None
+  result = lambda load: GenerationResult([[1]], [3], 1, 0.0, 0.0, hand_over_load=load)
+  remember_load(auto, model, result((14.0, "compiled")))  # a first compile is not a restore
+  remember_load(auto, model, result(None))  # no hand-over
+  assert not cost_model.load_times_path(model.cfg).exists()
+  remember_load(auto, model, result((2.25, "disk")))
+  assert prepare(Auto(), model, cost_model=str(table)).load_seconds == 2.25
+  # Another set of options is another program; a broken file is as good as none.
+  fewer = prepare(Auto(options=Auto().options[:2]), model, cost_model=str(table))
+  assert fewer.program_name != auto.program_name and fewer.load_seconds == Auto.load_seconds
+  cost_model.load_times_path(model.cfg).write_text("[1, 2")
+  assert prepare(Auto(), model, cost_model=str(table)).load_seconds == Auto.load_seconds
+  remember_load(auto, model, result((3.5, "disk")))
+  assert cost_model.remembered_load(model.cfg, auto.program_name) == 3.5
+
+
 def test_a_users_table_is_used_as_given(tmp_path):
   model = create_model(tiny_config("llama", vocab_size=64, num_layers=2))
   path = tmp_path / "cost.json"

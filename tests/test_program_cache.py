@@ -96,6 +96,18 @@ def test_strategies_holding_arrays_are_kept_in_memory_only(model, store):
   assert program_cache.describe(object()) is None
 
 
+def test_fields_only_the_host_reads_do_not_name_a_program():
+  from effjax.decoding.budget import Auto
+
+  describe = program_cache.describe
+  # When auto's program is loaded (load_seconds, load_steps) is decided on the host: a new
+  # remembered load time must not make the stored programs unreachable.
+  assert describe(Auto(load_seconds=2.4, load_steps=8)) == describe(Auto())
+  assert "load_seconds" not in describe(Auto())
+  assert describe(Auto(plain_only=True)) != describe(Auto())  # the starter is another program
+  assert describe(Auto(chain=12)) != describe(Auto())
+
+
 def test_without_a_directory_nothing_is_stored(model, tmp_path, monkeypatch):
   monkeypatch.delenv("EFFJAX_PROGRAMS", raising=False)
   seen = len(program_cache.events)

@@ -87,6 +87,7 @@ from effjax.decoding.tree import (Tree, concat_parents, count_appended, select_n
                                   tree_step)
 from effjax.models.cache import commit
 from effjax.models.transformer import Transformer
+from effjax.program_cache import host_field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +194,9 @@ class Auto(InheritsTable, Strategy):
   lookup says it saves over the tokens still allowed must reach before `Engine.stream` loads it
   (`load_now`),
   after at least `load_steps` steps (2.4-3.8 s for the embedded models' programs on a 2-core CPU,
-  BENCHMARKS.md; the tokens still allowed are an upper bound, as an answer may end sooner)."""
+  BENCHMARKS.md; the tokens still allowed are an upper bound, as an answer may end sooner);
+  `effjax generate` replaces it with the time the program's last restore took on this device
+  (`methods.prepare`, remembered by `program_name` next to the cost model)."""
 
   options: tuple[Option, ...] = DEFAULT_OPTIONS
   cost_model: CostModel | None = None
@@ -208,8 +211,8 @@ class Auto(InheritsTable, Strategy):
   inherit: bool = True
   prune: bool = True
   plain_only: bool = False
-  load_seconds: float = 3.0
-  load_steps: int = 16
+  load_seconds: float = host_field(3.0)
+  load_steps: int = host_field(16)
   sampler: Sampler = GREEDY
 
   def __post_init__(self):
@@ -307,6 +310,12 @@ class Auto(InheritsTable, Strategy):
   @property
   def blocks(self) -> tuple[int, ...]:
     return tuple(o.block for o in self.options)
+
+  @property
+  def program_name(self) -> str:
+    """What its decode program's load time is remembered by (cost_model.remember_load): the
+    options compiled into it, which decide its size."""
+    return "auto:" + ",".join(o.name for o in self.options)
 
   @property
   def max_nodes(self) -> int:

@@ -109,11 +109,15 @@ class CostModel:
                        f"{e}") from None
 
   def save(self, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(self.to_json(), indent=1))
-    tmp.replace(path)
+    _write_json(Path(path), self.to_json())
+
+
+def _write_json(path: Path, obj) -> None:
+  """Write whole or not at all (a killed write leaves the old file)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f".tmp{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=1))
+  tmp.replace(path)
 
 
 def host_cpu() -> str:
@@ -209,3 +213,31 @@ def cost_model_for(model, ks: Iterable[int], *, path: str | os.PathLike | None =
   merged = new if have is None else have.merge(new)
   merged.save(store)
   return merged
+
+
+def load_times_path(cfg) -> Path:
+  """Next to the model's cost table: {program name: seconds its last restore took}."""
+  path = default_path(cfg)
+  return path.with_name(f"{path.stem}-loads.json")
+
+
+def remembered_load(cfg, program: str) -> float | None:
+  """The seconds the last restore of `program` (e.g. `Auto.program_name`) from effjax's program
+  store took for this model on this device (remember_load); None if never recorded."""
+  try:
+    seconds = json.loads(load_times_path(cfg).read_text())[program]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else None
+
+
+def remember_load(cfg, program: str, seconds: float) -> None:
+  path = load_times_path(cfg)
+  try:
+    table = json.loads(path.read_text())
+  except (OSError, ValueError):
+    table = {}
+  if not isinstance(table, dict):
+    table = {}
+  table[program] = round(float(seconds), 3)
+  _write_json(path, table)

@@ -436,6 +436,8 @@ class GenerationResult:
   hook_state: Any = None  # the hook's final state, as numpy
   handed_over: int | None = None  # Engine.stream: forwards its starter ran before the strategy's
   # own program took over (None: no starter ran; model_calls: it never took over)
+  hand_over_load: tuple[float, str] | None = None  # Engine.stream: seconds the hand-over spent
+  # loading the strategy's program and how it came ("disk", "compiled" or "memory")
 
   @property
   def new_tokens(self) -> int:
@@ -634,7 +636,7 @@ class Engine:
     jax.block_until_ready(state.length)
     t1 = time.perf_counter()
     sent = np.zeros(len(prompts), np.int64)
-    handed_over, load_s = None, 0.0
+    handed_over, load_s, load = None, 0.0, None
     while True:
       tokens, length, done, calls = fetch((state.tokens, state.length, state.done, state.calls))
       yield [tokens[i, sent[i]:length[i]].tolist() for i in range(len(prompts))]
@@ -642,16 +644,20 @@ class Engine:
       if done.all():
         break
       if run is starter and starter.load_now(state):
-        t = time.perf_counter()
+        t, seen = time.perf_counter(), len(program_cache.events)
         run, handed_over = strategy, int(calls)
         state = self.advance(state, run, 0)  # loads its programs
         jax.block_until_ready(state.length)
         load_s = time.perf_counter() - t
+        sources = {e.source for e in program_cache.events[seen:]}
+        load = (load_s, "compiled" if "compiled" in sources else "disk" if sources else "memory")
       state = self.advance(state, run, chunk)
     if starter is not None and handed_over is None:
       handed_over = int(calls)
-    return self._result(state, strategy, prompts, t1 - t0 + load_s,
-                        time.perf_counter() - t1 - load_s, handed_over=handed_over)
+    res = self._result(state, strategy, prompts, t1 - t0 + load_s,
+                       time.perf_counter() - t1 - load_s, handed_over=handed_over)
+    res.hand_over_load = load
+    return res
 
   def loaded(self, strategy: Strategy) -> bool:
     """Whether a decode program of `strategy` is loaded in this process."""

@@ -95,7 +95,7 @@ def run(args) -> int:
   from effjax.checkpoints.registry import load_model
   from effjax.data.chat import TextStream, encode_prompt
   from effjax.decoding.engine import Engine, cache_len_for
-  from effjax.decoding.methods import make_strategy, parse_label, prepare
+  from effjax.decoding.methods import make_strategy, parse_label, prepare, remember_load
   from effjax.models.sharding import parse_mesh
 
   phases.mark("import", "jax, flax, effjax")
@@ -138,6 +138,7 @@ def run(args) -> int:
         _collect_garbage_again()
       n += len(chunk[0])
     phases.mark("decode", f"{n - 1} more tokens", minus=programs())
+    remember_load(strategy, loaded.model, res)
     print("\n" + summary(args.method, res, strategy), file=sys.stderr)
     if args.verbose:
       print(phases.report(), file=sys.stderr)
@@ -153,6 +154,7 @@ def run(args) -> int:
       res = _result_of(engine.stream(prompts[i:i + args.batch_size], strategy=strategy,
                                      max_new_tokens=args.max_new_tokens, seed=args.seed + i,
                                      chunk=32, hand_over=args.hand_over))
+      remember_load(strategy, loaded.model, res)
       calls += res.model_calls
       for rec, toks in zip(batch, res.tokens):
         total += len(toks)

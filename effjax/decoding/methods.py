@@ -13,6 +13,8 @@ module is missing fails by name without breaking the others.
 
 from __future__ import annotations
 
+import dataclasses
+
 from effjax.decoding.engine import AutoRegressive, Strategy
 from effjax.decoding.sampling import GREEDY, Sampler
 
@@ -99,11 +101,27 @@ def make_strategy(method: str, bc: int | None = None, sampler: Sampler = GREEDY)
 
 def prepare(strategy: Strategy, model, *, cost_model: str | None = None, log=None) -> Strategy:
   """The strategy ready for `model` on this device: `auto` gets its cost model (the user's JSON
-  file `cost_model`, else the one cached for this device and model, measured on first use)."""
+  file `cost_model`, else the one cached for this device and model, measured on first use) and,
+  where one was remembered (`remember_load`), the time its program took to restore as its
+  `load_seconds`."""
   from effjax.decoding.budget import Auto
 
   if not isinstance(strategy, Auto) or strategy.cost_model is not None:
     return strategy
-  from effjax.decoding.cost_model import cost_model_for
+  from effjax.decoding.cost_model import cost_model_for, remembered_load
 
-  return strategy.with_cost_model(cost_model_for(model, strategy.blocks, path=cost_model, log=log))
+  strategy = strategy.with_cost_model(cost_model_for(model, strategy.blocks, path=cost_model,
+                                                     log=log))
+  seconds = remembered_load(model.cfg, strategy.program_name)
+  return strategy if seconds is None else dataclasses.replace(strategy, load_seconds=seconds)
+
+
+def remember_load(strategy: Strategy, model, result) -> None:
+  """After `Engine.stream`: remember how long auto's program took to restore at the hand-over,
+  for `prepare` to use as its load_seconds next time (a compile, which happens once, is not)."""
+  from effjax.decoding.budget import Auto
+  from effjax.decoding.cost_model import remember_load as remember
+
+  load = result.hand_over_load
+  if isinstance(strategy, Auto) and load is not None and load[1] == "disk":
+    remember(model.cfg, strategy.program_name, load[0])
