@@ -221,23 +221,24 @@ def load_times_path(cfg) -> Path:
   return path.with_name(f"{path.stem}-loads.json")
 
 
+def _load_times(path: Path) -> dict:
+  """The table at `path`; empty where it is missing or unreadable."""
+  try:
+    table = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return {}
+  return table if isinstance(table, dict) else {}
+
+
 def remembered_load(cfg, program: str) -> float | None:
   """The seconds the last restore of `program` (e.g. `Auto.program_name`) from effjax's program
   store took for this model on this device (remember_load); None if never recorded."""
-  try:
-    seconds = json.loads(load_times_path(cfg).read_text())[program]
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
+  seconds = _load_times(load_times_path(cfg)).get(program)
   return float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else None
 
 
 def remember_load(cfg, program: str, seconds: float) -> None:
   path = load_times_path(cfg)
-  try:
-    table = json.loads(path.read_text())
-  except (OSError, ValueError):
-    table = {}
-  if not isinstance(table, dict):
-    table = {}
+  table = _load_times(path)
   table[program] = round(float(seconds), 3)
   _write_json(path, table)

@@ -654,17 +654,16 @@ class Engine:
       state = self.advance(state, run, chunk)
     if starter is not None and handed_over is None:
       handed_over = int(calls)
-    res = self._result(state, strategy, prompts, t1 - t0 + load_s,
-                       time.perf_counter() - t1 - load_s, handed_over=handed_over)
-    res.hand_over_load = load
-    return res
+    return self._result(state, strategy, prompts, t1 - t0 + load_s,
+                        time.perf_counter() - t1 - load_s, handed_over=handed_over,
+                        hand_over_load=load)
 
   def loaded(self, strategy: Strategy) -> bool:
     """Whether a decode program of `strategy` is loaded in this process."""
     return self._functions(strategy)[2].cache_size() > 0
 
-  def _result(self, state, strategy, prompts, prefill_s, decode_s,
-              handed_over: int | None = None) -> GenerationResult:
+  def _result(self, state, strategy, prompts, prefill_s, decode_s, handed_over: int | None = None,
+              hand_over_load: tuple[float, str] | None = None) -> GenerationResult:
     box = self._memory_of(strategy)
     if box[0] is not None:
       box[0] = strategy.leave_memory(state)
@@ -673,4 +672,5 @@ class Engine:
     return GenerationResult(tokens=[tokens[i, :length[i]].tolist() for i in range(len(prompts))],
                             prompt_tokens=[len(p) for p in prompts], model_calls=int(calls),
                             prefill_s=prefill_s, decode_s=decode_s, extra=extra,
-                            hook_state=hook_state, handed_over=handed_over)
+                            hook_state=hook_state, handed_over=handed_over,
+                            hand_over_load=hand_over_load)
