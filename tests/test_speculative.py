@@ -286,7 +286,10 @@ def test_acceptance_statistics_and_expected_tokens():
   seen = jnp.array([[True, True, True, False]])
   st = stats0.observe(cell, own, seen, jnp.array([[True, False, False, True]]))
   c = np.asarray(st.calibration(1.0)).reshape(-1)
-  assert c[0] == pytest.approx((1 + 1) / (1.5 + 1)) and c[5] == 1.0  # 1 hit for 1.5 expected
+  source = (1 + 1) / (1.5 + 1)  # esp's cells together: 1 hit for 1.5 expected
+  assert c[0] == pytest.approx((1 + source) / (1.5 + 1))  # cell 0's evidence, shrunk to esp's
+  assert c[5] == pytest.approx(source)  # an esp cell without evidence takes esp's factor
+  assert c[DEPTHS * BINS] == 1.0  # another source without evidence: trust it
   assert float(st.seen.sum()) == 3 and float(st.hits.sum()) == 1
   exp = expected_tokens(jnp.log(jnp.array([[0.2, 0.9, 0.5, 1.0]])),
                         jnp.array([[True, True, True, False]]), 4)

@@ -13,11 +13,13 @@ node given its parent ("own"):
 A node proposed by several sources is one node (select_nodes merges it, keeping its best estimate).
 
 Each candidate's acceptance probability given its parent is estimated as own * c, with c a
-calibration factor per row and cell (source, depth, confidence bin):
-  c = (hits + prior) / (own_seen + prior),
+calibration factor per row and cell (source, depth, confidence bin), shrunk towards its source's:
+  c = (hits + prior * c_source) / (own_seen + prior),  c_source = (H + prior) / (O + prior),
 where hits counts the candidates of that cell whose parent was reached this generation and whose
-token the model chose there, and own_seen sums their own probabilities (so c starts at 1, trusting
-the source, and moves to its measured hit rate). Every candidate whose parent lies on the accepted
+token the model chose there, own_seen sums their own probabilities, and H, O are the same sums over
+all the source's cells (so c starts at 1, trusting the source, moves to the source's measured hit
+rate as soon as any of its cells has evidence, and to the cell's own as the cell gathers some: a
+deep node of a source that has been overconfident at depth 1 is not trusted at face value). Every candidate whose parent lies on the accepted
 path is observed, kept in the tree or not (the model's token at every accepted node is known), so
 a source the tree left out is still measured. The confidence bins: esp by q (< 0.1, < 0.3, < 0.6,
 above); suffix by the match length (1, 2-3, 4-7, 8+); recycle by successor rank (0, 1, 2-3, 4+);
@@ -80,8 +82,11 @@ class AcceptanceStats:
     return cls(z, z, z)
 
   def calibration(self, prior: float) -> jax.Array:
-    """[B, source, depth, bin] the factor c by which each cell's own probabilities are scaled."""
-    return (self.hits + prior) / (self.own + prior)
+    """[B, source, depth, bin] the factor c by which each cell's own probabilities are scaled: the
+    cell's hits over its own probabilities, shrunk towards its source's factor over all cells."""
+    total = lambda x: x.sum((2, 3), keepdims=True)
+    source = (total(self.hits) + prior) / (total(self.own) + prior)
+    return (self.hits + prior * source) / (self.own + prior)
 
   def observe(self, cell: jax.Array, own: jax.Array, seen: jax.Array, hit: jax.Array
               ) -> "AcceptanceStats":
