@@ -19,13 +19,15 @@ where hits counts the candidates of that cell whose parent was reached this gene
 token the model chose there, own_seen sums their own probabilities, and H, O are the same sums over
 all the source's cells (so c starts at 1, trusting the source, moves to the source's measured hit
 rate as soon as any of its cells has evidence, and to the cell's own as the cell gathers some: a
-deep node of a source that has been overconfident at depth 1 is not trusted at face value). Every candidate whose parent lies on the accepted
-path is observed, kept in the tree or not (the model's token at every accepted node is known), so
-a source the tree left out is still measured. The confidence bins: esp by q (< 0.1, < 0.3, < 0.6,
-above); suffix by the match length (1, 2-3, 4-7, 8+); recycle by successor rank (0, 1, 2-3, 4+);
-ngram by the matched n-gram's length. A node's estimate is the product along its path
-(cumulative log scores); the tree keeps the num_nodes best, ancestor-closed. Nothing is tuned on
-a data set: the statistics start empty in every generation and live in the loop state.
+deep node of a source that has been overconfident at depth 1 is not trusted at face value). Every
+candidate whose parent lies on the accepted path is observed, kept in the tree or not (the model's
+token at every accepted node is known), so a source the tree left out is still measured. The
+confidence bins: esp by q (< 0.1, < 0.3, < 0.6, above); suffix by the match length (1, 2-3, 4-7,
+8+); recycle by successor rank (0, 1, 2-3, 4+); ngram by the matched n-gram's length. A node's
+estimate is the product along its path (cumulative log scores); the tree keeps the num_nodes best,
+ancestor-closed. Nothing is fitted to a benchmark's questions: the statistics start empty in every
+generation and live in the loop state (the prior, the bins and the presets' mask count were compared
+on questions of our own, benchmarks/tuning).
 
 The block of a step is the tree's owners and ESP's mask(s) after only the `masked_owners` owners
 most likely to end the accepted path (`likely_ends`: the estimated probability of reaching the
