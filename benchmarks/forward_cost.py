@@ -40,6 +40,7 @@ from flax import nnx
 
 from effjax.checkpoints.assemble import assemble, checkpoint_tensors, quantize_model
 from effjax.checkpoints.registry import load_model
+from effjax.decoding.cost_model import step_seconds
 from effjax.models.cache import KVCache, commit
 
 PROMPT = "Explain what a KV cache is in two sentences."  # README's main command
@@ -87,22 +88,7 @@ def call_timer(fn, *args):
 
 def step_timer(engine, strategy, prompt: list[int], steps: int):
   """A timer: (wall s, CPU s) per model call of `steps` decode-loop steps after a prefill."""
-
-  def timer():
-    # As many tokens as the steps can append, within the cache (a step that hits the limit
-    # still counts as one call).
-    room = engine.cache_len - len(prompt) - strategy.block_size
-    state = engine.start([prompt], strategy=strategy,
-                         max_new_tokens=min(steps * strategy.max_step_tokens, room))
-    calls0 = int(jax.device_get(state.calls))
-    t, c = time.perf_counter(), time.process_time()
-    state = engine.advance(state, strategy, steps)
-    jax.block_until_ready(state.length)
-    wall, cpu = time.perf_counter() - t, time.process_time() - c
-    n = max(int(jax.device_get(state.calls)) - calls0, 1)
-    return wall / n, cpu / n
-
-  return timer
+  return lambda: step_seconds(engine, strategy, prompt, steps)
 
 
 def time_round_robin(timers: list, reps: int) -> list[tuple[float, float, float]]:

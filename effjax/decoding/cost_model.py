@@ -179,6 +179,26 @@ def measure(model, points: Sequence[tuple[int, int]], *, reps: int = 5) -> CostM
                    f"measured on {device_name()} {time.strftime('%Y-%m-%d %H:%M')}")
 
 
+def step_seconds(engine, strategy, prompt: Sequence[int], steps: int) -> tuple[float, float]:
+  """(wall s, CPU s) per model call of `steps` decode-loop steps of `strategy` after an untimed
+  prefill of `prompt`: what one step of a method costs, to set against the bare forward of its
+  block (benchmarks/forward_cost.py, benchmarks/device_check.py)."""
+  import jax
+
+  # As many tokens as the steps can append, within the cache (a step that hits the limit still
+  # counts as one call).
+  room = engine.cache_len - len(prompt) - strategy.block_size
+  state = engine.start([list(prompt)], strategy=strategy,
+                       max_new_tokens=min(steps * strategy.max_step_tokens, room))
+  calls0 = int(jax.device_get(state.calls))
+  t, c = time.perf_counter(), time.process_time()
+  state = engine.advance(state, strategy, steps)
+  jax.block_until_ready(state.length)
+  wall, cpu = time.perf_counter() - t, time.process_time() - c
+  n = max(int(jax.device_get(state.calls)) - calls0, 1)
+  return wall / n, cpu / n
+
+
 def cost_model_for(model, ks: Iterable[int], *, path: str | os.PathLike | None = None,
                    reps: int = 5, log: Callable[[str], None] | None = None) -> CostModel:
   """The cost model for `model` on this device covering forwards of up to max(ks) tokens.
