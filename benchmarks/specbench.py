@@ -66,8 +66,9 @@ def finished(out: Path, argv: list[str]) -> bool:
   return meta.get("command") == command_line(want, out) and "minutes" in meta
 
 
-def goals(table: dict) -> list[str]:
-  """The issue's goals, checked on the overall row of one model's run, each with its ratio."""
+def goals(table: dict, records: list[dict] = ()) -> list[str]:
+  """The issue's goals, checked on the overall row of one model's run, each with its ratio (and,
+  given the run's records, the ratio's 95% interval over questions: specbench.tau_ratio_interval)."""
   rows = {r["method"]: r for r in table["overall"]}
   name = lambda m: parse_label(m)[0] if m in rows else None
 
@@ -75,13 +76,20 @@ def goals(table: dict) -> list[str]:
     got = [(r["tau"], m) for m, r in rows.items() if name(m) in kinds]
     return max(got) if got else (None, None)
 
-  verdict = lambda ratio, goal: f"{ratio:.2f} (goal >= {goal:.2f}: {'met' if ratio >= goal else 'MISSED'})"
+  def verdict(num: str, den: str, goal: float) -> str:
+    ratio = rows[num]["tau"] / rows[den]["tau"]
+    text = f"{ratio:.2f} (goal >= {goal:.2f}: {'met' if ratio >= goal else 'MISSED'}"
+    if records:
+      _, low, high, n = specbench.tau_ratio_interval(records, num, den)
+      text += f"; 95% interval over the {n} questions {low:.2f}-{high:.2f}"
+    return text + ")"
+
   out = []
   base_tau, base = best(BASELINES)
   hyb_tau, hyb = best({"hybrid"})
   if base and hyb:
     out.append(f"hybrid tau / best single training-free baseline: {hyb} {hyb_tau:.2f} / {base} "
-               f"{base_tau:.2f} = {verdict(hyb_tau / base_tau, 1.25)}")
+               f"{base_tau:.2f} = {verdict(hyb, base, 1.25)}")
   pl_tau, pl = best({"pld", "lookahead"})
   esp_tau, esp = best({"esp", "esp-dyn"})
   if pl and esp:
@@ -89,7 +97,7 @@ def goals(table: dict) -> list[str]:
     trees = ", ".join(f"{kind} {m} {t:.2f}" for kind, (t, m) in (("static", static),
                                                                  ("dynamic", dynamic)) if m)
     out.append(f"ESP's best tree tau / best of PLD and lookahead: {esp} {esp_tau:.2f} / {pl} "
-               f"{pl_tau:.2f} = {verdict(esp_tau / pl_tau, 1.10)}; best of each tree: {trees}")
+               f"{pl_tau:.2f} = {verdict(esp, pl, 1.10)}; best of each tree: {trees}")
   unequal = [f"{m} {r['equal']}/{r['questions']}" for m, r in rows.items()
              if m != "ar" and r["equal"] < r["questions"]]
   n = max((r["questions"] for r in rows.values()), default=0)
@@ -120,7 +128,7 @@ def partial_section(model: str, out: Path) -> str:
           f"finished by every method (`{meta['command']} --resume`, started {meta['started']}; "
           f"load average {os.getloadavg()[0]:.1f} when summarized)\n\n"
           f"{specbench.format_table(table).strip()}\n\n"
-          + "\n".join(f"- {line}" for line in goals(table)))
+          + "\n".join(f"- {line}" for line in goals(table, kept)))
 
 
 def main(argv=None) -> int:
@@ -179,7 +187,8 @@ def main(argv=None) -> int:
         f"{meta['minutes']:.0f} min; {meta['started']} to {meta.get('finished', '?')}, load "
         f"average {meta.get('load_average', '?')} at the end)\n\n"
         f"{(out / 'summary.md').read_text().strip()}\n\n"
-        + "\n".join(f"- {line}" for line in goals(summary["table"])))
+        + "\n".join(f"- {line}" for line in goals(
+            summary["table"], specbench.read_records(out / "results.jsonl"))))
   if args.partial:
     parts.append(previous_full_run(Path(args.out)))
   write_section(Path(args.out), HEADING, "\n\n".join(p for p in parts if p))

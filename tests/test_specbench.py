@@ -88,6 +88,27 @@ def test_summary_pools_tau_and_divides_mean_speeds():
   assert text.rstrip().endswith("| 1/2 |")
 
 
+def test_tau_ratio_interval_redraws_questions_within_groups():
+  # Two groups of two questions, each method making the same calls on a question: x accepts
+  # twice y's tokens on every question, so every redraw gives 2: a zero-width interval.
+  rec = lambda m, q, g, acc, calls: dict(_record(m, g, [(acc + 1, calls, 1.0)]), question_id=q)
+  same = [rec("x", "1", "a", 8, 2), rec("y", "1", "a", 4, 2), rec("x", "2", "a", 4, 2),
+          rec("y", "2", "a", 2, 2), rec("x", "3", "b", 6, 3), rec("y", "3", "b", 3, 3),
+          rec("x", "4", "b", 2, 3), rec("y", "4", "b", 1, 3)]
+  assert specbench.tau_ratio_interval(same, "x", "y") == (2.0, 2.0, 2.0, 4)
+  # Now question 4's y ties x: pooled 20 / 11. Each redraw keeps two questions per group, so
+  # every draw lies between the extremes q2, q2 + q4, q4: (4 + 4 + 2 + 2) / (2 + 2 + 2 + 2) =
+  # 1.5 and q1, q1 + q3, q3: 28 / 14 = 2.
+  mixed = same[:7] + [rec("y", "4", "b", 2, 3)]
+  ratio, low, high, n = specbench.tau_ratio_interval(mixed, "x", "y")
+  assert ratio == pytest.approx(20 / 11) and n == 4
+  assert 1.5 - 1e-9 <= low < ratio < high <= 2.0 + 1e-9
+  # A question one method lacks is left out; none in common is an error.
+  assert specbench.tau_ratio_interval(same[:6], "x", "y")[3] == 3
+  with pytest.raises(ValueError, match="no question answered by both"):
+    specbench.tau_ratio_interval(same, "x", "z")
+
+
 def test_method_registry():
   assert label("esp", 30) == "esp-bc30" and label("pld", 30) == "pld"
   assert parse_label("esp-bc30") == ("esp", 30) and parse_label("pld") == ("pld", None)

@@ -252,6 +252,35 @@ def summarize_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, An
   return out
 
 
+def tau_ratio_interval(records: Sequence[Mapping[str, Any]], num: str, den: str, *,
+                       level: float = 0.95, resamples: int = 4000, seed: int = 0
+                       ) -> tuple[float, float, float, int]:
+  """tau(num) / tau(den) over the questions both methods answered, and a paired bootstrap
+  interval of it: questions drawn with replacement within each group (the sample is stratified
+  by group), the same draw for both methods, each tau pooled over the drawn questions' turns as
+  in summarize_records. Greedy tau has no seed to vary; the questions are what a sceptic would
+  redraw. Returns (ratio, low, high, questions)."""
+  per_q: dict[str, dict[str, tuple[float, float]]] = {}
+  group: dict[str, str] = {}
+  for r in records:
+    if r["method"] in (num, den):
+      per_q.setdefault(r["question_id"], {})[r["method"]] = (
+          sum(t["new_tokens"] - 1 for t in r["turns"]), sum(t["calls"] for t in r["turns"]))
+      group[r["question_id"]] = r["group"]
+  qs = [q for q, m in per_q.items() if len(m) == 2]
+  if not qs:
+    raise ValueError(f"no question answered by both {num} and {den}")
+  x = np.array([[*per_q[q][num], *per_q[q][den]] for q in qs], np.float64)  # [Q, 4]
+  ratio = lambda s: (s[..., 0] / s[..., 1]) / (s[..., 2] / s[..., 3])
+  rng = np.random.default_rng(seed)
+  draws = np.zeros((resamples, 4))
+  for g in dict.fromkeys(group[q] for q in qs):
+    members = np.array([i for i, q in enumerate(qs) if group[q] == g])
+    draws += x[rng.choice(members, (resamples, len(members)))].sum(axis=1)
+  low, high = np.quantile(ratio(draws), [(1 - level) / 2, (1 + level) / 2])
+  return float(ratio(x.sum(axis=0))), float(low), float(high), len(qs)
+
+
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
   """Per group (in Spec-Bench's order, then 'overall'): each method's summary with its speedup."""
   groups = [g for g in GROUPS if any(r["group"] == g for r in records)]
