@@ -232,14 +232,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
   return out
 
 
+def accepted_and_calls(turns: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+  """Tokens after each turn's first (the prefill's) and model calls, summed: tau's two sides."""
+  return sum(t["new_tokens"] - 1 for t in turns), sum(t["calls"] for t in turns)
+
+
 def summarize_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Per method: questions, tau, mean tokens/s, questions equal to plain decoding."""
   out = []
   for method in dict.fromkeys(r["method"] for r in records):
     rs = [r for r in records if r["method"] == method]
     turns = [t for r in rs for t in r["turns"]]
-    accepted = sum(t["new_tokens"] - 1 for t in turns)
-    calls = sum(t["calls"] for t in turns)
+    accepted, calls = accepted_and_calls(turns)
     speeds = [sum(t["new_tokens"] for t in r["turns"]) / max(sum(t["seconds"] for t in r["turns"]),
                                                              1e-9) for r in rs]
     decode_speeds = [sum(t["new_tokens"] - 1 for t in r["turns"])
@@ -264,8 +268,7 @@ def tau_ratio_interval(records: Sequence[Mapping[str, Any]], num: str, den: str,
   group: dict[str, str] = {}
   for r in records:
     if r["method"] in (num, den):
-      per_q.setdefault(r["question_id"], {})[r["method"]] = (
-          sum(t["new_tokens"] - 1 for t in r["turns"]), sum(t["calls"] for t in r["turns"]))
+      per_q.setdefault(r["question_id"], {})[r["method"]] = accepted_and_calls(r["turns"])
       group[r["question_id"]] = r["group"]
   qs = [q for q, m in per_q.items() if len(m) == 2]
   if not qs:
