@@ -35,7 +35,7 @@ from effjax.evals import specbench  # noqa: E402
 
 HEADING = "## SpecBench (benchmarks/specbench.py)"
 METHODS = ("pld", "suffix", "lookahead", "tr", "esp-bc30", "esp-dyn-bc30", "esp-bc60",
-           "esp-dyn-bc60", "hybrid-bc30", "hybrid-bc60")
+           "esp-dyn-bc60", "hybrid-bc30", "hybrid-bc60", "hybrid-bc80")
 MODULES = {"pld": "pld", "suffix": "suffix", "lookahead": "lookahead", "tr": "recycling",
            "esp": "esp", "esp-dyn": "esp", "hybrid": "hybrid", "auto": "budget"}
 BASELINES = ("pld", "lookahead", "tr", "suffix")  # the single training-free drafters

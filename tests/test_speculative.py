@@ -17,9 +17,9 @@ from scipy import stats
 
 from effjax.decoding.engine import AutoRegressive, Engine
 from effjax.decoding.esp import ESP
-from effjax.decoding.hybrid import (BINS, DEPTHS, SOURCES, AcceptanceStats, Hybrid,
+from effjax.decoding.hybrid import (BINS, DEPTHS, SOURCES, AcceptanceStats, Hybrid, MASKED_OWNERS,
                                     expected_tokens, likely_ends)
-from effjax.decoding.methods import all_labels, make_strategy, parse_label
+from effjax.decoding.methods import all_labels, budgets, make_strategy, parse_label
 from effjax.decoding.recycling import REFERENCE_CHILDREN, SuccessorTable, TokenRecycling, template
 from effjax.decoding.sampling import Sampler
 from effjax.decoding.suffix import match_lengths, suffix_candidates
@@ -127,6 +127,12 @@ def test_method_names():
   assert dyn.dynamic and (dyn.masks, dyn.budget) == (2, 60)
   assert not static.dynamic and static.widths == (15, 4) and static.budget == 60
   assert make_strategy("tr").block_size == 81 and make_strategy("tr", 30).block_size == 30
+  # the hybrid at Token Recycling's forward size: 73 drafts, 6 masks and the root
+  bc80 = make_strategy(*parse_label("hybrid-bc80"))
+  assert (bc80.block_size, bc80.num_nodes, bc80.masked_owners) == (80, 73, 6)
+  assert budgets("hybrid") == tuple(sorted(MASKED_OWNERS))  # every name has a preset, and back
+  with pytest.raises(ValueError, match="esp's BC must be one of 10, 30, 60"):
+    make_strategy("esp", 80)
   with pytest.raises(ValueError, match="no BC budget"):
     make_strategy("suffix", 30)
   with pytest.raises(ValueError, match="needs a BC budget"):

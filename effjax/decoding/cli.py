@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from effjax.cli_args import add_strict_arg, nonnegative_int, positive_int
-from effjax.decoding.methods import (BC_PRESETS, BC_REQUIRED, METHODS, label, make_strategy,
+from effjax.decoding.methods import (ALL_BUDGETS, BC_REQUIRED, METHODS, label, make_strategy,
                                      parse_label, prepare)
 
 
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
                  help=f"methods to run: {', '.join(METHODS)}, or one at a single budget such as "
                       "esp-bc60 or esp-dyn-bc30 (plain decoding 'ar' always runs as the baseline; "
                       "lookahead and tr named without a budget run their reference settings)")
-  p.add_argument("--bc", nargs="+", type=int, choices=BC_PRESETS, default=[30],
+  p.add_argument("--bc", nargs="+", type=int, choices=ALL_BUDGETS, default=[30],
                  help=f"budgets for {', '.join(sorted(BC_REQUIRED))} named without one (default 30)")
   p.add_argument("--data", required=True, help="Spec-Bench question JSONL, or sample:spec_bench (shipped with effjax)")
   p.add_argument("--max-new-tokens", type=positive_int, default=1024)

@@ -53,7 +53,7 @@ import numpy as np
 from flax import struct
 
 from effjax.decoding.engine import DecodeState
-from effjax.decoding.esp import ESP, PRESETS, ESPState, dynamic_candidates, esp_tree_step
+from effjax.decoding.esp import ESP, ESPState, dynamic_candidates, esp_tree_step
 from effjax.decoding.pld import context, lookup_match
 from effjax.decoding.recycling import TOP_K, InheritsTable, SuccessorTable, template
 from effjax.decoding.suffix import suffix_candidates
@@ -148,6 +148,10 @@ def likely_ends(tree: Tree, node_score: jax.Array, m: int) -> jax.Array:
   return jax.lax.top_k(jnp.where(tree.valid, reach - into, -jnp.inf), m)[1].astype(jnp.int32)
 
 
+# Preset budget -> owners followed by a mask (see Hybrid.preset).
+MASKED_OWNERS: dict[int, int] = {10: 1, 30: 3, 60: 6, 80: 6}
+
+
 @struct.dataclass
 class HybridState:
   esp: ESPState  # masks, their candidates and the histogram of tokens per call
@@ -206,14 +210,16 @@ class Hybrid(InheritsTable, ESP):
 
   @classmethod
   def preset(cls, bc: int, **kw) -> "Hybrid":
-    """BC10 / 30 / 60 with one mask (ESP's ablation finds one as good as two at BC60, ESP.md)
-    after each of the bc / 10 owners most likely to end the path (8 / 26 / 53 node slots). The
-    next step's ESP candidates come from the masks of the deepest accepted node alone, so masks
-    after every owner (4 / 14 / 29 node slots) spend half the forward on rows that one step in
-    many reads; a tenth of it keeps the likely ends covered and gives the rest to drafts."""
-    if bc not in PRESETS:
-      raise ValueError(f"no hybrid preset for BC{bc}; choose one of {sorted(PRESETS)}")
-    return cls(masks=1, budget=bc, masked_owners=bc // 10, **kw)
+    """BC10 / 30 / 60 / 80 with one mask (ESP's ablation finds one as good as two at BC60, ESP.md)
+    after each of the 1 / 3 / 6 / 6 owners most likely to end the path (8 / 26 / 53 / 73 node
+    slots). The next step's ESP candidates come from the masks of the deepest accepted node alone,
+    so masks after every owner (4 / 14 / 29 node slots) spend half the forward on rows that one
+    step in many reads; a tenth of it keeps the likely ends covered and gives the rest to drafts.
+    BC80 (Token Recycling's forward size) keeps BC60's six: on benchmarks/tuning, eight gave
+    SmolLM2 tau 3.83 against 4.06 with six (BENCHMARKS.md)."""
+    if bc not in MASKED_OWNERS:
+      raise ValueError(f"no hybrid preset for BC{bc}; choose one of {sorted(MASKED_OWNERS)}")
+    return cls(masks=1, budget=bc, masked_owners=MASKED_OWNERS[bc], **kw)
 
   @property
   def chain_len(self) -> int:

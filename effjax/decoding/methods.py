@@ -3,12 +3,14 @@ trees), Token Recycling, the suffix drafter, the hybrid tree, and `auto` (cost-a
 effjax.decoding.budget).
 
 Methods with a block-complexity budget (BC: tokens processed per forward) take one of the presets
-10 / 30 / 60 (ESP.md), named like 'esp-bc30'. ESP has two trees (ESP.md): 'esp-bcN' is the static
-top-1 tree (BC10 [4], BC30 [14], BC60 [15, 4]); 'esp-dyn-bcN' the dynamic tree of the paper's
-Alg. 1 with the same masks and budget. The paper's result tables report the dynamic tree, and its
-ablation finds the best static tree within 0.01 tau of it. `auto` picks its budget every step from
-the device's cost model. Strategy modules are imported when a method is asked for, so a method whose
-module is missing fails by name without breaking the others.
+10 / 30 / 60 (ESP.md), named like 'esp-bc30'; the hybrid also takes 80, the forward size of Token
+Recycling's reference tree (80 drafts and the root), to be compared with it at equal cost. ESP has
+two trees (ESP.md): 'esp-bcN' is the static top-1 tree (BC10 [4], BC30 [14], BC60 [15, 4]);
+'esp-dyn-bcN' the dynamic tree of the paper's Alg. 1 with the same masks and budget. The paper's
+result tables report the dynamic tree, and its ablation finds the best static tree within 0.01 tau
+of it. `auto` picks its budget every step from the device's cost model. Strategy modules are
+imported when a method is asked for, so a method whose module is missing fails by name without
+breaking the others.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ METHODS: tuple[str, ...] = ("ar", "pld", "lookahead", "esp", "esp-dyn", "tr", "s
 BC_METHODS = frozenset({"lookahead", "esp", "esp-dyn", "tr", "hybrid"})
 BC_REQUIRED = frozenset({"esp", "esp-dyn", "hybrid"})  # the others have a reference setting
 BC_PRESETS: tuple[int, ...] = (10, 30, 60)
+EXTRA_BUDGETS: dict[str, tuple[int, ...]] = {"hybrid": (80,)}
+
+
+def budgets(method: str) -> tuple[int, ...]:
+  """The BC budgets `method` takes (none for a method without one)."""
+  return BC_PRESETS + EXTRA_BUDGETS.get(method, ()) if method in BC_METHODS else ()
+
+
+ALL_BUDGETS: tuple[int, ...] = tuple(sorted({bc for m in BC_METHODS for bc in budgets(m)}))
 
 
 def label(method: str, bc: int | None = None) -> str:
@@ -45,8 +56,7 @@ def all_labels() -> list[str]:
   for m in METHODS:
     if m not in BC_REQUIRED:
       out.append(m)
-    if m in BC_METHODS:
-      out += [label(m, bc) for bc in BC_PRESETS]
+    out += [label(m, bc) for bc in budgets(m)]
   return out
 
 
@@ -59,10 +69,11 @@ def make_strategy(method: str, bc: int | None = None, sampler: Sampler = GREEDY)
   """
   if method not in METHODS:
     raise ValueError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
-  if bc is not None and bc not in BC_PRESETS:
-    raise ValueError(f"BC must be one of {', '.join(map(str, BC_PRESETS))}, got {bc}")
   if bc is not None and method not in BC_METHODS:
     raise ValueError(f"{method} has no BC budget; name it without one")
+  if bc is not None and bc not in budgets(method):
+    choices = ", ".join(map(str, budgets(method)))
+    raise ValueError(f"{method}'s BC must be one of {choices}, got {bc}")
   if method in BC_REQUIRED and bc is None:
     raise ValueError(f"{method} needs a BC budget ({', '.join(map(str, BC_PRESETS))})")
   if method == "ar":
