@@ -141,6 +141,7 @@ def test_sharded_generation_equals_unsharded():
     ([[1, 2, 9999]], dict(max_new_tokens=8), "outside the vocabulary"),
     ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens"),
     ([], dict(max_new_tokens=4), "no prompts"),
+    ([[1, 2]], dict(max_new_tokens=4, stop_sequences=[[-1, -1]]), "token ids >= 0"),
 ])
 def test_bad_inputs_fail_before_compiling(prompts, kw, msg):
   _, model = _model("llama")

@@ -119,6 +119,17 @@ def test_methods_on_every_family(family, name):
   assert got == want
 
 
+@pytest.mark.parametrize("name", ["hybrid-bc60", "hybrid-bc80"])
+def test_the_largest_hybrid_trees_are_lossless(name):
+  """The hybrid's BC60 / BC80 trees draw up to 74 candidates per mask: a vocabulary of 128."""
+  _, model = tiny("llama", vocab=128)
+  engine = Engine(model, cache_len=512)
+  want = engine.generate(PROMPTS, max_new_tokens=LIMITS).tokens
+  got, calls, _ = run_checked(engine, make_strategy(*parse_label(name)), stop=[])
+  assert got == want
+  assert calls < max(LIMITS) - 1  # drafts were accepted
+
+
 def test_method_names():
   names = all_labels()
   assert {"esp-bc30", "esp-dyn-bc30", "tr", "tr-bc60", "suffix", "hybrid-bc60"} <= set(names)

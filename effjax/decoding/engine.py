@@ -338,6 +338,8 @@ def _stop_hits(tokens, length, n, stop):
 def stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
   """[n_stop, L] stop sequences, left-padded with -1 (an empty list gives [0, 1])."""
   seqs = [list(s) for s in stop_sequences if len(s)]
+  if any(t < 0 for s in seqs for t in s):  # -1 pads: a stop of them would end every row at once
+    raise ValueError(f"stop sequences hold token ids >= 0, got {[s for s in seqs if min(s) < 0]}")
   width = max((len(s) for s in seqs), default=1)
   arr = np.full((len(seqs), width), -1, np.int32)
   for i, s in enumerate(seqs):
@@ -577,8 +579,9 @@ class Engine:
     to start with (strategy's starter; default strategy's own)."""
     strategy = strategy or PLAIN_GREEDY
     limits = self.check(prompts, max_new_tokens, strategy)
+    stop = stop_array(stop_sequences)
     init, prefill, _ = self._functions(run or strategy)
-    state = init(*self._inputs(prompts, limits, stop_array(stop_sequences), seed, strategy))
+    state = init(*self._inputs(prompts, limits, stop, seed, strategy))
     memory = self._memory_of(strategy)[0]
     if memory is not None:
       # A copy per row: the prefill donates the state, and the engine keeps the memory until a
