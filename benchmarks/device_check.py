@@ -50,13 +50,14 @@ FORWARDS_SHARE = 0.35  # the rest for the decode run and the steps (16-38 s to c
 # tau (tokens per model call) measured on this project's CPU, SpecBench dev --limit 3, 128 new
 # tokens, greedy (BENCHMARKS.md, "SpecBench": prompt lookup and ESP from the 2026-12-02 / 12-03
 # tables, Token Recycling with its table carried over, the hybrid from "The hybrid's suffix
-# matches capped at 8 tokens", 2026-12-04). Gemma's ESP at BC60 ran as the dynamic tree only.
+# matches capped at 8 tokens" and, at BC80, "The hybrid at Token Recycling's forward size", both
+# 2026-12-04). Gemma's ESP at BC60 ran as the dynamic tree only.
 # Steps are timed in this order, as time allows.
 CPU_TAUS = {
     "smollm2-135m": {"hybrid-bc30": 2.57, "pld": 1.65, "esp-bc30": 1.27, "tr": 2.31,
-                     "hybrid-bc60": 2.84, "esp-bc60": 1.29},
+                     "hybrid-bc60": 2.84, "esp-bc60": 1.29, "hybrid-bc80": 3.00},
     "gemma3-270m": {"hybrid-bc30": 10.80, "pld": 6.22, "esp-bc30": 1.59, "tr": 3.30,
-                    "hybrid-bc60": 13.61, "esp-dyn-bc60": 1.68},
+                    "hybrid-bc60": 13.61, "esp-dyn-bc60": 1.68, "hybrid-bc80": 14.34},
     # The paper's LLaMA3.1-8B SpecBench taus (ESP.md): PLD, Lookahead at BC30, ESP BC30 / BC60.
     "llama3.1-8b": {"esp-bc30": 1.63, "pld": 1.44, "lookahead-bc30": 1.45, "esp-bc60": 1.71},
 }
