@@ -12,8 +12,8 @@ Writes device_check.json and device_check.md into --out:
    on the weights' values);
 2. plain greedy decoding tokens/s per model (the effjax engine, batch 1, `--decode-tokens` tokens)
    against the memory-bandwidth roofline: the faster of two on-device passes over 4 GiB (a sum,
-   which only reads, and an elementwise product), divided by the bytes one decode step must read (every weight but the embedding rows not looked up, plus the
-   KV cache's slots);
+   which only reads, and an elementwise product), divided by the bytes one decode step must read
+   (every weight but the embedding rows not looked up, plus the KV cache's slots);
 3. one step of each method's real decode loop (the effjax engine, `--steps` steps after a prefill,
    per model call; the minimum of `--reps` runs round-robin), against the bare forward of its block;
 4. the speedup over plain decoding each method would have at the tau measured on CPU

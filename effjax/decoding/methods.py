@@ -75,7 +75,7 @@ def make_strategy(method: str, bc: int | None = None, sampler: Sampler = GREEDY)
     choices = ", ".join(map(str, budgets(method)))
     raise ValueError(f"{method}'s BC must be one of {choices}, got {bc}")
   if method in BC_REQUIRED and bc is None:
-    raise ValueError(f"{method} needs a BC budget ({', '.join(map(str, BC_PRESETS))})")
+    raise ValueError(f"{method} needs a BC budget ({', '.join(map(str, budgets(method)))})")
   if method == "ar":
     return AutoRegressive(sampler)
   if method == "auto":
