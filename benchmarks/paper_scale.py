@@ -33,6 +33,7 @@ PROGRAMS = {
     "rebalance_r1_qwen_7b": ["rebalance prefill", "rebalance decode", "ar decode"],
     "rebalance_qwq_32b": ["rebalance prefill", "rebalance decode"],
     "esp_llama31_8b": ["esp-bc60 prefill", "esp-bc60 decode", "hybrid-bc60 decode", "ar decode"],
+    "esp_llama31_8b_int8": ["esp-bc60 prefill", "esp-bc60 decode", "ar decode"],
     "esp_qwen3_32b": ["esp-bc60 prefill", "esp-bc60 decode", "ar decode"],
 }
 # Layer counts compiled and extrapolated from (`effjax plan --layers`), for the RLHF recipe only:
@@ -48,8 +49,8 @@ DEFAULT_LAYERS = None
 # gradients were sharded like the parameters, and the rollout prefill, the recipe's peak.
 CHECK = ("rlhf_gemma2_9b", ("policy gradients", "rollout prefill"))
 CHECK_NAME = "check_full_compile"
-ORDER = ["rlhf_gemma2_9b", "rebalance_r1_qwen_7b", "esp_llama31_8b", "rebalance_qwq_32b",
-         "esp_qwen3_32b"]
+ORDER = ["rlhf_gemma2_9b", "rebalance_r1_qwen_7b", "esp_llama31_8b", "esp_llama31_8b_int8",
+         "rebalance_qwq_32b", "esp_qwen3_32b"]
 
 
 def run_one(name: str, programs: list[str], layers: str | None, out_name: str = "") -> None:

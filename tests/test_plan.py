@@ -237,3 +237,28 @@ def test_speculative_decode_programs_take_the_state_their_prefill_makes():
                                 only={"esp-bc10 prefill"})[0]
   assert not report.has_decode_step(prefill) and "decode" not in report.to_dict(recipe, prefill)
   assert "esp-bc10 prefill" in report.format_result(recipe, prefill)
+
+
+def test_int8_decode_plan_reads_a_byte_per_weight(v5e_decode):
+  """`effjax plan --quant int8`: the parameters per device are int8 codes, a float32 scale per
+  output row and bfloat16 norms (counted by hand), and the TPU program multiplies by the converted
+  codes (as many FLOPs as bfloat16's), not by CPU's two int8 digits per activation (about twice
+  as many)."""
+  r = planner.plan_recipe(TINY_DECODE.replace(quant="int8"), v5e_decode.target,
+                          "data=1,fsdp=-1,tensor=1")[0]
+  assert r.plan.title.endswith("int8 weights")
+  cfg = tiny_config("llama")
+  tables = cfg.vocab_size * (1 if cfg.tie_embeddings else 2)
+  out_rows = cfg.num_layers * (cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads)
+                               + 2 * cfg.mlp_dim + 2 * cfg.dim)
+  norms = cfg.dim * (2 * cfg.num_layers + 1)
+  weights = param_count(cfg) - norms
+  total = weights + 4 * (out_rows + tables) + 2 * norms
+  n = r.target.num_chips
+  for c, ref in zip(r.compiled, v5e_decode.compiled):
+    # every weight is sharded; a scale vector too small to split may be whole on each device
+    assert total // n <= c.inputs[PARAMS] <= (weights + 2 * norms) // n + 4 * (out_rows + tables)
+    assert c.inputs[PARAMS] < 0.6 * ref.inputs[PARAMS], c.program.name
+  decode = next(c for c in r.compiled if c.program.name == "ar decode")
+  ref = next(c for c in v5e_decode.compiled if c.program.name == "ar decode")
+  assert 0.8 * ref.flops < decode.flops < 1.25 * ref.flops

@@ -96,6 +96,16 @@ def test_int8_product_equals_the_dequantized_product(out_shape):
   assert not got[1, 2].any()
 
 
+def test_int8_product_is_chosen_for_the_platform_compiled_for():
+  """The digits product is XLA:CPU's; a program lowered for a TPU or GPU (`effjax plan` compiles
+  TPU programs on a CPU host) multiplies by the converted codes, which those compilers fuse."""
+  x, (codes, scales) = jnp.ones((2, 64)), quant.quantize(jnp.ones((24, 64)))
+  traced = jax.jit(quant.matmul).trace(x, codes, scales)
+  for platform, digits in (("cpu", True), ("tpu", False), ("cuda", False)):
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert ("xi32>" in text) == digits, platform  # the digits' exact int32 accumulation
+
+
 def _q8_0(w: np.ndarray) -> np.ndarray:
   return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
 
@@ -243,3 +253,4 @@ def test_compiled_int8_decode_reads_the_codes_where_they_are():
         int(np.prod([int(d) for d in m.group(1).split(",") if d])) in sizes:
       moved.append(line.strip()[:160])
   assert moved == [], moved
+  assert " conditional(" not in hlo  # the platform's product is chosen when lowering

@@ -113,9 +113,13 @@ def matmul(x: jax.Array, codes: jax.Array, scales: jax.Array, *, out_dtype=None,
   """x [..., in] times the int8 weights (codes [*out, in], scales [*out]) -> [..., *out]; `precision`
   for the float product off CPU (the CPU's integer digits product is exact)."""
   out_dtype = out_dtype or x.dtype
-  if jax.default_backend() == "cpu":
-    y = _digits_product(x, codes)
-  else:
-    y = jax.lax.dot_general(x, codes.astype(x.dtype), (((x.ndim - 1,), (codes.ndim - 1,)), ((), ())),
-                            preferred_element_type=jnp.float32, precision=precision)
+
+  def converted(x, codes):
+    dims = (((x.ndim - 1,), (codes.ndim - 1,)), ((), ()))
+    return jax.lax.dot_general(x, codes.astype(x.dtype), dims, preferred_element_type=jnp.float32,
+                               precision=precision)
+
+  # Chosen when the program is lowered for its devices, not by the host's default backend: a CPU
+  # host compiling for a TPU slice (`effjax plan`) gets the TPU's product.
+  y = jax.lax.platform_dependent(x, codes, cpu=_digits_product, default=converted)
   return (y * scales).astype(out_dtype)

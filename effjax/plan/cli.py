@@ -21,6 +21,8 @@ def register(subparsers) -> None:
                  help="override the recipe's mesh, e.g. 'data=1,fsdp=-1,tensor=1'")
   p.add_argument("--batch", type=int, action="append", default=None,
                  help="decode recipes: plan this batch size instead of the recipe's (repeatable)")
+  p.add_argument("--quant", choices=("int8",), default=None,
+                 help="plan the model with weight-only int8 weights instead of the recipe's")
   p.add_argument("--program", action="append", default=None, metavar="NAME",
                  help="compile only this program (repeatable; e.g. 'rollout'): a partial plan")
   p.add_argument("--layers", default=None, metavar="L1,L2",
@@ -45,6 +47,8 @@ def run(args) -> int:
   name, recipe = load_recipe(args.recipe)
   if args.batch:
     recipe = recipe.replace(decode=dataclasses.replace(recipe.decode, batches=tuple(args.batch)))
+  if args.quant:
+    recipe = recipe.replace(quant=args.quant)
   target = planner.target_for(args.topology or recipe.slice)
   print(f"recipe {name}: {recipe.description}" if recipe.description else f"recipe {name}")
   results = planner.plan_recipe(recipe, target, args.mesh,

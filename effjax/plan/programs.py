@@ -84,12 +84,13 @@ class Plan:
 
 
 def model_config(recipe: Recipe, layers: int | None = None) -> ModelConfig:
-  """The recipe's model preset in its dtype ('tiny:FAMILY': the tests' small model of a family);
-  with `layers`, its first `layers` decoder layers (for layer extrapolation, planner.py)."""
+  """The recipe's model preset in its dtype and weight quantization ('tiny:FAMILY': the tests' small
+  model of a family); with `layers`, its first `layers` decoder layers (for layer extrapolation,
+  planner.py)."""
   if recipe.model.startswith("tiny:"):
-    cfg = tiny_config(recipe.model[5:], dtype=recipe.dtype)
+    cfg = tiny_config(recipe.model[5:], dtype=recipe.dtype, quant=recipe.quant)
   else:
-    cfg = PRESETS[recipe.model].replace(dtype=recipe.dtype)
+    cfg = PRESETS[recipe.model].replace(dtype=recipe.dtype, quant=recipe.quant)
   if layers is None:
     return cfg
   return cfg.replace(num_layers=layers, layer_kinds=cfg.layer_kinds[:layers])
@@ -227,7 +228,8 @@ def decode_plan(recipe: Recipe, mesh, batch: int, layers: int | None = None) -> 
     info["labels"].append(label)
     info[label] = dict(cache_len=cache_len, block=strategy.block_size)
   main = method_label(d.methods[0], d.bc)
-  return Plan(title=f"{recipe.model} {main}, batch {batch}", programs=programs,
+  weights = f", {recipe.quant} weights" if recipe.quant else ""
+  return Plan(title=f"{recipe.model} {main}, batch {batch}{weights}", programs=programs,
               resident=dict(params=params), phases=phases, tokens_per_step=batch * tau,
               decode_phase=f"{main} decode step", info=info)
 

@@ -67,6 +67,7 @@ class Recipe:
   slice: str  # Cloud TPU accelerator type (v5p-32) or topology (v5e:8x8)
   mesh: str = "data=1,fsdp=-1,tensor=1"
   dtype: Literal["float32", "bfloat16"] = "bfloat16"
+  quant: Literal["int8"] | None = None  # weight-only int8 (models/quant.py), or the dtype's weights
   description: str = ""
   launch: tuple[str, ...] = ()  # shell commands that run the recipe on a Cloud TPU VM
   rlhf: RLHFRecipe = RLHFRecipe()
