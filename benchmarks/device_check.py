@@ -13,7 +13,9 @@ Writes device_check.json and device_check.md into --out:
 2. plain greedy decoding tokens/s per model (the effjax engine, batch 1, `--decode-tokens` tokens)
    against the memory-bandwidth roofline: the faster of two on-device passes over 4 GiB (a sum,
    which only reads, and an elementwise product), divided by the bytes one decode step must read
-   (every weight but the embedding rows not looked up, plus the KV cache's slots);
+   (every weight but the embedding rows not looked up, plus the KV cache's slots); the same for the
+   model's weight-only int8 form (models/quant.py; `--no-int8` skips it), which reads each weight
+   as one byte;
 3. one step of each method's real decode loop (the effjax engine, `--steps` steps after a prefill,
    per model call; the minimum of `--reps` runs round-robin), against the bare forward of its block;
 4. the speedup over plain decoding each method would have at the tau measured on CPU
@@ -104,21 +106,22 @@ def memory_bandwidth(n_bytes: int, reps: int) -> dict:
 
 
 def step_bytes(cfg, cache_len: int) -> int:
-  """Bytes one plain decode step reads: the weights (embedding: one row, unless tied as the head)
-  and the whole KV cache (the engine attends over every slot)."""
-  import jax
+  """Bytes one plain decode step reads: the weights as stored (int8 codes and their scales where
+  cfg.quant says; the input embedding: one row, unless tied as the head) and the whole KV cache
+  (the engine attends over every slot)."""
   import jax.numpy as jnp
   from flax import nnx
 
   from effjax.models.transformer import abstract_model
 
-  itemsize = jnp.dtype(cfg.jnp_dtype).itemsize
-  params = nnx.state(abstract_model(cfg), nnx.Param)
-  total = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
-  if not cfg.tie_embeddings:
-    total -= cfg.vocab_size * cfg.dim - cfg.dim  # the input table: one row per step
+  total = 0
+  for path, x in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param)):
+    n = int(x.get_value().size) * x.get_value().dtype.itemsize
+    if path[0] in ("embed", "embed_scales") and not cfg.tie_embeddings:
+      n //= cfg.vocab_size  # the input table: one row per step
+    total += n
   kv = 2 * cfg.num_layers * cache_len * cfg.num_kv_heads * cfg.head_dim
-  return (total + kv) * itemsize
+  return total + kv * jnp.dtype(cfg.jnp_dtype).itemsize
 
 
 def decode_rate(model, cache_len: int, prompt_len: int, new_tokens: int) -> float:
@@ -185,13 +188,20 @@ def check_model(name: str, cfg, args, result: dict, until: float) -> dict:
   costs = dict(sorted(costs.items()))
   entry["forward_ms"] = {str(k): round(v * 1e3, 4) for k, v in costs.items()}
   entry["forward_vs_k1"] = {str(k): round(v / costs[1], 3) for k, v in costs.items()}
-  if time.perf_counter() < start + share * (FORWARDS_SHARE + 0.1):
-    rate = decode_rate(model, args.cache_len, min(128, args.cache_len // 4), args.decode_tokens)
-    roof = result["copy_bandwidth_GBps"] * 1e9 / step_bytes(cfg, args.cache_len)
-    entry.update(decode_tokens_per_s=round(rate, 2), roofline_tokens_per_s=round(roof, 2),
-                 roofline_fraction=round(rate / roof, 3))
-  else:
-    result["skipped"].append(f"{name} decode")
+  variants = {"": (model, cfg)}
+  if args.int8:  # random codes: a decode step's cost does not depend on the weights' values
+    int8 = cfg.replace(quant="int8")
+    variants["int8_"] = (create_model(int8), int8)
+  for prefix, (m, c) in variants.items():
+    if time.perf_counter() > start + share * (FORWARDS_SHARE + 0.1 + 0.05 * bool(prefix)):
+      result["skipped"].append(f"{name} {prefix or 'bf16_'}decode")
+      continue
+    rate = decode_rate(m, args.cache_len, min(128, args.cache_len // 4), args.decode_tokens)
+    roof = result["copy_bandwidth_GBps"] * 1e9 / step_bytes(c, args.cache_len)
+    entry.update({f"{prefix}decode_tokens_per_s": round(rate, 2),
+                  f"{prefix}roofline_tokens_per_s": round(roof, 2),
+                  f"{prefix}roofline_fraction": round(rate / roof, 3)})
+    log(f"{name} {prefix or 'bf16_'}decode: {rate:.1f} tokens/s, roofline {roof:.1f}")
   taus = CPU_TAUS[name]
   methods = args.methods.split(",") if args.methods else list(taus)
   steps, skipped = step_costs(model, methods, args.cache_len, args.steps, args.reps, until)
@@ -229,6 +239,8 @@ def main(argv=None) -> int:
   p.add_argument("--methods", default="",
                  help="methods whose step to time (default: those with a CPU tau for the model)")
   p.add_argument("--models", default="", help="default: all three")
+  p.add_argument("--no-int8", dest="int8", action="store_false",
+                 help="skip the int8 weights' decode rate")
   args = p.parse_args(argv)
   import jax
 
@@ -297,12 +309,18 @@ def markdown(r: dict) -> str:
     cells = [f"{m['forward_ms'][str(k)]:.2f} ms ({m['forward_vs_k1'][str(k)]:.2f}x)"
              if str(k) in m["forward_ms"] else "-" for k in ks]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  lines += ["", "| model | decode tokens/s | roofline tokens/s | fraction |", "|---|---|---|---|"]
+  lines += ["", "Plain decoding with bfloat16 and with int8 weights (int8 / bf16: the ratio of "
+            "their tokens/s):", "",
+            "| model | weights | decode tokens/s | roofline tokens/s | fraction | int8 / bf16 |",
+            "|---|---|---|---|---|---|"]
   for name, m in models.items():
-    if "decode_tokens_per_s" in m:
-      lines.append(f"| {name} | {m['decode_tokens_per_s']:.1f} | "
-                   f"{m['roofline_tokens_per_s']:.1f} | "
-                   f"{m['roofline_fraction']:.2f} |")
+    for prefix, weights in (("", "bfloat16"), ("int8_", "int8")):
+      if f"{prefix}decode_tokens_per_s" in m:
+        ratio = (f"{m['int8_decode_tokens_per_s'] / m['decode_tokens_per_s']:.2f}x"
+                 if prefix and "decode_tokens_per_s" in m else "-")
+        lines.append(f"| {name} | {weights} | {m[f'{prefix}decode_tokens_per_s']:.1f} | "
+                     f"{m[f'{prefix}roofline_tokens_per_s']:.1f} | "
+                     f"{m[f'{prefix}roofline_fraction']:.2f} | {ratio} |")
   lines += ["", f"One step of each method's decode loop ({r['steps']} steps after a prefill, per "
             f"model call, min of {r['reps']} runs), against the forward of its block:", "",
             "| model | method | step ms | step / forward of its block |", "|---|---|---|---|"]

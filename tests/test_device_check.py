@@ -23,6 +23,13 @@ def test_dry_run_writes_costs_rates_steps_and_implied_speedups(tmp_path):
     assert sorted(map(int, m["forward_ms"])) == [1, 2, 4, 11]
     assert all(v > 0 for v in m["forward_ms"].values()) and m["forward_vs_k1"]["1"] == 1.0
     assert m["decode_tokens_per_s"] > 0 and m["roofline_tokens_per_s"] > 0
+    # int8 weights: a byte per weight, a float32 scale per output row (the roofline's bytes)
+    assert m["int8_decode_tokens_per_s"] > 0
+    cfg = mod.model_configs(True)[name]
+    int8_bytes = mod.step_bytes(cfg.replace(quant="int8"), r["cache_len"])
+    assert 0.5 < int8_bytes / mod.step_bytes(cfg, r["cache_len"]) < 0.75
+    assert abs(m["int8_roofline_tokens_per_s"] * int8_bytes
+               - r["copy_bandwidth_GBps"] * 1e9) < 1e-3 * r["copy_bandwidth_GBps"] * 1e9
     # Steps: plain decoding and prompt lookup, each against the forward of its block.
     assert list(m["step_ms"]) == ["ar", "pld"] and all(v > 0 for v in m["step_ms"].values())
     for method, block in (("ar", "1"), ("pld", "11")):
@@ -41,3 +48,4 @@ def test_dry_run_writes_costs_rates_steps_and_implied_speedups(tmp_path):
   md = (tmp_path / "device_check.md").read_text()
   assert "DRY RUN" in md and "| llama3.1-8b | pld | 1.44 | 11 |" in md
   assert "| gemma3-270m | pld |" in md  # the steps table
+  assert "| smollm2-135m | int8 |" in md
