@@ -59,3 +59,15 @@ def test_argmax_of_rows_with_nans_and_infinities():
   got = argmax(jnp.asarray(x), 16)
   np.testing.assert_array_equal(got, jnp.argmax(jnp.asarray(x), axis=-1))
   np.testing.assert_array_equal(got, [300, 0, 999, 5])
+
+
+def test_two_passes_on_cpu_only():
+  """The chunked forms are XLA:CPU's: a program lowered for TPU or GPU keeps the whole-row top-k
+  and argmax (no chunk gather), and the CPU program holds no conditional between the two."""
+  x = jnp.ones((2, 3, 4096))
+  for fn in (lambda x: top_k(x, 8), argmax):
+    traced = jax.jit(fn).trace(x)
+    for platform, chunked in (("cpu", True), ("tpu", False), ("cuda", False)):
+      text = traced.lower(lowering_platforms=(platform,)).as_text()
+      assert ("gather" in text) == chunked, platform
+    assert " conditional(" not in traced.lower().compile().as_text()

@@ -10,6 +10,11 @@ vocabulary and 0.40x over Gemma 3's (`python benchmarks/topk.py`, BENCHMARKS.md)
 argmax is a variadic (value, index) reduce that is not vectorised; the same chunking makes it a
 vectorised max and an argmax over the chunks and over one chunk (54 x 49152 logits: 0.19 ms
 against 5.30 ms, same script).
+
+Both forms are XLA:CPU's, chosen when a program is lowered for its devices: TPU and GPU programs
+keep `lax.top_k` and `jnp.argmax`, which those compilers implement themselves (and libtpu 0.0.42.1
+rejects the chunk gather inside the hybrid's batch-64 decode loop, a RET_CHECK after layout
+assignment: benchmarks/notes/paper_scale.md).
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
 
 def top_k(x: jax.Array, k: int, chunk: int = CHUNK) -> tuple[jax.Array, jax.Array]:
   """`jax.lax.top_k(x, k)` (values and indices over the last axis, equal values in index order),
-  in two passes over chunks; rows shorter than 4 k chunks go to `lax.top_k` directly."""
+  on CPU in two passes over chunks; rows shorter than 4 k chunks go to `lax.top_k` directly."""
   if x.shape[-1] < 4 * k * chunk:
     return jax.lax.top_k(x, k)
+  return jax.lax.platform_dependent(x, cpu=lambda x: _two_pass_top_k(x, k, chunk),
+                                    default=lambda x: tuple(jax.lax.top_k(x, k)))
+
+
+def _two_pass_top_k(x: jax.Array, k: int, chunk: int) -> tuple[jax.Array, jax.Array]:
   chunks = _chunks(x, chunk)
   # Chunks with equal maxima rank by index (lax.top_k's order), and the chosen ones stay in index
   # order, so ties among values resolve as over the whole row.
@@ -43,10 +53,15 @@ def top_k(x: jax.Array, k: int, chunk: int = CHUNK) -> tuple[jax.Array, jax.Arra
 
 
 def argmax(x: jax.Array, chunk: int = CHUNK) -> jax.Array:
-  """`jnp.argmax(x, axis=-1)` as int32 (the first maximum; the first NaN where there is one): the
-  first chunk holding the row's maximum, then the first maximum within it."""
+  """`jnp.argmax(x, axis=-1)` as int32 (the first maximum; the first NaN where there is one); on CPU
+  the first chunk holding the row's maximum, then the first maximum within it."""
+  whole = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
   if x.shape[-1] < 4 * chunk:
-    return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    return whole(x)
+  return jax.lax.platform_dependent(x, cpu=lambda x: _two_pass_argmax(x, chunk), default=whole)
+
+
+def _two_pass_argmax(x: jax.Array, chunk: int) -> jax.Array:
   chunks = _chunks(x, chunk)
   best = jnp.argmax(chunks.max(axis=-1), axis=-1)
   within = jnp.take_along_axis(chunks, best[..., None, None], axis=-2)[..., 0, :]
