@@ -134,6 +134,11 @@ def test_decode_memory_matches_hand_computation(where, request):
   attention = cfg.num_layers * 4 * cfg.num_heads * cfg.head_dim * cache_len
   expect = rows * (2 * matmul + attention)
   assert 0.5 * expect < decode.flops < 2 * expect
+  # the products' own count (flops.py) is the same hand count, the step's token attending to the
+  # cache and to itself (the block's keys are a second part of its softmax); the phase takes the
+  # larger of it and XLA's count
+  assert decode.product_flops == rows * (2 * matmul + attention * (cache_len + 1) / cache_len)
+  assert r.phase("ar decode step").flops == max(decode.flops, decode.product_flops)
   phase = r.phase("ar decode step")
   assert phase.count == NEW and phase.hbm == decode.min_bytes
 
@@ -262,3 +267,28 @@ def test_int8_decode_plan_reads_a_byte_per_weight(v5e_decode):
   decode = next(c for c in r.compiled if c.program.name == "ar decode")
   ref = next(c for c in v5e_decode.compiled if c.program.name == "ar decode")
   assert 0.8 * ref.flops < decode.flops < 1.25 * ref.flops
+  # lowered for TPU: the converted codes' product, counted like bfloat16's (CPU's two digits per
+  # activation would count twice as many)
+  assert decode.product_flops == ref.product_flops
+
+
+def test_product_flops_count_each_product_once_and_the_branch_lowered_for_the_platform():
+  """flops.product_flops, golden values: 2 x output elements x contracted size per product; a loop
+  body once (as XLA's cost analysis counts it); a nested jit; of lax.platform_dependent the
+  branch for the platform; of another conditional the dearest branch."""
+  import jax.numpy as jnp
+
+  from effjax.plan.flops import product_flops
+
+  def program(x, w):
+    y = jax.lax.platform_dependent(x, w, cpu=lambda x, w: (jnp.concatenate([x, x]) @ w)[:2],
+                                   default=lambda x, w: x @ w)
+    y = jax.lax.while_loop(lambda c: c.sum() < 0, lambda c: c @ jnp.ones((4, 4)), y)
+    y = jax.lax.cond(y.sum() > 0, lambda c: c @ jnp.ones((4, 4)), lambda c: c, y)
+    return jax.jit(lambda a: a @ jnp.ones((4, 5)))(y)
+
+  jaxpr = jax.make_jaxpr(program)(jnp.ones((2, 3)), jnp.ones((3, 4)))
+  rest = 2 * 2 * 4 * 4 + 2 * 2 * 4 * 4 + 2 * 2 * 4 * 5
+  assert product_flops(jaxpr, "tpu") == 2 * 2 * 3 * 4 + rest
+  assert product_flops(jaxpr, "cuda") == 2 * 2 * 3 * 4 + rest
+  assert product_flops(jaxpr, "cpu") == 2 * 4 * 3 * 4 + rest

@@ -28,6 +28,7 @@ import time
 import jax
 
 from effjax.plan.chips import Chip, Slice, parse_slice
+from effjax.plan.flops import product_flops
 from effjax.plan.programs import (GRADIENTS, INPUTS, KV_CACHE, OPTIMIZER, PARAMS, Plan, Program,
                                   build_plans)
 from effjax.plan.recipes import Recipe
@@ -145,6 +146,7 @@ class Compiled:
   bytes_accessed: float
   arguments: int = 0  # XLA's own count of the input bytes (tiles padded)
   kv_inside: int = 0  # KV cache built inside the program (part of temp)
+  product_flops: float = 0.0  # per device, its matrix products' own count (flops.py)
   in_shardings: list = dataclasses.field(default_factory=list)  # per input leaf, as compiled
   cached: bool = False  # figures from the plan cache (compiled by an earlier run)
   extrapolated_from: tuple[int, ...] = ()  # layer counts compiled, when extrapolated
@@ -152,6 +154,11 @@ class Compiled:
   @property
   def peak(self) -> int:
     return sum(self.inputs.values()) + self.held + self.temp + self.output + self.code
+
+  @property
+  def counted_flops(self) -> float:
+    """FLOPs per device: XLA's count, or its products' count where XLA's is lower."""
+    return max(self.flops, self.product_flops)
 
   @property
   def min_bytes(self) -> int:
@@ -172,6 +179,7 @@ def compile_program(program: Program, target: Target, resident: dict, inner_kv=N
   traced = program.fn.trace(*args)
   lowered = (traced.lower(lowering_platforms=("tpu",)) if target.platform == "tpu"
              else traced.lower())
+  products = product_flops(traced.jaxpr, target.platform) / target.num_chips
   held = sum(tree_bytes(resident[n]) for n in set(resident) - {a.resident for a in program.args})
   kv_inside = tree_bytes(inner_kv) if inner_kv is not None else 0
   path = None
@@ -182,7 +190,8 @@ def compile_program(program: Program, target: Target, resident: dict, inner_kv=N
     path = cache_dir / f"{key}.json"
     if path.exists():
       figures = json.loads(path.read_text())
-      return Compiled(program=program, held=held, kv_inside=kv_inside, cached=True, **figures)
+      return Compiled(program=program, held=held, kv_inside=kv_inside, cached=True,
+                      product_flops=products, **figures)
   try:
     compiled = lowered.compile()
   except Exception as e:  # XLA reports a program over HBM as RESOURCE_EXHAUSTED
@@ -212,7 +221,7 @@ def compile_program(program: Program, target: Target, resident: dict, inner_kv=N
   if path is not None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures))
-  return Compiled(program=program, held=held, kv_inside=kv_inside,
+  return Compiled(program=program, held=held, kv_inside=kv_inside, product_flops=products,
                   in_shardings=list(in_shardings), **figures)
 
 
@@ -226,7 +235,7 @@ def _libtpu_version() -> str:
 
 @dataclasses.dataclass
 class PhaseCost:
-  """Per run and per device: XLA's FLOPs; `hbm`, the least HBM traffic (programs' inputs read once,
+  """Per run and per device: FLOPs (`Compiled.counted_flops`); `hbm`, the least HBM traffic (programs' inputs read once,
   outputs written once: the roofline's bytes); `xla_bytes`, XLA's bytes accessed, which counts
   every operand of every op, on-chip staging copies included (an upper estimate)."""
 
@@ -300,7 +309,7 @@ def phase_costs(plan: Plan, compiled: list[Compiled]) -> list[PhaseCost]:
   for ph in plan.phases:
     if not set(ph.cost) <= set(by_name):
       continue
-    flops = sum(k * by_name[n].flops for n, k in ph.cost.items())
+    flops = sum(k * by_name[n].counted_flops for n, k in ph.cost.items())
     nbytes = sum(k * by_name[n].bytes_accessed for n, k in ph.cost.items())
     # A cost made as a difference (a loop body = program - its prefill) reads what the first
     # program reads: the positive terms.
@@ -326,7 +335,7 @@ def extrapolate(plan: Plan, small: tuple[PlanResult, PlanResult], layers: tuple[
   fewer decoder layers, taken linearly to the model's `num_layers`: XLA's temporaries, outputs,
   code, FLOPs and bytes, and inputs whose sharding jit chose. What the plan fixes is exact: the
   parameters, optimizer state and KV cache it shards, the state held meanwhile, a KV cache built
-  inside a program."""
+  inside a program, the FLOPs of its products (traced in full: tracing is cheap)."""
   (l1, l2), (r1, r2) = layers, small
   t = (num_layers - l1) / (l2 - l1)
   lin = lambda a, b: max(a + (b - a) * t, 0.0)
@@ -342,6 +351,7 @@ def extrapolate(plan: Plan, small: tuple[PlanResult, PlanResult], layers: tuple[
     inputs = {k: exact[k] + int(lin(c1.inputs[k] - e1[k], c2.inputs[k] - e2[k])) for k in KINDS}
     held = set(plan.resident) - {a.resident for a in program.args}
     inner = plan.inner_cache.get(program.name)
+    traced = program.fn.trace(*(a.value for a in program.args))
     out.append(Compiled(
         program=program, seconds=c1.seconds + c2.seconds, inputs=inputs,
         held=sum(tree_bytes(plan.resident[n]) for n in held),
@@ -350,6 +360,7 @@ def extrapolate(plan: Plan, small: tuple[PlanResult, PlanResult], layers: tuple[
         output=int(lin(c1.output, c2.output)), code=int(lin(c1.code, c2.code)),
         arguments=int(lin(c1.arguments, c2.arguments)), flops=lin(c1.flops, c2.flops),
         bytes_accessed=lin(c1.bytes_accessed, c2.bytes_accessed),
+        product_flops=product_flops(traced.jaxpr, r1.target.platform) / r1.target.num_chips,
         kv_inside=tree_bytes(inner) if inner is not None else 0, cached=c1.cached and c2.cached,
         extrapolated_from=layers))
   return PlanResult(plan, out, phase_costs(plan, out), r1.target)

@@ -110,7 +110,8 @@ def to_dict(recipe: Recipe, r: PlanResult) -> dict:
              info=r.plan.info,
              programs=[dict(name=c.program.name, compile_seconds=c.seconds, inputs=c.inputs,
                             held=c.held, temp=c.temp, output=c.output, code=c.code, peak=c.peak,
-                            kv_inside=c.kv_inside, flops=c.flops, bytes=c.bytes_accessed,
+                            kv_inside=c.kv_inside, flops=c.flops,
+                            product_flops=c.product_flops, bytes=c.bytes_accessed,
                             costs_only=c.program.costs_only)
                        for c in r.compiled],
              phases=[dict(name=p.name, count=p.count, flops=p.flops, hbm=p.hbm,
