@@ -264,6 +264,7 @@ def main(argv=None) -> int:
             "command": " ".join(["python", *sys.argv]), "models": {}, "skipped": []}
   bw_bytes = (8 << 20) if args.dry_run else (4 << 30)
   bandwidth = memory_bandwidth(bw_bytes, args.reps)
+  result["bandwidth_pass_bytes"] = bw_bytes
   result["elementwise_bandwidth_GBps"] = round(bandwidth["elementwise"] / 1e9, 1)
   # The roofline's bandwidth: the faster pass (a decode step mostly reads).
   result["copy_bandwidth_GBps"] = round(max(bandwidth.values()) / 1e9, 1)
@@ -295,10 +296,9 @@ def markdown(r: dict) -> str:
            f"`{r['command']}`, {r['seconds'] if 'seconds' in r else '?'} s"
            + (" (DRY RUN: tiny shapes)" if r["dry_run"] else "") + ".", "",
            f"Memory bandwidth (roofline): {r['copy_bandwidth_GBps']:.0f} GB/s, the faster of a "
-           f"sum over 4 GiB and an elementwise pass "
+           f"sum over {r['bandwidth_pass_bytes'] / 2**30:g} GiB and an elementwise pass "
            f"({r.get('elementwise_bandwidth_GBps', float('nan')):.0f} GB/s). Forwards: k tokens "
-           "over a "
-           f"{r['cache_len']}-slot cache, layers + logits at every token, min of {r['reps']} "
+           f"over a {r['cache_len']}-slot cache, layers + logits at every token, min of {r['reps']} "
            "calls.", ""]
   models = {n: m for n, m in r["models"].items() if "error" not in m}
   for name, m in r["models"].items():

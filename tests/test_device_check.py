@@ -17,6 +17,7 @@ def test_dry_run_writes_costs_rates_steps_and_implied_speedups(tmp_path):
   r = json.loads((tmp_path / "device_check.json").read_text())
   assert r["dry_run"] and not r["skipped"]
   assert r["copy_bandwidth_GBps"] >= r["elementwise_bandwidth_GBps"] > 0
+  assert "sum over 0.0078125 GiB" in (tmp_path / "device_check.md").read_text()  # 8 MiB
   assert list(r["models"]) == ["smollm2-135m", "gemma3-270m", "llama3.1-8b"]
   for name, m in r["models"].items():
     assert m["params_dtype"] == "bfloat16"
