@@ -33,7 +33,8 @@ PROGRAMS = {
     "rebalance_r1_qwen_7b": ["rebalance prefill", "rebalance decode", "ar decode"],
     "rebalance_qwq_32b": ["rebalance prefill", "rebalance decode"],
     "esp_llama31_8b": ["esp-bc60 prefill", "esp-bc60 decode", "hybrid-bc60 decode", "ar decode"],
-    "esp_llama31_8b_int8": ["esp-bc60 prefill", "esp-bc60 decode", "ar decode"],
+    "esp_llama31_8b_int8": ["esp-bc60 prefill", "esp-bc60 decode", "hybrid-bc60 decode",
+                            "ar decode"],
     "esp_qwen3_32b": ["esp-bc60 prefill", "esp-bc60 decode", "ar decode"],
 }
 # Layer counts compiled and extrapolated from (`effjax plan --layers`), for the RLHF recipe only:
@@ -179,7 +180,9 @@ def write(names: list[str]) -> None:
 run {', '.join(sorted(set(dates)))} on this 2-core CPU host with libtpu {libtpu_version()}: each
 recipe's real programs (the runtime's own jitted functions) compiled ahead of time for its TPU
 slice's compile-only topology, with abstract parameters and the runtime's sharding rules. No TPU
-was used; every figure is per device (chip) and comes from XLA's memory and cost analyses.
+was used; every figure is per device (chip) and comes from XLA's memory and cost analyses, but
+FLOPs: the larger of XLA's count and the count of the program's own matrix products, read from its
+jaxpr (effjax/plan/flops.py; XLA counted fewer for the tree steps at batch 32-64).
 
 Peak = the largest program's bytes per device: model state (parameters, float32 optimizer state,
 and the long-lived copies held meanwhile) + KV cache + the rest (activations, temporaries,
