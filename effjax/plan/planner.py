@@ -235,9 +235,10 @@ def _libtpu_version() -> str:
 
 @dataclasses.dataclass
 class PhaseCost:
-  """Per run and per device: FLOPs (`Compiled.counted_flops`); `hbm`, the least HBM traffic (programs' inputs read once,
-  outputs written once: the roofline's bytes); `xla_bytes`, XLA's bytes accessed, which counts
-  every operand of every op, on-chip staging copies included (an upper estimate)."""
+  """Per run and per device: FLOPs (`Compiled.counted_flops`); `hbm`, the least HBM traffic
+  (programs' inputs read once, outputs written once: the roofline's bytes); `xla_bytes`, XLA's
+  bytes accessed, which counts every operand of every op, on-chip staging copies included (an
+  upper estimate)."""
 
   name: str
   count: float
