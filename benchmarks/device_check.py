@@ -298,8 +298,8 @@ def markdown(r: dict) -> str:
            f"Memory bandwidth (roofline): {r['copy_bandwidth_GBps']:.0f} GB/s, the faster of a "
            f"sum over {r['bandwidth_pass_bytes'] / 2**30:g} GiB and an elementwise pass "
            f"({r.get('elementwise_bandwidth_GBps', float('nan')):.0f} GB/s). Forwards: k tokens "
-           f"over a {r['cache_len']}-slot cache, layers + logits at every token, min of {r['reps']} "
-           "calls.", ""]
+           f"over a {r['cache_len']}-slot cache, layers + logits at every token, min of "
+           f"{r['reps']} calls.", ""]
   models = {n: m for n, m in r["models"].items() if "error" not in m}
   for name, m in r["models"].items():
     if "error" in m:
