@@ -25,11 +25,10 @@ def dot_flops(eqn) -> float:
 def _cond_flops(eqn, platform: str) -> float:
   costs = [product_flops(b.jaxpr, platform) for b in eqn.params["branches"]]
   platforms = eqn.params.get("branches_platforms")
-  if platforms:  # lax.platform_dependent: None marks the default branch
-    for wanted in (lambda ps: ps is not None and platform in ps, lambda ps: ps is None):
-      chosen = [c for c, ps in zip(costs, platforms) if wanted(ps)]
-      if chosen:
-        return chosen[0]
+  if platforms:  # lax.platform_dependent: each branch's platforms, None for the default branch
+    own = [c for c, ps in zip(costs, platforms) if ps is not None and platform in ps]
+    default = [c for c, ps in zip(costs, platforms) if ps is None]
+    return (own or default)[0]
   return max(costs)
 
 
